@@ -1,0 +1,161 @@
+//! The CPU versions of the GPU kernels: the same algorithms, the same barriers, in Rust.
+//!
+//! Extents every launch may touch (`E = rows * hidden` elements of the kernel's dtype):
+//! - `staging[p]`: `E` elements, read (by every rank);
+//! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
+//! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements.
+
+use crate::contract::{add_rmsnorm_row, sum_ranks};
+use crate::params::LaunchParams;
+use crate::{DType, Element, KernelId, Op, Result};
+
+use super::signal::barrier;
+
+/// A shared view of `len` elements at `addr`.
+///
+/// # Safety
+/// `addr` must point to `len` initialised elements that nobody writes while the view lives.
+unsafe fn view<'a, T>(addr: u64, len: usize) -> &'a [T] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(addr as *const T, len) }
+}
+
+/// An exclusive view of `len` elements at `addr`.
+///
+/// # Safety
+/// `addr` must point to `len` elements that nobody else reads or writes while the view lives.
+unsafe fn view_mut<'a, T>(addr: u64, len: usize) -> &'a mut [T] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
+}
+
+/// The pack-aligned range of elements rank `rank` reduces in the two-stage algorithms.
+pub fn chunk_of(rank: usize, world: usize, elems: usize, pack: usize) -> std::ops::Range<usize> {
+    let packs = elems.div_ceil(pack);
+    let per_rank = packs.div_ceil(world);
+    let start = (rank * per_rank * pack).min(elems);
+    let end = ((rank + 1) * per_rank * pack).min(elems);
+    start..end
+}
+
+/// Runs `kernel` with `params` on the calling thread.
+///
+/// # Safety
+/// Every pointer in `params` must be valid for the extents in the module docs, and the barrier
+/// protocol must keep peers from writing what this rank reads (the callers in `fusion` do).
+pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match kernel.dtype {
+            DType::Bf16 => run_typed::<half::bf16>(kernel.op, params),
+            DType::F16 => run_typed::<half::f16>(kernel.op, params),
+            DType::F32 => run_typed::<f32>(kernel.op, params),
+        }
+    }
+}
+
+/// # Safety
+/// As [`run`].
+unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
+    let rows = p.rows as usize;
+    let hidden = p.hidden as usize;
+    let elems = rows * hidden;
+    let rank = p.rank as usize;
+    let world = p.world_size as usize;
+    // SAFETY: (for every view below) the extents are those of the module docs, which the caller
+    // guarantees; peers' staging is only read after the first barrier of the call, when every rank
+    // has finished writing it, and scratch chunks are written by exactly one rank each.
+    unsafe {
+        let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
+        match op {
+            Op::FusedOneStage => {
+                barrier(p, 0)?;
+                let residual = view::<T>(p.residual, elems);
+                let weight = view::<T>(p.weight, hidden);
+                let out = view_mut::<T>(p.out, elems);
+                let residual_out = view_mut::<T>(p.residual_out, elems);
+                let mut sum = vec![T::from_f32(0.0); hidden];
+                for row in 0..rows {
+                    let base = row * hidden;
+                    for (j, s) in sum.iter_mut().enumerate() {
+                        *s = sum_ranks(staging.iter().map(|st| st[base + j]));
+                    }
+                    let range = base..base + hidden;
+                    add_rmsnorm_row(
+                        &sum,
+                        &residual[range.clone()],
+                        weight,
+                        p.eps,
+                        &mut residual_out[range.clone()],
+                        &mut out[range],
+                    );
+                }
+            }
+            Op::AllReduceOneStage => {
+                barrier(p, 0)?;
+                let out = view_mut::<T>(p.out, elems);
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = sum_ranks(staging.iter().map(|st| st[i]));
+                }
+            }
+            Op::ReduceScatter => {
+                barrier(p, 0)?;
+                let chunk = chunk_of(rank, world, elems, T::DTYPE.pack_elems());
+                // Every rank's scratch receives this rank's chunk ("cross-device stores").
+                let targets: Vec<*mut T> = p.scratch[..world].iter().map(|&a| a as *mut T).collect();
+                for i in chunk {
+                    let s = sum_ranks(staging.iter().map(|st| st[i]));
+                    for &t in &targets {
+                        t.add(i).write(s);
+                    }
+                }
+                barrier(p, 1)?;
+            }
+            Op::ScratchAddRmsNorm | Op::AddRmsNorm => {
+                let source = if op == Op::AddRmsNorm { p.input } else { p.scratch[rank] };
+                let sum = view::<T>(source, elems);
+                let residual = view::<T>(p.residual, elems);
+                let weight = view::<T>(p.weight, hidden);
+                let out = view_mut::<T>(p.out, elems);
+                let residual_out = view_mut::<T>(p.residual_out, elems);
+                for row in 0..rows {
+                    let range = row * hidden..(row + 1) * hidden;
+                    add_rmsnorm_row(
+                        &sum[range.clone()],
+                        &residual[range.clone()],
+                        weight,
+                        p.eps,
+                        &mut residual_out[range.clone()],
+                        &mut out[range],
+                    );
+                }
+            }
+            Op::AllGather => {
+                let sum = view::<T>(p.scratch[rank], elems);
+                view_mut::<T>(p.out, elems).copy_from_slice(sum);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_of;
+
+    #[test]
+    fn chunks_cover_every_element_once() {
+        for world in 1..=8 {
+            for elems in [0usize, 8, 16, 24, 4096, 2880 * 3, 8 * 1001] {
+                let mut next = 0;
+                for r in 0..world {
+                    let c = chunk_of(r, world, elems, 8);
+                    assert_eq!(c.start, next.min(elems));
+                    assert!(c.start % 8 == 0 || c.start == elems);
+                    next = c.end;
+                }
+                assert_eq!(next, elems, "world {world} elems {elems}");
+            }
+        }
+    }
+}

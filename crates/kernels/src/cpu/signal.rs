@@ -1,0 +1,76 @@
+//! The cross-rank signal protocol on the CPU: per-block monotonic barrier counters with a deadline.
+//!
+//! Rank `r` arrives at barrier value `v` by storing `v` (release) into `flags[block][r]` of every
+//! rank's signal area, then waits until its own `flags[block][p] >= v` (acquire) for every `p`.
+//! Counters only grow, so a fast rank that already arrived at `v + 1` also satisfies `v`, and no
+//! flag is ever reset. The GPU kernels implement the same protocol at system scope.
+
+use crate::params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, SIGNAL_ERROR_OFFSET, SIGNAL_FLAGS_OFFSET};
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The flag `flags[block][slot]` in the signal area at `signal`.
+///
+/// # Safety
+/// `signal` must be the address of a live, 8-byte aligned signal area.
+unsafe fn flag<'a>(signal: u64, block: usize, slot: usize) -> &'a AtomicU64 {
+    debug_assert!(block < MAX_BLOCKS && slot < MAX_RANKS);
+    let addr = signal as usize + SIGNAL_FLAGS_OFFSET + (block * MAX_RANKS + slot) * 8;
+    // SAFETY: the caller guarantees a live, aligned signal area; the flag lies inside it and is only
+    // ever accessed atomically.
+    unsafe { AtomicU64::from_ptr(addr as *mut u64) }
+}
+
+/// The error word of the signal area at `signal`.
+///
+/// # Safety
+/// As [`flag`].
+pub(crate) unsafe fn error_word<'a>(signal: u64) -> &'a AtomicU64 {
+    // SAFETY: see `flag`; the error word is inside the signal area and accessed atomically.
+    unsafe { AtomicU64::from_ptr((signal as usize + SIGNAL_ERROR_OFFSET) as *mut u64) }
+}
+
+/// Arrives at barrier `params.barrier_base + offset` for block 0 and waits for every peer.
+///
+/// On timeout the error word of this rank's signal area is set and [`Error::PeerTimeout`] returned.
+///
+/// # Safety
+/// `params.signals[..world_size]` must be live signal areas.
+pub(crate) unsafe fn barrier(params: &LaunchParams, offset: u64) -> Result<()> {
+    let value = params.barrier_base + offset;
+    let rank = params.rank as usize;
+    let world = params.world_size as usize;
+    for &signal in &params.signals[..world] {
+        // SAFETY: the caller guarantees live signal areas.
+        unsafe { flag(signal, 0, rank) }.store(value, Ordering::Release);
+    }
+    let deadline = Duration::from_nanos(params.deadline_ns);
+    let start = Instant::now();
+    let own = params.signals[rank];
+    for peer in 0..world {
+        // SAFETY: the caller guarantees live signal areas.
+        let slot = unsafe { flag(own, 0, peer) };
+        let mut spins = 0u32;
+        while slot.load(Ordering::Acquire) < value {
+            spins = spins.wrapping_add(1);
+            if spins % 64 == 0 {
+                if start.elapsed() > deadline {
+                    let word = ErrorWord::peer_timeout(peer as u32, value);
+                    // SAFETY: as above.
+                    unsafe { error_word(own) }.store(word.0, Ordering::Release);
+                    return Err(Error::PeerTimeout {
+                        rank: params.rank,
+                        peer: peer as u32,
+                        barrier: value,
+                        deadline_ms: deadline.as_millis() as u64,
+                    });
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The error type of `arfuse-kernels`.
+
+use crate::BackendKind;
+
+/// Everything that can go wrong below the operator: driver calls, compilation, shared memory,
+/// and the cross-rank signal protocol inside a kernel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A driver or runtime call returned an error code.
+    #[error("{backend} call {call} failed with code {code}: {message}")]
+    Driver {
+        /// The backend whose runtime failed.
+        backend: BackendKind,
+        /// The name of the failing call, e.g. `cuIpcOpenMemHandle`.
+        call: &'static str,
+        /// The vendor's numeric error code.
+        code: i32,
+        /// The vendor's description of the code.
+        message: String,
+    },
+    /// The backend's runtime library could not be loaded on this machine.
+    #[error("{backend} backend unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend that was asked for.
+        backend: BackendKind,
+        /// Why it is not available (library not found, no device, ...).
+        reason: String,
+    },
+    /// The backend was not compiled into this build.
+    #[error("{backend} backend not compiled in (enable the cargo feature `{backend}`)")]
+    BackendNotCompiled {
+        /// The backend that was asked for.
+        backend: BackendKind,
+    },
+    /// A kernel failed to compile.
+    #[error("compiling kernel {kernel} for {arch} failed:\n{log}")]
+    Compile {
+        /// The kernel (or module) being compiled.
+        kernel: String,
+        /// The target architecture, e.g. `sm_90` or `gfx942`.
+        arch: String,
+        /// The compiler's log.
+        log: String,
+    },
+    /// An operating-system call failed (shared memory, mapping, files).
+    #[error("{call} failed: {source}")]
+    Os {
+        /// The failing call, e.g. `shm_open`.
+        call: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer did not reach a barrier within the deadline.
+    #[error("rank {rank}: peer rank {peer} did not reach barrier {barrier} within {deadline_ms} ms")]
+    PeerTimeout {
+        /// The rank that waited.
+        rank: u32,
+        /// The first peer that was missing.
+        peer: u32,
+        /// The barrier value that was awaited.
+        barrier: u64,
+        /// The deadline, in milliseconds.
+        deadline_ms: u64,
+    },
+    /// Peers disagree about the call they are executing.
+    #[error("rank {rank}: peer rank {peer} runs a different call: ours {ours}, theirs {theirs}")]
+    CallMismatch {
+        /// The rank that detected the mismatch.
+        rank: u32,
+        /// The peer that differs.
+        peer: u32,
+        /// Our call descriptor.
+        ours: String,
+        /// The peer's call descriptor.
+        theirs: String,
+    },
+    /// A handle received from a peer is not valid for this backend.
+    #[error("invalid IPC handle: {0}")]
+    InvalidHandle(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps the last OS error of `call`.
+    pub(crate) fn last_os(call: &'static str) -> Self {
+        Error::Os { call, source: std::io::Error::last_os_error() }
+    }
+}

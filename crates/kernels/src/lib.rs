@@ -1,0 +1,43 @@
+//! # arfuse-kernels
+//!
+//! The device runtime under arfuse: backends, shared memory, the kernel source and launchers.
+//! It knows nothing about ranks or rendezvous (that is `arfuse-ipc`), nor about user input
+//! validation (that is `arfuse-fusion`).
+//!
+//! | concept | here |
+//! |---|---|
+//! | backend (cpu, cuda, hip) | [`Backend`], [`cpu::Cpu`] |
+//! | device memory peers can map | [`Backend::SharedBuffer`], exported as [`Backend::IpcHandle`] |
+//! | a peer's buffer in our address space | [`Backend::PeerMapping`] |
+//! | one kernel, its arguments | [`KernelId`], [`LaunchParams`] |
+//! | the numerics contract | [`contract`] |
+//!
+//! Design choices:
+//! - One static trait, no `dyn` on the hot path; every launch is `unsafe` with its extents documented.
+//! - The CPU backend is a real backend (POSIX shared memory between processes) running the same
+//!   algorithms and barrier protocol as the GPU kernels.
+//! - One [`LaunchParams`] struct for every kernel and backend, mirrored in the C++ header.
+//!
+//! # Safety model
+//! `unsafe` lives in `cpu/` (shared memory, raw views) and in the GPU backends' FFI wrappers.
+//! Callers of [`Backend::launch`] promise the pointer extents; the barrier protocol promises that
+//! no rank writes memory a peer is still reading.
+
+pub mod backend;
+pub mod contract;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod kernel_id;
+pub mod params;
+
+pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use kernel_id::{KernelId, Op};
+pub use params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
+
+/// Backends by name: `api::{Cpu, Cuda, Hip}`.
+pub mod api {
+    pub use crate::cpu::Cpu;
+}

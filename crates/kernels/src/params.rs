@@ -1,0 +1,118 @@
+//! The launch parameters every kernel takes, and the layout of a rank's signal area.
+//!
+//! [`LaunchParams`] is `#[repr(C)]` and mirrored field for field by `struct LaunchParams` in
+//! `gpu/arfuse.h`; a test pins its size and offsets. The CPU backend reads the same struct, with
+//! host addresses in the pointer fields.
+
+/// The largest world size the kernels support.
+pub const MAX_RANKS: usize = 8;
+/// Barrier slots per rank: one per thread block a kernel may launch.
+pub const MAX_BLOCKS: usize = 256;
+/// Bytes per vector access in every hot loop.
+pub const PACK_BYTES: usize = 16;
+
+/// Byte offset of the barrier flags inside a signal area: `u64 flags[MAX_BLOCKS][MAX_RANKS]`.
+/// Rank `r` writes barrier value `v` for block `b` into `flags[b][r]` of every peer's area.
+pub const SIGNAL_FLAGS_OFFSET: usize = 0;
+/// Byte offset of the error word: 0 while healthy; a kernel that gives up writes an [`ErrorWord`].
+pub const SIGNAL_ERROR_OFFSET: usize = MAX_BLOCKS * MAX_RANKS * 8;
+/// Byte offset of the call descriptors: `u64 calls[MAX_RANKS][CALL_WORDS]`; rank `r` publishes the
+/// descriptor of the call it is executing into slot `r` of every peer's area.
+pub const SIGNAL_CALLS_OFFSET: usize = SIGNAL_ERROR_OFFSET + 64;
+/// Words per call descriptor.
+pub const CALL_WORDS: usize = 4;
+/// Total size of a signal area, rounded up to 64 KiB.
+pub const SIGNAL_BYTES: usize = 64 * 1024;
+const _: () = assert!(SIGNAL_CALLS_OFFSET + MAX_RANKS * CALL_WORDS * 8 <= SIGNAL_BYTES);
+
+/// Parameters of one kernel launch (all pointers are device addresses of the launching rank's
+/// device, or host addresses on the CPU backend).
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct LaunchParams {
+    /// Each rank's input staging area for this call (peer pointers; `[rank]` is ours).
+    pub staging: [u64; MAX_RANKS],
+    /// Each rank's 2-stage scratch area (reduced chunks are stored here).
+    pub scratch: [u64; MAX_RANKS],
+    /// Each rank's signal area.
+    pub signals: [u64; MAX_RANKS],
+    /// This rank's input when a kernel reads it directly (add+RMSNorm: the all-reduced sum).
+    pub input: u64,
+    /// The residual, `[rows, hidden]`.
+    pub residual: u64,
+    /// The RMSNorm weight, `[hidden]`.
+    pub weight: u64,
+    /// The normalised output (all-reduce kernels: the reduced sum), `[rows, hidden]`.
+    pub out: u64,
+    /// The residual output, `[rows, hidden]`.
+    pub residual_out: u64,
+    /// The barrier value of this call's first barrier; later barriers of the call add 1, 2, ...
+    pub barrier_base: u64,
+    /// How long a spin on a peer's flag may last before the kernel gives up, in nanoseconds.
+    pub deadline_ns: u64,
+    /// Tokens (rows).
+    pub rows: u32,
+    /// Hidden size (elements per row).
+    pub hidden: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Reserved, zero.
+    pub reserved: [u32; 3],
+}
+
+/// The error word a kernel leaves in its rank's signal area when it gives up:
+/// bits 0..8 the kind (1 = peer timeout), 8..16 the peer, 16..64 the low bits of the barrier value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorWord(pub u64);
+
+impl ErrorWord {
+    /// A spin on `peer`'s flag for barrier `barrier` ran past its deadline.
+    pub const KIND_PEER_TIMEOUT: u64 = 1;
+
+    /// Encodes a peer timeout.
+    pub fn peer_timeout(peer: u32, barrier: u64) -> Self {
+        ErrorWord(Self::KIND_PEER_TIMEOUT | (u64::from(peer & 0xff) << 8) | (barrier << 16))
+    }
+    /// The kind (0 = no error).
+    pub fn kind(self) -> u64 {
+        self.0 & 0xff
+    }
+    /// The peer that was awaited.
+    pub fn peer(self) -> u32 {
+        ((self.0 >> 8) & 0xff) as u32
+    }
+    /// The low 48 bits of the barrier value that was awaited.
+    pub fn barrier(self) -> u64 {
+        self.0 >> 16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// These numbers are repeated in `gpu/arfuse.h` (`static_assert`s there check the same).
+    #[test]
+    fn layout_matches_the_kernel_header() {
+        assert_eq!(offset_of!(LaunchParams, staging), 0);
+        assert_eq!(offset_of!(LaunchParams, scratch), 64);
+        assert_eq!(offset_of!(LaunchParams, signals), 128);
+        assert_eq!(offset_of!(LaunchParams, input), 192);
+        assert_eq!(offset_of!(LaunchParams, barrier_base), 232);
+        assert_eq!(offset_of!(LaunchParams, deadline_ns), 240);
+        assert_eq!(offset_of!(LaunchParams, rows), 248);
+        assert_eq!(offset_of!(LaunchParams, eps), 264);
+        assert_eq!(size_of::<LaunchParams>(), 280);
+    }
+
+    #[test]
+    fn error_word_round_trips() {
+        let w = ErrorWord::peer_timeout(5, 1234);
+        assert_eq!((w.kind(), w.peer(), w.barrier()), (ErrorWord::KIND_PEER_TIMEOUT, 5, 1234));
+    }
+}
