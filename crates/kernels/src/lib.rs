@@ -30,6 +30,7 @@ pub mod dtype;
 pub mod error;
 pub mod kernel_id;
 pub mod params;
+pub mod source;
 
 pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
 pub use dtype::{DType, Element};
