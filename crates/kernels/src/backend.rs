@@ -78,8 +78,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
 
     /// Number of devices visible to this process.
     fn device_count() -> Result<usize>;
-    /// Opens device `ordinal`.
-    fn open_device(ordinal: usize) -> Result<Self::Device>;
+    /// Opens device `ordinal` for a rank. `co_resident_ranks` is how many ranks of the group drive
+    /// this same device at once (1 in production; more when ranks are simulated on one GPU): kernels
+    /// that spin on peers must then use at most 1/`co_resident_ranks` of the device so that every
+    /// rank's blocks are resident together.
+    fn open_device(ordinal: usize, co_resident_ranks: usize) -> Result<Self::Device>;
     /// A short description of the device (name, architecture).
     fn describe(device: &Self::Device) -> String;
     /// Creates a stream on `device`.

@@ -36,7 +36,9 @@ pub struct LaunchParams {
     pub scratch: [u64; MAX_RANKS],
     /// Each rank's signal area.
     pub signals: [u64; MAX_RANKS],
-    /// This rank's input when a kernel reads it directly (add+RMSNorm: the all-reduced sum).
+    /// This rank's input. Cross-rank kernels first copy it into `staging[rank]` (each block the part
+    /// its peers' same-numbered blocks will read), unless it already *is* `staging[rank]` (a
+    /// registered buffer); add+RMSNorm reads the all-reduced sum from it.
     pub input: u64,
     /// The residual, `[rows, hidden]`.
     pub residual: u64,

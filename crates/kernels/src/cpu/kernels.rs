@@ -1,7 +1,8 @@
 //! The CPU versions of the GPU kernels: the same algorithms, the same barriers, in Rust.
 //!
 //! Extents every launch may touch (`E = rows * hidden` elements of the kernel's dtype):
-//! - `staging[p]`: `E` elements, read (by every rank);
+//! - `input`: `E` elements, read; copied into `staging[rank]` first by the cross-rank kernels;
+//! - `staging[p]`: `E` elements, written by `p` and read by every rank;
 //! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
 //! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements.
 
@@ -66,6 +67,9 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
     // guarantees; peers' staging is only read after the first barrier of the call, when every rank
     // has finished writing it, and scratch chunks are written by exactly one rank each.
     unsafe {
+        if op.crosses_ranks() && p.input != p.staging[rank] {
+            std::ptr::copy_nonoverlapping(p.input as *const T, p.staging[rank] as *mut T, elems);
+        }
         let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
         match op {
             Op::FusedOneStage => {

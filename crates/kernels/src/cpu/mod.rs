@@ -63,7 +63,7 @@ impl Backend for Cpu {
     fn device_count() -> Result<usize> {
         Ok(1)
     }
-    fn open_device(_ordinal: usize) -> Result<CpuDevice> {
+    fn open_device(_ordinal: usize, _co_resident_ranks: usize) -> Result<CpuDevice> {
         Ok(CpuDevice)
     }
     fn describe(_device: &CpuDevice) -> String {
