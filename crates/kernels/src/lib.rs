@@ -26,8 +26,12 @@
 pub mod backend;
 pub mod contract;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "hip")]
+pub mod hip;
 pub mod kernel_id;
 pub mod params;
 pub mod source;
@@ -41,4 +45,8 @@ pub use params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIG
 /// Backends by name: `api::{Cpu, Cuda, Hip}`.
 pub mod api {
     pub use crate::cpu::Cpu;
+    #[cfg(feature = "cuda")]
+    pub use crate::cuda::Cuda;
+    #[cfg(feature = "hip")]
+    pub use crate::hip::Hip;
 }
