@@ -43,6 +43,11 @@ impl Op {
         }
     }
 
+    /// The op's index in [`Op::ALL`] (its code in call descriptors and the kernel source).
+    pub fn code(self) -> u64 {
+        Op::ALL.iter().position(|&op| op == self).unwrap_or(0) as u64
+    }
+
     /// Whether the kernel synchronises with peers (takes part in barriers).
     pub const fn crosses_ranks(self) -> bool {
         !matches!(self, Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::AllGather)

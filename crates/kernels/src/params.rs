@@ -16,14 +16,17 @@ pub const PACK_BYTES: usize = 16;
 pub const SIGNAL_FLAGS_OFFSET: usize = 0;
 /// Byte offset of the error word: 0 while healthy; a kernel that gives up writes an [`ErrorWord`].
 pub const SIGNAL_ERROR_OFFSET: usize = MAX_BLOCKS * MAX_RANKS * 8;
-/// Byte offset of the call descriptors: `u64 calls[MAX_RANKS][CALL_WORDS]`; rank `r` publishes the
-/// descriptor of the call it is executing into slot `r` of every peer's area.
+/// Byte offset of the call descriptors: `u64 calls[2][MAX_RANKS][CALL_WORDS]`. Before its first
+/// barrier, a cross-rank launch of epoch `e` (`barrier_base = 2e`) publishes its [`CallDescriptor`]
+/// into `calls[e % 2][rank]` of every peer's area; after the barrier each rank compares its peers'
+/// descriptors with its own. Two slots, because a fast peer may already publish epoch `e + 1`
+/// while a slow rank still reads epoch `e`; it cannot reach `e + 2` before the slow rank arrives.
 pub const SIGNAL_CALLS_OFFSET: usize = SIGNAL_ERROR_OFFSET + 64;
 /// Words per call descriptor.
 pub const CALL_WORDS: usize = 4;
 /// Total size of a signal area, rounded up to 64 KiB.
 pub const SIGNAL_BYTES: usize = 64 * 1024;
-const _: () = assert!(SIGNAL_CALLS_OFFSET + MAX_RANKS * CALL_WORDS * 8 <= SIGNAL_BYTES);
+const _: () = assert!(SIGNAL_CALLS_OFFSET + 2 * MAX_RANKS * CALL_WORDS * 8 <= SIGNAL_BYTES);
 
 /// Parameters of one kernel launch (all pointers are device addresses of the launching rank's
 /// device, or host addresses on the CPU backend).
@@ -66,6 +69,32 @@ pub struct LaunchParams {
     pub reserved: [u32; 3],
 }
 
+/// What a cross-rank launch publishes so that peers can check they run the same call:
+/// `[barrier_base, op | dtype << 8 | world_size << 16, rows, hidden]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallDescriptor(pub [u64; CALL_WORDS]);
+
+impl CallDescriptor {
+    /// The descriptor of launching `op_code` (the index of the op in [`crate::Op::ALL`]) with `params`.
+    pub fn new(op_code: u64, dtype: crate::DType, params: &LaunchParams) -> Self {
+        CallDescriptor([
+            params.barrier_base,
+            op_code | (dtype as u64) << 8 | u64::from(params.world_size) << 16,
+            u64::from(params.rows),
+            u64::from(params.hidden),
+        ])
+    }
+}
+
+impl std::fmt::Display for CallDescriptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [barrier, code, rows, hidden] = self.0;
+        let op = crate::Op::ALL.get((code & 0xff) as usize).map(|op| op.stem()).unwrap_or("?");
+        let dtype = crate::DType::ALL.get(((code >> 8) & 0xff) as usize).map(|d| d.name()).unwrap_or("?");
+        write!(f, "call #{} {op} {rows}x{hidden} {dtype} world {}", barrier / 2, code >> 16)
+    }
+}
+
 /// The error word a kernel leaves in its rank's signal area when it gives up:
 /// bits 0..8 the kind (1 = peer timeout), 8..16 the peer, 16..64 the low bits of the barrier value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +103,13 @@ pub struct ErrorWord(pub u64);
 impl ErrorWord {
     /// A spin on `peer`'s flag for barrier `barrier` ran past its deadline.
     pub const KIND_PEER_TIMEOUT: u64 = 1;
+    /// `peer` published a different call descriptor for barrier `barrier`.
+    pub const KIND_CALL_MISMATCH: u64 = 2;
+
+    /// Encodes a call mismatch.
+    pub fn call_mismatch(peer: u32, barrier: u64) -> Self {
+        ErrorWord(Self::KIND_CALL_MISMATCH | (u64::from(peer & 0xff) << 8) | (barrier << 16))
+    }
 
     /// Encodes a peer timeout.
     pub fn peer_timeout(peer: u32, barrier: u64) -> Self {

@@ -10,7 +10,8 @@ use crate::contract::{add_rmsnorm_row, sum_ranks};
 use crate::params::LaunchParams;
 use crate::{DType, Element, KernelId, Op, Result};
 
-use super::signal::barrier;
+use super::signal::{barrier, enter_call};
+use crate::params::CallDescriptor;
 
 /// A shared view of `len` elements at `addr`.
 ///
@@ -70,10 +71,12 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
         if op.crosses_ranks() && p.input != p.staging[rank] {
             std::ptr::copy_nonoverlapping(p.input as *const T, p.staging[rank] as *mut T, elems);
         }
+        if op.crosses_ranks() {
+            enter_call(p, CallDescriptor::new(op.code(), T::DTYPE, p))?;
+        }
         let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
         match op {
             Op::FusedOneStage => {
-                barrier(p, 0)?;
                 let residual = view::<T>(p.residual, elems);
                 let weight = view::<T>(p.weight, hidden);
                 let out = view_mut::<T>(p.out, elems);
@@ -96,14 +99,12 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 }
             }
             Op::AllReduceOneStage => {
-                barrier(p, 0)?;
                 let out = view_mut::<T>(p.out, elems);
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = sum_ranks(staging.iter().map(|st| st[i]));
                 }
             }
             Op::ReduceScatter => {
-                barrier(p, 0)?;
                 let chunk = chunk_of(rank, world, elems, T::DTYPE.pack_elems());
                 // Every rank's scratch receives this rank's chunk ("cross-device stores").
                 let targets: Vec<*mut T> = p.scratch[..world].iter().map(|&a| a as *mut T).collect();

@@ -5,7 +5,10 @@
 //! Counters only grow, so a fast rank that already arrived at `v + 1` also satisfies `v`, and no
 //! flag is ever reset. The GPU kernels implement the same protocol at system scope.
 
-use crate::params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, SIGNAL_ERROR_OFFSET, SIGNAL_FLAGS_OFFSET};
+use crate::params::{
+    CallDescriptor, ErrorWord, LaunchParams, CALL_WORDS, MAX_BLOCKS, MAX_RANKS, SIGNAL_CALLS_OFFSET,
+    SIGNAL_ERROR_OFFSET, SIGNAL_FLAGS_OFFSET,
+};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +32,54 @@ unsafe fn flag<'a>(signal: u64, block: usize, slot: usize) -> &'a AtomicU64 {
 pub(crate) unsafe fn error_word<'a>(signal: u64) -> &'a AtomicU64 {
     // SAFETY: see `flag`; the error word is inside the signal area and accessed atomically.
     unsafe { AtomicU64::from_ptr((signal as usize + SIGNAL_ERROR_OFFSET) as *mut u64) }
+}
+
+/// Word `word` of `calls[parity][slot]` in the signal area at `signal`.
+///
+/// # Safety
+/// As [`flag`].
+unsafe fn call_word<'a>(signal: u64, parity: usize, slot: usize, word: usize) -> &'a AtomicU64 {
+    let index = (parity * MAX_RANKS + slot) * CALL_WORDS + word;
+    // SAFETY: see `flag`; the descriptor words are inside the signal area and accessed atomically.
+    unsafe { AtomicU64::from_ptr((signal as usize + SIGNAL_CALLS_OFFSET + index * 8) as *mut u64) }
+}
+
+/// Publishes `ours` to every peer, passes the call's first barrier, and checks that every peer
+/// published the same descriptor for this epoch.
+///
+/// # Safety
+/// As [`barrier`].
+pub(crate) unsafe fn enter_call(params: &LaunchParams, ours: CallDescriptor) -> Result<()> {
+    let parity = ((params.barrier_base / 2) % 2) as usize;
+    let rank = params.rank as usize;
+    let world = params.world_size as usize;
+    for &signal in &params.signals[..world] {
+        for (w, &value) in ours.0.iter().enumerate() {
+            // SAFETY: the caller guarantees live signal areas. Relaxed: the barrier's release store
+            // below orders these before a peer's acquire of our flag.
+            unsafe { call_word(signal, parity, rank, w) }.store(value, Ordering::Relaxed);
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { barrier(params, 0)? };
+    let own = params.signals[rank];
+    for peer in 0..world {
+        // SAFETY: as above; the barrier's acquire made the peer's descriptor visible.
+        let theirs =
+            CallDescriptor(std::array::from_fn(|w| unsafe { call_word(own, parity, peer, w) }.load(Ordering::Relaxed)));
+        if theirs != ours {
+            let word = ErrorWord::call_mismatch(peer as u32, params.barrier_base);
+            // SAFETY: as above.
+            unsafe { error_word(own) }.store(word.0, Ordering::Release);
+            return Err(Error::CallMismatch {
+                rank: params.rank,
+                peer: peer as u32,
+                ours: ours.to_string(),
+                theirs: theirs.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Arrives at barrier `params.barrier_base + offset` for block 0 and waits for every peer.
