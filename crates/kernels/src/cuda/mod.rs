@@ -1,0 +1,184 @@
+//! The `cuda` backend: NVIDIA GPUs through the CUDA driver API and NVRTC, both loaded at run time
+//! by `cudarc` (`dynamic-loading`), so the crate builds on machines without CUDA.
+//!
+//! | concept | here |
+//! |---|---|
+//! | a rank's device (primary context, attributes, kernels) | [`CudaDevice`] |
+//! | ordered queue of work, stream capture | [`CudaStream`], [`CudaGraphExec`] |
+//! | timing point | [`CudaEvent`] |
+//! | memory peers map (`cuMemAlloc_v2`, never pool memory) | [`CudaShared`] |
+//! | what peers receive | [`CudaIpcHandle`] (`Pod`) |
+//! | a peer's buffer here: raw pointer (same process) or `cuIpcOpenMemHandle` | [`CudaPeerMapping`] |
+//! | a typed local allocation | [`CudaBuffer`] |
+//!
+//! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call),
+//! then the RAII types above, each holding its [`CudaDevice`]; `Drop` never panics, it parks a
+//! failure on the device, surfaced by the next [`CudaDevice::check_err`] or stream synchronisation.
+//! cudarc's safe layer is used where it fits (context, stream, event, module); NVRTC is driven through
+//! its `sys` level because cudarc's compiler wrapper yields PTX only.
+//!
+//! Every entry point first checks that `libcuda` loads (cudarc panics when it cannot), and the first
+//! compilation that `libnvrtc` loads (cudarc tries `libnvrtc.so`, `libnvrtc.so.13`, ...): a machine
+//! without them gets [`crate::Error::BackendUnavailable`].
+//!
+//! # Safety model
+//! Launches and copies are `unsafe`: their callers promise the device addresses. Everything else is
+//! safe: handles are owned, bound to their context before each call, and released once.
+
+mod device;
+mod memory;
+mod module;
+mod result;
+mod stream;
+
+pub use device::CudaDevice;
+pub use memory::{CudaBuffer, CudaIpcHandle, CudaPeerMapping, CudaShared};
+pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
+
+use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};
+use std::ffi::c_void;
+use std::time::Duration;
+
+/// The CUDA backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cuda;
+
+impl Cuda {
+    /// Whether the driver library loads and initialises on this machine (no device is opened).
+    pub fn check_available() -> Result<()> {
+        device::probe_driver()
+    }
+
+    /// The NVRTC version, e.g. `(13, 0)`; [`Error::BackendUnavailable`] if `libnvrtc` cannot be loaded.
+    pub fn nvrtc_version() -> Result<(i32, i32)> {
+        if !result::nvrtc::present() {
+            return Err(Error::BackendUnavailable {
+                backend: BackendKind::Cuda,
+                reason: format!("NVRTC could not be loaded (tried {})", result::library_candidates("nvrtc")),
+            });
+        }
+        result::nvrtc::version()
+    }
+}
+
+impl Backend for Cuda {
+    const KIND: BackendKind = BackendKind::Cuda;
+    type Device = CudaDevice;
+    type Stream = CudaStream;
+    type Event = CudaEvent;
+    type SharedBuffer = CudaShared;
+    type IpcHandle = CudaIpcHandle;
+    type PeerMapping = CudaPeerMapping;
+
+    fn device_count() -> Result<usize> {
+        if !result::driver_present() {
+            return device::probe_driver().map(|()| 0);
+        }
+        match result::init() {
+            Ok(()) => result::device::count(),
+            // A driver without a GPU (or with all of them hidden) has no devices, rather than no backend.
+            Err(err) if err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
+            Err(_) => device::probe_driver().map(|()| 0),
+        }
+    }
+
+    fn open_device(ordinal: usize, co_resident_ranks: usize) -> Result<CudaDevice> {
+        CudaDevice::open(ordinal, co_resident_ranks)
+    }
+
+    fn describe(device: &CudaDevice) -> String {
+        device.to_string()
+    }
+
+    fn create_stream(device: &CudaDevice) -> Result<CudaStream> {
+        CudaStream::new(device)
+    }
+
+    fn alloc_shared(device: &CudaDevice, bytes: usize) -> Result<CudaShared> {
+        CudaShared::new(device, bytes)
+    }
+
+    fn shared_ptr(buffer: &CudaShared) -> DevicePtr {
+        buffer.ptr()
+    }
+
+    fn export_handle(buffer: &CudaShared) -> Result<CudaIpcHandle> {
+        buffer.export()
+    }
+
+    fn open_handle(device: &CudaDevice, handle: &CudaIpcHandle) -> Result<CudaPeerMapping> {
+        CudaPeerMapping::open(device, handle)
+    }
+
+    fn peer_ptr(mapping: &CudaPeerMapping) -> DevicePtr {
+        mapping.ptr()
+    }
+
+    unsafe fn copy(stream: &CudaStream, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { stream.copy(dst, src, bytes) }
+    }
+
+    /// Grid and block come from [`crate::source::launch_config`] for the multiprocessors of one rank
+    /// ([`CudaDevice::sms_per_rank`]); the [`LaunchParams`] go by value as the kernel's one argument.
+    /// A grid of 0 blocks launches nothing.
+    unsafe fn launch(device: &CudaDevice, stream: &CudaStream, kernel: KernelId, params: &LaunchParams) -> Result<()> {
+        debug_assert_eq!(device.ordinal(), stream.device().ordinal(), "{kernel}: stream of another device");
+        let function = device.kernels()?.function(kernel)?;
+        let config = crate::source::launch_config(kernel, params, device.sms_per_rank(), device.warp_size());
+        if config.grid == 0 {
+            return Ok(());
+        }
+        debug_assert!(config.block > 0, "{kernel}: launch config with empty blocks");
+        if config.shared_bytes > function.max_dynamic_shared() {
+            return Err(Error::Driver {
+                backend: BackendKind::Cuda,
+                call: "cuLaunchKernel",
+                code: cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE as i32,
+                message: format!(
+                    "{kernel} asks for {} bytes of dynamic shared memory; this device allows {}",
+                    config.shared_bytes,
+                    function.max_dynamic_shared()
+                ),
+            });
+        }
+        device.bind()?;
+        let mut argument = *params;
+        let mut arguments = [(&mut argument as *mut LaunchParams).cast::<c_void>()];
+        // SAFETY: the function is live (the module outlives `device`), its one parameter is a
+        // `LaunchParams` by value (the C++ mirror of the struct, pinned by a layout test), the driver
+        // copies `argument` before returning, and the caller guarantees every pointer in it.
+        unsafe {
+            result::launch::kernel(
+                function.raw(),
+                config.grid,
+                config.block,
+                config.shared_bytes,
+                stream.cu_stream(),
+                &mut arguments,
+            )
+        }
+    }
+
+    unsafe fn read_back(stream: &CudaStream, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { stream.read_back(src, dst) }
+    }
+
+    unsafe fn write(stream: &CudaStream, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { stream.write(dst, src) }
+    }
+
+    fn synchronize(stream: &CudaStream) -> Result<()> {
+        stream.synchronize()
+    }
+
+    fn record_event(stream: &CudaStream) -> Result<CudaEvent> {
+        stream.record_event()
+    }
+
+    fn elapsed(start: &CudaEvent, end: &CudaEvent) -> Result<Duration> {
+        end.elapsed_since(start)
+    }
+}

@@ -1,0 +1,443 @@
+//! The kernels on a CUDA device: NVRTC compilation of the portable source, the on-disk cache of
+//! compiled images, and the loaded module with one finished-loading function per [`KernelId`].
+//!
+//! - One image per process and target (compiled once; concurrent ranks wait for the first).
+//! - The target is the device's real architecture (`sm_XY`, a CUBIN: no JIT at load time) when this
+//!   NVRTC supports it, else PTX for the newest virtual architecture it has below the device's
+//!   (`compute_XY`, JIT-compiled by the driver).
+//! - On disk under `$XDG_CACHE_HOME/arfuse/cuda/<target>/` (else `~/.cache/...`), keyed by the
+//!   source hash, a hash of the options and the NVRTC version; best effort: a file that fails its
+//!   checksum, or that the driver refuses, is recompiled and rewritten.
+//! - One module per process and device (the ranks that share a GPU share its primary context, so
+//!   they share the module): every function is resolved and finished loading (`cuFuncLoad`) and its
+//!   dynamic shared memory limit raised to the device's opt-in maximum when the module loads, so a
+//!   launch never makes a call that could wait for another rank's spinning kernel.
+
+use super::device::CudaDevice;
+use super::result::{self, nvrtc, CallExt};
+use crate::{BackendKind, DType, Error, KernelId, Op, Result};
+use cudarc::driver::{sys, CudaFunction, CudaModule};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+/// The program name NVRTC reports in its log.
+const PROGRAM_NAME: &str = "arfuse.cu";
+/// What [`Error::Compile`] names: the module holds every kernel.
+const MODULE_NAME: &str = "arfuse.cu (all kernels)";
+/// Dynamic shared memory every function may use without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+
+/// The kernel source and its compile options (from `crate::source`).
+mod kernel_source {
+    // TEMPORARY STUB until crate::source provides full_source/source_hash/nvrtc_options.
+    pub(super) fn text() -> String {
+        "#error \"arfuse: crate::source::full_source() is not written yet\"\n".into()
+    }
+    pub(super) fn hash() -> u64 {
+        0
+    }
+    pub(super) fn nvrtc_options(arch: &str) -> Vec<String> {
+        vec![format!("--gpu-architecture={arch}")]
+    }
+}
+
+/// What a compiled image holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ImageKind {
+    /// Machine code for one real architecture.
+    Cubin,
+    /// PTX (NUL-terminated), compiled by the driver at load time.
+    Ptx,
+}
+
+impl ImageKind {
+    fn extension(self) -> &'static str {
+        match self {
+            ImageKind::Cubin => "cubin",
+            ImageKind::Ptx => "ptx",
+        }
+    }
+    fn tag(self) -> u32 {
+        match self {
+            ImageKind::Cubin => 1,
+            ImageKind::Ptx => 2,
+        }
+    }
+}
+
+/// The architecture NVRTC compiles for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Target {
+    /// `sm_90` (real: a CUBIN) or `compute_90` (virtual: PTX).
+    name: String,
+    real: bool,
+}
+
+/// A compiled kernel image.
+struct Image {
+    bytes: Vec<u8>,
+    kind: ImageKind,
+    target: Target,
+    /// Read from the disk cache (not compiled by this process).
+    from_disk: bool,
+}
+
+/// (Device compute capability, source hash).
+type ImageKey = ((i32, i32), u64);
+
+/// Images compiled (or read) by this process.
+static IMAGES: Mutex<BTreeMap<ImageKey, Arc<Image>>> = parking_lot::const_mutex(BTreeMap::new());
+/// Loaded modules by device ordinal (the primary context is per device, so is the module).
+static MODULES: Mutex<BTreeMap<usize, Weak<LoadedModule>>> = parking_lot::const_mutex(BTreeMap::new());
+
+/// A loaded function and the dynamic shared memory it may use.
+pub(crate) struct LoadedFunction {
+    function: CudaFunction,
+    max_dynamic_shared: u32,
+}
+
+impl LoadedFunction {
+    /// The raw handle (valid while the module lives).
+    pub(crate) fn raw(&self) -> sys::CUfunction {
+        self.function.cu_function()
+    }
+    /// The most dynamic shared memory a launch may ask for, in bytes.
+    pub(crate) fn max_dynamic_shared(&self) -> u32 {
+        self.max_dynamic_shared
+    }
+}
+
+/// The module of every kernel, loaded into one device's primary context.
+pub(crate) struct LoadedModule {
+    /// Indexed by [`slot`]; `None` where the source has no such kernel (e.g. an f32 variant).
+    functions: Vec<Option<LoadedFunction>>,
+    kind: ImageKind,
+    target: Target,
+    /// Unloaded (`cuModuleUnload`) when the last device using it drops it; after the functions.
+    _module: Arc<CudaModule>,
+}
+
+fn slot(kernel: KernelId) -> usize {
+    let op = Op::ALL.iter().position(|&op| op == kernel.op).unwrap_or(0);
+    let dtype = DType::ALL.iter().position(|&dtype| dtype == kernel.dtype).unwrap_or(0);
+    op * DType::ALL.len() + dtype
+}
+
+impl LoadedModule {
+    /// The function of `kernel`, or a clear error if the source does not define it.
+    pub(crate) fn function(&self, kernel: KernelId) -> Result<&LoadedFunction> {
+        self.functions.get(slot(kernel)).and_then(Option::as_ref).ok_or_else(|| Error::Compile {
+            kernel: kernel.symbol(),
+            arch: self.target.name.clone(),
+            log: format!("the compiled module has no symbol `{}`", kernel.symbol()),
+        })
+    }
+
+    /// E.g. `sm_90 cubin`.
+    pub(crate) fn describe(&self) -> String {
+        format!("{} {}", self.target.name, self.kind.extension())
+    }
+}
+
+/// The module for `device`, shared with every other open of the same device in this process.
+pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
+    let mut modules = MODULES.lock();
+    if let Some(module) = modules.get(&device.ordinal()).and_then(Weak::upgrade) {
+        return Ok(module);
+    }
+    let cached = image(device.compute_capability(), false)?;
+    let module = match load_image(device, &cached) {
+        Ok(module) => module,
+        // A cached file the driver refuses: compile afresh, replace the file, try once more.
+        Err(_) if cached.from_disk => load_image(device, &*image(device.compute_capability(), true)?)?,
+        Err(err) => return Err(err),
+    };
+    modules.retain(|_, module| module.strong_count() > 0);
+    modules.insert(device.ordinal(), Arc::downgrade(&module));
+    Ok(module)
+}
+
+fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
+    device.bind()?;
+    let ctx = &device.0.ctx;
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.clone())).call("cuModuleLoadData")?;
+    // cuFuncLoad exists from CUDA 12.4 on; older drivers load eagerly unless told otherwise.
+    let can_finish_loading = device.driver_version() >= 12040;
+    let optin = device.max_shared_bytes_per_block();
+    let mut functions = Vec::with_capacity(Op::ALL.len() * DType::ALL.len());
+    for op in Op::ALL {
+        for dtype in DType::ALL {
+            let kernel = KernelId { op, dtype };
+            debug_assert_eq!(slot(kernel), functions.len());
+            let function = match module.load_function(&kernel.symbol()) {
+                Ok(function) => function,
+                Err(err) if err.0 == sys::CUresult::CUDA_ERROR_NOT_FOUND => {
+                    functions.push(None);
+                    continue;
+                }
+                Err(err) => return Err(result::driver_error("cuModuleGetFunction", err)),
+            };
+            let raw = function.cu_function();
+            use sys::CUfunction_attribute as F;
+            // SAFETY: `raw` belongs to `module`, which is loaded and alive for this whole block.
+            let max_dynamic_shared = unsafe {
+                if can_finish_loading {
+                    result::function::load(raw)?;
+                }
+                let static_shared = result::function::attribute(raw, F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+                let limit = optin.max(DEFAULT_SHARED_LIMIT).saturating_sub(static_shared.max(0) as u32);
+                if optin > DEFAULT_SHARED_LIMIT {
+                    result::function::set_attribute(
+                        raw,
+                        F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        limit as i32,
+                    )?;
+                }
+                limit
+            };
+            functions.push(Some(LoadedFunction { function, max_dynamic_shared }));
+        }
+    }
+    Ok(Arc::new(LoadedModule { functions, kind: image.kind, target: image.target.clone(), _module: module }))
+}
+
+/// The image for a device of compute capability `cc`: from this process's cache, the disk cache,
+/// or NVRTC. `refresh` skips both caches and overwrites them.
+fn image(cc: (i32, i32), refresh: bool) -> Result<Arc<Image>> {
+    if !nvrtc::present() {
+        return Err(Error::BackendUnavailable {
+            backend: BackendKind::Cuda,
+            reason: format!(
+                "NVRTC could not be loaded (tried {}); the cuda backend compiles its kernels at run time \
+                 and needs libnvrtc 13.0 on the library path",
+                result::library_candidates("nvrtc")
+            ),
+        });
+    }
+    let source_hash = kernel_source::hash();
+    let mut images = IMAGES.lock();
+    if !refresh {
+        if let Some(image) = images.get(&(cc, source_hash)) {
+            return Ok(image.clone());
+        }
+    }
+    let version = nvrtc::version()?;
+    let target = choose_target(cc, &nvrtc::supported_archs()?, version)?;
+    let options = compile_options(&target);
+    let path = cache_path(&target, source_hash, &options, version);
+    let cached = match (&path, refresh) {
+        (Some(path), false) => read_cache(path),
+        _ => None,
+    };
+    let image = match cached {
+        Some((kind, bytes)) => Image { bytes, kind, target, from_disk: true },
+        None => {
+            let (kind, bytes) = compile(&target, &options, &kernel_source::text())?;
+            if let Some(path) = &path {
+                write_cache(path, kind, &bytes);
+            }
+            Image { bytes, kind, target, from_disk: false }
+        }
+    };
+    let image = Arc::new(image);
+    images.insert((cc, source_hash), image.clone());
+    Ok(image)
+}
+
+fn choose_target(cc: (i32, i32), supported: &[i32], version: (i32, i32)) -> Result<Target> {
+    let arch = cc.0 * 10 + cc.1;
+    if supported.contains(&arch) {
+        return Ok(Target { name: format!("sm_{arch}"), real: true });
+    }
+    match supported.iter().copied().filter(|&a| a <= arch).max() {
+        Some(best) => Ok(Target { name: format!("compute_{best}"), real: false }),
+        None => Err(Error::Compile {
+            kernel: MODULE_NAME.into(),
+            arch: format!("sm_{arch}"),
+            log: format!(
+                "NVRTC {}.{} targets {:?} only; none of them runs on this sm_{arch} device",
+                version.0, version.1, supported
+            ),
+        }),
+    }
+}
+
+/// The source's options for `target`, with the architecture added if the source did not name it.
+fn compile_options(target: &Target) -> Vec<String> {
+    let mut options = kernel_source::nvrtc_options(&target.name);
+    let names_arch =
+        options.iter().any(|o| o.starts_with("--gpu-architecture") || o.starts_with("-arch") || o.starts_with("-gpu"));
+    if !names_arch {
+        options.push(format!("--gpu-architecture={}", target.name));
+    }
+    options
+}
+
+fn compile(target: &Target, options: &[String], source: &str) -> Result<(ImageKind, Vec<u8>)> {
+    let compile_error = |log: String| Error::Compile { kernel: MODULE_NAME.into(), arch: target.name.clone(), log };
+    let source = CString::new(source).map_err(|_| compile_error("the kernel source contains a NUL byte".into()))?;
+    let c_options = options
+        .iter()
+        .map(|o| CString::new(o.as_str()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| compile_error(format!("an NVRTC option contains a NUL byte: {options:?}")))?;
+    let name = CString::new(PROGRAM_NAME).map_err(|_| compile_error("bad program name".into()))?;
+    let program = nvrtc::Program::create(&source, &name)?;
+    if let Err(err) = program.compile(&c_options) {
+        let log = program.log().unwrap_or_else(|log_err| format!("(no log: {log_err})"));
+        return Err(compile_error(format!("{log}\n{err}\noptions: {options:?}")));
+    }
+    if target.real {
+        let cubin = program.cubin()?;
+        if !cubin.is_empty() {
+            return Ok((ImageKind::Cubin, cubin));
+        }
+    }
+    Ok((ImageKind::Ptx, program.ptx()?))
+}
+
+// ---- the disk cache -------------------------------------------------------------------------
+
+/// `ARFCUDA1`, kind (u32), reserved (u32), payload length (u64), FNV-1a of the payload (u64); all
+/// little-endian; then the payload.
+const CACHE_MAGIC: &[u8; 8] = b"ARFCUDA1";
+const CACHE_HEADER: usize = 32;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+fn cache_root() -> Option<PathBuf> {
+    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
+    let base = absolute("XDG_CACHE_HOME").or_else(|| absolute("HOME").map(|home| home.join(".cache")))?;
+    Some(base.join("arfuse").join("cuda"))
+}
+
+fn cache_path(target: &Target, source_hash: u64, options: &[String], version: (i32, i32)) -> Option<PathBuf> {
+    let options_hash = fnv1a(options.join("\u{1f}").as_bytes());
+    let file = format!(
+        "{source_hash:016x}-{:08x}-nvrtc{}.{}.{}",
+        options_hash as u32,
+        version.0,
+        version.1,
+        if target.real { "cubin" } else { "ptx" }
+    );
+    Some(cache_root()?.join(&target.name).join(file))
+}
+
+/// A cache file's payload if it is whole and plausible; `None` otherwise (then it is recompiled).
+fn read_cache(path: &Path) -> Option<(ImageKind, Vec<u8>)> {
+    let file = std::fs::read(path).ok()?;
+    let header = file.get(..CACHE_HEADER)?;
+    let word = |at: usize, len: usize| -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        bytes[..len].copy_from_slice(header.get(at..at + len)?);
+        Some(u64::from_le_bytes(bytes))
+    };
+    if &header[..8] != CACHE_MAGIC {
+        return None;
+    }
+    let kind = match word(8, 4)? {
+        1 => ImageKind::Cubin,
+        2 => ImageKind::Ptx,
+        _ => return None,
+    };
+    let payload = &file[CACHE_HEADER..];
+    if word(16, 8)? != payload.len() as u64 || word(24, 8)? != fnv1a(payload) {
+        return None;
+    }
+    let plausible = match kind {
+        ImageKind::Cubin => payload.starts_with(b"\x7fELF"),
+        ImageKind::Ptx => payload.last() == Some(&0),
+    };
+    plausible.then(|| (kind, payload.to_vec()))
+}
+
+/// Writes a cache file (to a temporary name, then renamed, so readers never see half a file).
+/// Best effort: any failure leaves the cache as it was.
+fn write_cache(path: &Path, kind: ImageKind, payload: &[u8]) {
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let mut file = Vec::with_capacity(CACHE_HEADER + payload.len());
+    file.extend_from_slice(CACHE_MAGIC);
+    file.extend_from_slice(&kind.tag().to_le_bytes());
+    file.extend_from_slice(&0u32.to_le_bytes());
+    file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    file.extend_from_slice(&fnv1a(payload).to_le_bytes());
+    file.extend_from_slice(payload);
+    let temporary = path.with_extension(format!("{}.tmp{}", kind.extension(), std::process::id()));
+    if std::fs::write(&temporary, &file).is_err() || std::fs::rename(&temporary, path).is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_prefer_the_real_architecture() {
+        let supported = [75, 80, 86, 89, 90, 100, 120];
+        assert_eq!(choose_target((9, 0), &supported, (13, 0)).ok(), Some(Target { name: "sm_90".into(), real: true }));
+        // A device newer than this NVRTC: PTX for the newest virtual architecture below it.
+        assert_eq!(
+            choose_target((12, 1), &supported, (13, 0)).ok(),
+            Some(Target { name: "compute_120".into(), real: false })
+        );
+        assert!(choose_target((7, 0), &supported, (13, 0)).is_err());
+    }
+
+    /// Runs where libnvrtc loads (CI installs PyPI's nvidia-cuda-nvrtc 13.0); skipped elsewhere.
+    #[test]
+    fn nvrtc_builds_cubin_and_ptx() {
+        if !nvrtc::present() {
+            println!("SKIP nvrtc: libnvrtc not found");
+            return;
+        }
+        let version = nvrtc::version().expect("nvrtc version");
+        let archs = nvrtc::supported_archs().expect("supported archs");
+        println!("nvrtc {version:?} targets {archs:?}");
+        let source = "extern \"C\" __global__ void twice(float* x) { x[threadIdx.x] *= 2.0f; }";
+        let real = choose_target((9, 0), &archs, version).expect("sm_90 target");
+        let options = vec![format!("--gpu-architecture={}", real.name)];
+        let (kind, cubin) = compile(&real, &options, source).expect("compile for sm_90");
+        assert_eq!(kind, ImageKind::Cubin);
+        assert!(cubin.starts_with(b"\x7fELF"));
+        let virtual_target = Target { name: "compute_90".into(), real: false };
+        let options = vec!["--gpu-architecture=compute_90".to_string()];
+        let (kind, ptx) = compile(&virtual_target, &options, source).expect("compile for compute_90");
+        assert_eq!(kind, ImageKind::Ptx);
+        assert_eq!(ptx.last(), Some(&0));
+        assert!(String::from_utf8_lossy(&ptx).contains(".entry twice"));
+        match compile(&real, &[], "__global__ void broken( {") {
+            Err(Error::Compile { arch, log, .. }) => {
+                assert_eq!(arch, "sm_90");
+                assert!(log.contains("error"), "{log}");
+            }
+            other => panic!("expected a compile error, got {:?}", other.map(|(kind, _)| kind)),
+        }
+    }
+
+    #[test]
+    fn cache_files_round_trip_and_reject_damage() {
+        let dir = std::env::temp_dir().join(format!("arfuse-cuda-cache-test-{}", std::process::id()));
+        let path = dir.join("sm_90").join("x.cubin");
+        let payload = b"\x7fELF and some machine code".to_vec();
+        write_cache(&path, ImageKind::Cubin, &payload);
+        assert_eq!(read_cache(&path), Some((ImageKind::Cubin, payload.clone())));
+        // Truncated, then one flipped bit: both refused.
+        let mut file = std::fs::read(&path).unwrap_or_default();
+        std::fs::write(&path, &file[..file.len() - 1]).ok();
+        assert_eq!(read_cache(&path), None);
+        let last = file.len() - 1;
+        file[last] ^= 1;
+        std::fs::write(&path, &file).ok();
+        assert_eq!(read_cache(&path), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

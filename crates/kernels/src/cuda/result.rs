@@ -1,0 +1,517 @@
+//! Thin, checked wrappers over the CUDA driver and NVRTC calls this backend makes.
+//!
+//! The `result` level of cudarc's three (`sys` → `result` → safe types): every function here makes
+//! one library call (or a fixed pair, such as a size query and a fetch) and turns its status into
+//! [`Error::Driver`] naming the call. Grouped by subject as in cudarc. Nothing here owns anything;
+//! the RAII types of the sibling modules do.
+//!
+//! Before the first call into a library, [`driver_present`] / [`nvrtc::present`] must have returned
+//! `true`: cudarc panics (it does not return an error) when it cannot load a library or a symbol.
+
+use crate::{BackendKind, Error, Result};
+use cudarc::driver::{result as cu, sys, DriverError};
+use std::ffi::{c_int, c_void, CStr};
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+/// Turns a driver error into ours, naming the call.
+pub(crate) fn driver_error(call: &'static str, err: DriverError) -> Error {
+    let name = err.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", err.0));
+    let message = match err.error_string() {
+        Ok(text) => format!("{name}: {}", text.to_string_lossy()),
+        Err(_) => name,
+    };
+    Error::Driver { backend: BackendKind::Cuda, call, code: err.0 as i32, message }
+}
+
+/// `Result<T, DriverError>` → `Result<T>` with the call's name.
+pub(crate) trait CallExt<T> {
+    /// Maps the error to [`Error::Driver`] for `call`.
+    fn call(self, call: &'static str) -> Result<T>;
+}
+
+impl<T> CallExt<T> for Result<T, DriverError> {
+    fn call(self, call: &'static str) -> Result<T> {
+        self.map_err(|err| driver_error(call, err))
+    }
+}
+
+fn check(call: &'static str, status: sys::CUresult) -> Result<()> {
+    status.result().call(call)
+}
+
+/// Whether the driver library (`libcuda`) can be loaded. Probed once per process.
+pub(crate) fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: `is_culib_present` only dlopens (and closes again) the candidate library names,
+    // which runs the library's initialisers; libcuda is made to be loaded this way.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The file names cudarc tries for a library stem (`cuda`, `nvrtc`), for error messages.
+pub(crate) fn library_candidates(stem: &str) -> String {
+    let mut names = cudarc::get_lib_name_candidates(stem);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|name| seen.insert(name.clone()));
+    names.join(", ")
+}
+
+/// `cuInit(0)`, once per process (later calls return the first status again).
+pub(crate) fn init() -> Result<(), DriverError> {
+    static INIT: OnceLock<Result<(), DriverError>> = OnceLock::new();
+    *INIT.get_or_init(cu::init)
+}
+
+/// Device queries (`cuDevice*`, `cuDriverGetVersion`).
+pub(crate) mod device {
+    use super::*;
+
+    /// `cuDeviceGetCount`.
+    pub(crate) fn count() -> Result<usize> {
+        cu::device::get_count().call("cuDeviceGetCount").map(|n| n.max(0) as usize)
+    }
+
+    /// `cuDeviceGet`.
+    pub(crate) fn get(ordinal: usize) -> Result<sys::CUdevice> {
+        cu::device::get(ordinal as c_int).call("cuDeviceGet")
+    }
+
+    /// `cuDeviceGetAttribute`.
+    pub(crate) fn attribute(device: sys::CUdevice, attribute: sys::CUdevice_attribute) -> Result<i32> {
+        // SAFETY: `device` came from `cuDeviceGet` (every caller passes one), as the call requires.
+        unsafe { cu::device::get_attribute(device, attribute) }.call("cuDeviceGetAttribute")
+    }
+
+    /// `cuDeviceCanAccessPeer`: whether `device` can map memory of `peer`.
+    pub(crate) fn can_access_peer(device: sys::CUdevice, peer: sys::CUdevice) -> Result<bool> {
+        let mut can = 0 as c_int;
+        // SAFETY: the out-pointer is a live local; the devices came from `cuDeviceGet`.
+        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, device, peer) })?;
+        Ok(can != 0)
+    }
+
+    /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0.
+    pub(crate) fn driver_version() -> Result<i32> {
+        let mut version = 0 as c_int;
+        // SAFETY: the out-pointer is a live local.
+        check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
+        Ok(version)
+    }
+}
+
+/// Contexts (`cuCtx*`, `cuDevicePrimaryCtx*`).
+pub(crate) mod ctx {
+    use super::*;
+
+    /// Makes `context` current on the calling thread unless it already is
+    /// (`cuCtxGetCurrent`, `cuCtxSetCurrent`).
+    pub(crate) fn bind(context: sys::CUcontext) -> Result<()> {
+        match cu::ctx::get_current().call("cuCtxGetCurrent")? {
+            Some(current) if current == context => Ok(()),
+            // SAFETY: callers pass a context they keep retained (a `CudaContext`'s primary context).
+            _ => unsafe { cu::ctx::set_current(context) }.call("cuCtxSetCurrent"),
+        }
+    }
+
+    /// `cuDevicePrimaryCtxRetain`: one more reference on `device`'s primary context.
+    pub(crate) fn retain_primary(device: sys::CUdevice) -> Result<sys::CUcontext> {
+        // SAFETY: `device` came from `cuDeviceGet`.
+        unsafe { cu::primary_ctx::retain(device) }.call("cuDevicePrimaryCtxRetain")
+    }
+
+    /// `cuDevicePrimaryCtxRelease_v2`: drops a reference taken by [`retain_primary`].
+    pub(crate) fn release_primary(device: sys::CUdevice) -> Result<()> {
+        // SAFETY: `device` came from `cuDeviceGet`; the caller owns one reference.
+        unsafe { cu::primary_ctx::release(device) }.call("cuDevicePrimaryCtxRelease")
+    }
+
+    /// `cuCtxEnablePeerAccess` from the current context to `peer`; already enabled counts as success.
+    pub(crate) fn enable_peer_access(peer: sys::CUcontext) -> Result<()> {
+        // SAFETY: `peer` is a retained primary context; flags must be 0.
+        match unsafe { sys::cuCtxEnablePeerAccess(peer, 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            status => check("cuCtxEnablePeerAccess", status),
+        }
+    }
+}
+
+/// Device memory (`cuMemAlloc_v2`, `cuMemFree_v2`, `cuMemsetD8_v2`, `cuMemcpy*`).
+pub(crate) mod mem {
+    use super::*;
+
+    /// `cuMemAlloc_v2`: plain device memory (exportable with `cuIpcGetMemHandle`, unlike pool memory).
+    pub(crate) fn alloc(bytes: usize) -> Result<sys::CUdeviceptr> {
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the out-pointer is a live local; a context is current (callers bind one first).
+        check("cuMemAlloc_v2", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) })?;
+        Ok(ptr)
+    }
+
+    /// `cuMemFree_v2`.
+    ///
+    /// # Safety
+    /// `ptr` must come from [`alloc`], not be freed yet, and no queued work may still use it.
+    pub(crate) unsafe fn free(ptr: sys::CUdeviceptr) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuMemFree_v2", unsafe { sys::cuMemFree_v2(ptr) })
+    }
+
+    /// `cuMemsetD8_v2` followed by a synchronisation of the legacy default stream, so the bytes are
+    /// set before the call returns whatever stream uses them next. Our streams are non-blocking,
+    /// so this waits for no kernel of theirs (a peer's spinning kernel included).
+    ///
+    /// # Safety
+    /// `ptr` must be device memory valid for `bytes` bytes.
+    pub(crate) unsafe fn memset_d8_sync(ptr: sys::CUdeviceptr, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(ptr, value, bytes) })?;
+        // SAFETY: the null stream is always valid in the current context.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
+    }
+
+    /// `cuMemcpyDtoDAsync_v2` (device or peer memory, unified addressing).
+    ///
+    /// # Safety
+    /// Both ranges must be valid for `bytes` bytes until the stream executes the copy.
+    pub(crate) unsafe fn copy_dtod_async(
+        dst: sys::CUdeviceptr,
+        src: sys::CUdeviceptr,
+        bytes: usize,
+        stream: sys::CUstream,
+    ) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuMemcpyDtoDAsync_v2", unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) })
+    }
+
+    /// `cuMemcpyDtoHAsync_v2`.
+    ///
+    /// # Safety
+    /// `src` must be valid for `dst.len()` bytes, and `dst` must not be touched until the stream
+    /// has executed the copy.
+    pub(crate) unsafe fn copy_dtoh_async(dst: &mut [u8], src: sys::CUdeviceptr, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: guaranteed by the caller; `dst` is a live host buffer of `dst.len()` bytes.
+        check("cuMemcpyDtoHAsync_v2", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast::<c_void>(), src, dst.len(), stream)
+        })
+    }
+
+    /// `cuMemcpyHtoDAsync_v2`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `src.len()` bytes, and `src` must stay alive and unchanged until the
+    /// stream has executed the copy.
+    pub(crate) unsafe fn copy_htod_async(dst: sys::CUdeviceptr, src: &[u8], stream: sys::CUstream) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuMemcpyHtoDAsync_v2", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast::<c_void>(), src.len(), stream)
+        })
+    }
+}
+
+/// Inter-process memory handles (`cuIpc*MemHandle`).
+pub(crate) mod ipc {
+    use super::*;
+
+    /// `cuIpcGetMemHandle` of the allocation that starts at `ptr`.
+    pub(crate) fn get_mem_handle(ptr: sys::CUdeviceptr) -> Result<[u8; 64]> {
+        let mut handle = MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: the out-pointer is a live local; the driver validates `ptr`.
+        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(handle.as_mut_ptr(), ptr) })?;
+        // SAFETY: the call succeeded, so it wrote the handle.
+        let handle = unsafe { handle.assume_init() };
+        Ok(handle.reserved.map(|b| b as u8))
+    }
+
+    /// `cuIpcOpenMemHandle_v2` with `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`. Fails with
+    /// `CUDA_ERROR_INVALID_CONTEXT` on a handle exported by this same process.
+    pub(crate) fn open_mem_handle(handle: &[u8; 64]) -> Result<sys::CUdeviceptr> {
+        let raw = sys::CUipcMemHandle { reserved: handle.map(|b| b as std::ffi::c_char) };
+        let mut ptr: sys::CUdeviceptr = 0;
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: the out-pointer is a live local; the driver validates the handle bytes.
+        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, raw, flags) })?;
+        Ok(ptr)
+    }
+
+    /// `cuIpcCloseMemHandle`.
+    ///
+    /// # Safety
+    /// `ptr` must come from [`open_mem_handle`], not be closed yet, and no queued work may still use it.
+    pub(crate) unsafe fn close_mem_handle(ptr: sys::CUdeviceptr) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuIpcCloseMemHandle", unsafe { sys::cuIpcCloseMemHandle(ptr) })
+    }
+}
+
+/// Functions of a loaded module (`cuFunc*`).
+pub(crate) mod function {
+    use super::*;
+
+    /// `cuFuncLoad`: finishes loading a function now (a no-op when loaded). Lazy loading
+    /// (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 12.2) would otherwise load it at its first
+    /// launch, which may synchronise the context and so deadlock against a peer's spinning kernel.
+    /// Needs a CUDA 12.4 driver; callers check the version first.
+    ///
+    /// # Safety
+    /// `function` must belong to a loaded, live module.
+    pub(crate) unsafe fn load(function: sys::CUfunction) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        check("cuFuncLoad", unsafe { sys::cuFuncLoad(function) })
+    }
+
+    /// `cuFuncGetAttribute`.
+    ///
+    /// # Safety
+    /// `function` must belong to a loaded, live module.
+    pub(crate) unsafe fn attribute(function: sys::CUfunction, attribute: sys::CUfunction_attribute) -> Result<i32> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::function::get_function_attribute(function, attribute) }.call("cuFuncGetAttribute")
+    }
+
+    /// `cuFuncSetAttribute`.
+    ///
+    /// # Safety
+    /// `function` must belong to a loaded, live module.
+    pub(crate) unsafe fn set_attribute(
+        function: sys::CUfunction,
+        attribute: sys::CUfunction_attribute,
+        value: i32,
+    ) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::function::set_function_attribute(function, attribute, value) }.call("cuFuncSetAttribute")
+    }
+}
+
+/// Kernel launches (`cuLaunchKernel`).
+pub(crate) mod launch {
+    use super::*;
+
+    /// `cuLaunchKernel` of a 1-D grid; `args` points at each kernel argument (the driver copies them
+    /// before returning).
+    ///
+    /// # Safety
+    /// `function` must be live, `args` must match the kernel's parameter list, and whatever memory
+    /// the arguments name must stay valid until the stream has executed the kernel.
+    pub(crate) unsafe fn kernel(
+        function: sys::CUfunction,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        stream: sys::CUstream,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::launch_kernel(function, (grid, 1, 1), (block, 1, 1), shared_bytes, stream, args) }
+            .call("cuLaunchKernel")
+    }
+}
+
+/// Streams (`cuStream*`).
+pub(crate) mod stream {
+    use super::*;
+
+    /// `cuStreamSynchronize`.
+    pub(crate) fn synchronize(stream: sys::CUstream) -> Result<()> {
+        // SAFETY: callers pass a stream they keep alive.
+        unsafe { cu::stream::synchronize(stream) }.call("cuStreamSynchronize")
+    }
+
+    /// `cuStreamBeginCapture_v2`.
+    pub(crate) fn begin_capture(stream: sys::CUstream, mode: sys::CUstreamCaptureMode) -> Result<()> {
+        // SAFETY: callers pass a stream they keep alive.
+        unsafe { cu::stream::begin_capture(stream, mode) }.call("cuStreamBeginCapture")
+    }
+
+    /// `cuStreamEndCapture`: the captured graph (null if nothing was captured).
+    pub(crate) fn end_capture(stream: sys::CUstream) -> Result<sys::CUgraph> {
+        // SAFETY: callers pass a stream they keep alive.
+        unsafe { cu::stream::end_capture(stream) }.call("cuStreamEndCapture")
+    }
+}
+
+/// CUDA graphs (`cuGraph*`).
+pub(crate) mod graph {
+    use super::*;
+
+    /// `cuGraphInstantiateWithFlags` with no flags.
+    ///
+    /// # Safety
+    /// `graph` must be a live graph.
+    pub(crate) unsafe fn instantiate(graph: sys::CUgraph) -> Result<sys::CUgraphExec> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.call("cuGraphInstantiateWithFlags")
+    }
+
+    /// `cuGraphLaunch`.
+    ///
+    /// # Safety
+    /// `exec` and `stream` must be live, and what the graph's kernels access must be valid.
+    pub(crate) unsafe fn launch(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::graph::launch(exec, stream) }.call("cuGraphLaunch")
+    }
+
+    /// `cuGraphUpload`.
+    ///
+    /// # Safety
+    /// `exec` and `stream` must be live.
+    pub(crate) unsafe fn upload(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::graph::upload(exec, stream) }.call("cuGraphUpload")
+    }
+
+    /// `cuGraphExecDestroy`.
+    ///
+    /// # Safety
+    /// `exec` must be live and not used afterwards.
+    pub(crate) unsafe fn exec_destroy(exec: sys::CUgraphExec) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::graph::exec_destroy(exec) }.call("cuGraphExecDestroy")
+    }
+
+    /// `cuGraphDestroy`.
+    ///
+    /// # Safety
+    /// `graph` must be live and not used afterwards.
+    pub(crate) unsafe fn destroy(graph: sys::CUgraph) -> Result<()> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { cu::graph::destroy(graph) }.call("cuGraphDestroy")
+    }
+}
+
+/// The run-time compiler (`nvrtc*`).
+pub(crate) mod nvrtc {
+    use super::*;
+    use cudarc::nvrtc::sys as nv;
+
+    /// Whether `libnvrtc` can be loaded (cudarc tries, among others, `libnvrtc.so` and
+    /// `libnvrtc.so.13`). Probed once per process.
+    pub(crate) fn present() -> bool {
+        static PRESENT: OnceLock<bool> = OnceLock::new();
+        // SAFETY: as for `driver_present`: dlopen of the candidate names runs their initialisers.
+        *PRESENT.get_or_init(|| unsafe { nv::is_culib_present() })
+    }
+
+    fn nvrtc_error(call: &'static str, status: nv::nvrtcResult) -> Error {
+        // SAFETY: `nvrtcGetErrorString` returns a pointer to a static NUL-terminated string.
+        let text = unsafe { nv::nvrtcGetErrorString(status) };
+        let message = if text.is_null() {
+            format!("{status:?}")
+        } else {
+            // SAFETY: non-null, static and NUL-terminated (see above).
+            unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
+        };
+        Error::Driver { backend: BackendKind::Cuda, call, code: status as i32, message }
+    }
+
+    fn check(call: &'static str, status: nv::nvrtcResult) -> Result<()> {
+        match status {
+            nv::nvrtcResult::NVRTC_SUCCESS => Ok(()),
+            status => Err(nvrtc_error(call, status)),
+        }
+    }
+
+    /// `nvrtcVersion`: (major, minor).
+    pub(crate) fn version() -> Result<(i32, i32)> {
+        let (mut major, mut minor) = (0 as c_int, 0 as c_int);
+        // SAFETY: the out-pointers are live locals.
+        check("nvrtcVersion", unsafe { nv::nvrtcVersion(&mut major, &mut minor) })?;
+        Ok((major, minor))
+    }
+
+    /// `nvrtcGetSupportedArchs`: the real architectures this NVRTC can compile for (90 = sm_90).
+    pub(crate) fn supported_archs() -> Result<Vec<i32>> {
+        let mut count = 0 as c_int;
+        // SAFETY: the out-pointer is a live local.
+        check("nvrtcGetNumSupportedArchs", unsafe { nv::nvrtcGetNumSupportedArchs(&mut count) })?;
+        let mut archs = vec![0 as c_int; count.max(0) as usize];
+        // SAFETY: `archs` has room for the `count` entries the call writes.
+        check("nvrtcGetSupportedArchs", unsafe { nv::nvrtcGetSupportedArchs(archs.as_mut_ptr()) })?;
+        Ok(archs)
+    }
+
+    /// An NVRTC program, destroyed on drop.
+    pub(crate) struct Program {
+        raw: nv::nvrtcProgram,
+    }
+
+    impl Program {
+        /// `nvrtcCreateProgram` with no headers.
+        pub(crate) fn create(source: &CStr, name: &CStr) -> Result<Program> {
+            let mut raw = MaybeUninit::<nv::nvrtcProgram>::uninit();
+            // SAFETY: the strings are NUL-terminated and outlive the call (NVRTC copies them);
+            // no headers are passed.
+            check("nvrtcCreateProgram", unsafe {
+                nv::nvrtcCreateProgram(
+                    raw.as_mut_ptr(),
+                    source.as_ptr(),
+                    name.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            })?;
+            // SAFETY: the call succeeded, so it wrote the program handle.
+            Ok(Program { raw: unsafe { raw.assume_init() } })
+        }
+
+        /// `nvrtcCompileProgram`. On a compile error the status comes back as an error; the log
+        /// is read separately with [`Program::log`].
+        pub(crate) fn compile(&self, options: &[std::ffi::CString]) -> Result<()> {
+            let pointers: Vec<*const std::ffi::c_char> = options.iter().map(|o| o.as_ptr()).collect();
+            // SAFETY: the program is live; `pointers` holds `len` NUL-terminated strings that
+            // outlive the call.
+            check("nvrtcCompileProgram", unsafe {
+                nv::nvrtcCompileProgram(self.raw, pointers.len() as c_int, pointers.as_ptr())
+            })
+        }
+
+        /// The compiler's log (`nvrtcGetProgramLogSize`, `nvrtcGetProgramLog`).
+        pub(crate) fn log(&self) -> Result<String> {
+            let mut size = 0usize;
+            // SAFETY: the program is live; the out-pointer is a live local.
+            check("nvrtcGetProgramLogSize", unsafe { nv::nvrtcGetProgramLogSize(self.raw, &mut size) })?;
+            let mut log = vec![0u8; size.max(1)];
+            // SAFETY: `log` has room for the `size` bytes the call writes.
+            check("nvrtcGetProgramLog", unsafe { nv::nvrtcGetProgramLog(self.raw, log.as_mut_ptr().cast()) })?;
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Ok(String::from_utf8_lossy(&log[..end]).into_owned())
+        }
+
+        /// The CUBIN (`nvrtcGetCUBINSize`, `nvrtcGetCUBIN`); empty when compiled for a virtual arch.
+        pub(crate) fn cubin(&self) -> Result<Vec<u8>> {
+            let mut size = 0usize;
+            // SAFETY: the program is live; the out-pointer is a live local.
+            check("nvrtcGetCUBINSize", unsafe { nv::nvrtcGetCUBINSize(self.raw, &mut size) })?;
+            if size == 0 {
+                return Ok(Vec::new());
+            }
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` has room for the `size` bytes the call writes.
+            check("nvrtcGetCUBIN", unsafe { nv::nvrtcGetCUBIN(self.raw, cubin.as_mut_ptr().cast()) })?;
+            Ok(cubin)
+        }
+
+        /// The PTX, NUL-terminated (`nvrtcGetPTXSize`, `nvrtcGetPTX`).
+        pub(crate) fn ptx(&self) -> Result<Vec<u8>> {
+            let mut size = 0usize;
+            // SAFETY: the program is live; the out-pointer is a live local.
+            check("nvrtcGetPTXSize", unsafe { nv::nvrtcGetPTXSize(self.raw, &mut size) })?;
+            let mut ptx = vec![0u8; size.max(1)];
+            // SAFETY: `ptx` has room for the `size` bytes the call writes.
+            check("nvrtcGetPTX", unsafe { nv::nvrtcGetPTX(self.raw, ptx.as_mut_ptr().cast()) })?;
+            if ptx.last() != Some(&0) {
+                ptx.push(0);
+            }
+            Ok(ptx)
+        }
+    }
+
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: the program is live and never used again. A failure here leaks host memory
+            // only, and there is no device to park it on: it is ignored.
+            let _ = unsafe { nv::nvrtcDestroyProgram(&mut self.raw) };
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Ordered work on a device: [`CudaStream`] (with stream capture), [`CudaEvent`], [`CudaGraphExec`].
+
+use super::device::CudaDevice;
+use super::result::{self, graph, mem, CallExt};
+use crate::{DevicePtr, Error, Result};
+use cudarc::driver::sys;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A non-blocking stream on one device (it does not synchronise with the legacy default stream).
+/// Destroyed on drop.
+#[derive(Debug)]
+pub struct CudaStream {
+    inner: Arc<cudarc::driver::CudaStream>,
+    device: CudaDevice,
+}
+
+impl CudaStream {
+    /// Creates a stream on `device`.
+    pub fn new(device: &CudaDevice) -> Result<CudaStream> {
+        device.bind()?;
+        let inner = device.0.ctx.new_stream().call("cuStreamCreate")?;
+        Ok(CudaStream { inner, device: device.clone() })
+    }
+
+    /// The device the stream belongs to.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The raw handle (valid while `self` lives).
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.inner.cu_stream()
+    }
+
+    /// Waits for all work queued so far, then reports any error parked on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device.bind()?;
+        result::stream::synchronize(self.cu_stream())?;
+        self.device.check_err()
+    }
+
+    /// Records an event (with timing) at the current end of the stream.
+    pub fn record_event(&self) -> Result<CudaEvent> {
+        self.device.bind()?;
+        let event = self.device.0.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).call("cuEventCreate")?;
+        event.record(&self.inner).call("cuEventRecord")?;
+        Ok(CudaEvent { inner: event, device: self.device.clone() })
+    }
+
+    /// Enqueues a device-to-device copy (`cuMemcpyDtoDAsync_v2`; peer memory included).
+    ///
+    /// # Safety
+    /// Both ranges must be valid for `bytes` bytes until the stream has executed the copy.
+    pub unsafe fn copy(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: guaranteed by the caller.
+        unsafe { mem::copy_dtod_async(dst.0, src.0, bytes, self.cu_stream()) }
+    }
+
+    /// Copies `dst.len()` bytes at `src` to the host after all queued work, and waits for it
+    /// (`cuMemcpyDtoHAsync_v2`, then a stream synchronisation).
+    ///
+    /// # Safety
+    /// `src` must be valid device memory for `dst.len()` bytes.
+    pub unsafe fn read_back(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: guaranteed by the caller for `src`; `dst` is not touched until the synchronisation
+        // below has returned.
+        unsafe { mem::copy_dtoh_async(dst, src.0, self.cu_stream())? };
+        result::stream::synchronize(self.cu_stream())
+    }
+
+    /// Copies `src` to `dst` after all queued work, and waits for it (`cuMemcpyHtoDAsync_v2`, then a
+    /// stream synchronisation: the caller may reuse `src` at once, pinned memory or not).
+    ///
+    /// # Safety
+    /// `dst` must be valid device memory for `src.len()` bytes.
+    pub unsafe fn write(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.device.bind()?;
+        // SAFETY: guaranteed by the caller for `dst`; `src` outlives the synchronisation below.
+        unsafe { mem::copy_htod_async(dst.0, src, self.cu_stream())? };
+        result::stream::synchronize(self.cu_stream())
+    }
+
+    /// Starts capturing this stream's work into a graph instead of running it.
+    ///
+    /// Thread-local capture mode: the calls CUDA forbids during a capture (synchronous copies and
+    /// memsets, allocations, synchronisations, ...) are refused only on *this* thread, where they
+    /// would break the capture; other threads go on working. Global mode would refuse them on every
+    /// thread, so one rank capturing would break the eager work of ranks that are threads of the
+    /// same process; relaxed mode would not refuse them even on this thread.
+    ///
+    /// Launch each kernel once before capturing (or call [`CudaDevice::load_kernels`]): compiling
+    /// and loading is not something to capture.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.device.bind()?;
+        result::stream::begin_capture(self.cu_stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    }
+
+    /// Ends the capture begun by [`CudaStream::begin_capture`] and instantiates the graph.
+    pub fn end_capture(&self) -> Result<CudaGraphExec> {
+        self.device.bind()?;
+        let graph = result::stream::end_capture(self.cu_stream())?;
+        if graph.is_null() {
+            return Err(Error::Driver {
+                backend: crate::BackendKind::Cuda,
+                call: "cuStreamEndCapture",
+                code: sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED as i32,
+                message: "the capture produced no graph".into(),
+            });
+        }
+        // SAFETY: `graph` was just returned by the driver and is live.
+        match unsafe { graph::instantiate(graph) } {
+            Ok(exec) => Ok(CudaGraphExec { graph, exec, device: self.device.clone() }),
+            Err(err) => {
+                // SAFETY: the graph is ours, not instantiated, and destroyed once.
+                self.device.record_err(unsafe { graph::destroy(graph) });
+                Err(err)
+            }
+        }
+    }
+}
+
+/// A recorded point in a stream, for timing and completion queries. Destroyed on drop.
+#[derive(Debug)]
+pub struct CudaEvent {
+    inner: cudarc::driver::CudaEvent,
+    device: CudaDevice,
+}
+
+impl CudaEvent {
+    /// Whether the work before the event has finished (`cuEventQuery`, does not wait).
+    pub fn is_complete(&self) -> Result<bool> {
+        self.device.bind()?;
+        self.inner.try_is_complete().call("cuEventQuery")
+    }
+
+    /// Waits for the work before the event.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device.bind()?;
+        self.inner.synchronize().call("cuEventSynchronize")
+    }
+
+    /// Time from `start` to `self` (waits for both; `cuEventElapsedTime`, about 0.5 µs resolution).
+    pub fn elapsed_since(&self, start: &CudaEvent) -> Result<Duration> {
+        self.device.bind()?;
+        let ms = start.inner.elapsed_ms(&self.inner).call("cuEventElapsedTime")?;
+        Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
+}
+
+/// An instantiated CUDA graph, from [`CudaStream::end_capture`]. Graph and executable are
+/// destroyed on drop.
+#[derive(Debug)]
+pub struct CudaGraphExec {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+    device: CudaDevice,
+}
+
+// SAFETY: graph handles are not bound to the thread that made them; CUDA requires only that calls on
+// one graph object be serialised, which holds because `CudaGraphExec` is not `Sync` (a shared
+// reference cannot be used from two threads) and every method takes `&self` or `&mut self`.
+unsafe impl Send for CudaGraphExec {}
+
+impl CudaGraphExec {
+    /// Enqueues one replay of the graph on `stream` (`cuGraphLaunch`).
+    ///
+    /// The captured launches replay with the arguments they were captured with, a barrier value in
+    /// their [`crate::LaunchParams`] included: the same value on every replay.
+    ///
+    /// # Safety
+    /// Every pointer the captured launches use must be valid, as [`crate::Backend::launch`] requires,
+    /// until the stream has executed the replay.
+    pub unsafe fn launch(&self, stream: &CudaStream) -> Result<()> {
+        self.device.bind()?;
+        // SAFETY: `exec` is live (owned), `stream` is live (borrowed); the memory the captured
+        // kernels use is valid as the caller guarantees.
+        unsafe { graph::launch(self.exec, stream.cu_stream()) }
+    }
+
+    /// Uploads the graph's resources ahead of its first launch (`cuGraphUpload`).
+    pub fn upload(&self, stream: &CudaStream) -> Result<()> {
+        self.device.bind()?;
+        // SAFETY: both handles are live.
+        unsafe { graph::upload(self.exec, stream.cu_stream()) }
+    }
+}
+
+impl Drop for CudaGraphExec {
+    fn drop(&mut self) {
+        let res = self.device.bind().and_then(|()| {
+            // SAFETY: both handles are owned, live and destroyed once, the executable first.
+            unsafe { graph::exec_destroy(self.exec).and_then(|()| graph::destroy(self.graph)) }
+        });
+        self.device.record_err(res);
+    }
+}
