@@ -32,7 +32,10 @@ const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// The kernel source and its compile options (from `crate::source`).
 mod kernel_source {
-    // TEMPORARY STUB until crate::source provides full_source/source_hash/nvrtc_options.
+    // TEMPORARY STUB until crate::source provides full_source/source_hash/nvrtc_options: then
+    // `text()` = `crate::source::full_source().into()`, `hash()` = `crate::source::source_hash()`,
+    // `nvrtc_options(arch)` = `crate::source::nvrtc_options(arch)` (`sm_XY` or `compute_XY`; if the
+    // options name no architecture, `compile_options` adds `--gpu-architecture=<arch>`).
     pub(super) fn text() -> String {
         "#error \"arfuse: crate::source::full_source() is not written yet\"\n".into()
     }
@@ -265,13 +268,18 @@ fn choose_target(cc: (i32, i32), supported: &[i32], version: (i32, i32)) -> Resu
     }
 }
 
-/// The source's options for `target`, with the architecture added if the source did not name it.
+/// The source's options for `target`, with the architecture added if the source did not name it,
+/// and `--fmad=false` (the numerics contract forbids contracted multiply-adds) if it said nothing
+/// about contraction.
 fn compile_options(target: &Target) -> Vec<String> {
     let mut options = kernel_source::nvrtc_options(&target.name);
     let names_arch =
         options.iter().any(|o| o.starts_with("--gpu-architecture") || o.starts_with("-arch") || o.starts_with("-gpu"));
     if !names_arch {
         options.push(format!("--gpu-architecture={}", target.name));
+    }
+    if !options.iter().any(|o| o.starts_with("--fmad") || o.starts_with("-fmad") || o.contains("fast-math")) {
+        options.push("--fmad=false".into());
     }
     options
 }
