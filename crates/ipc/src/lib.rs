@@ -1,1 +1,20 @@
-//! Rendezvous and shared buffers.
+//! # arfuse-ipc
+//!
+//! How the ranks of a group meet and share memory. No `unsafe`, no kernel launches.
+//!
+//! | concept | here |
+//! |---|---|
+//! | a way for ranks to exchange bytes | [`Rendezvous`]: [`ThreadRendezvous`], [`UnixRendezvous`], or the caller's own |
+//! | the messages on the socket | [`wire`] (versioned, length-checked) |
+//! | every rank's buffer, mapped here | [`SharedBuffers`] (signal area, two staging halves, scratch) |
+
+pub mod buffers;
+pub mod error;
+pub mod rendezvous;
+pub mod unix;
+pub mod wire;
+
+pub use buffers::SharedBuffers;
+pub use error::{Error, Result};
+pub use rendezvous::{Rendezvous, ThreadRendezvous};
+pub use unix::UnixRendezvous;

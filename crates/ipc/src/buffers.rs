@@ -1,0 +1,233 @@
+//! The shared buffers of a group: one per rank, mapped by every peer.
+//!
+//! Layout of a rank's buffer (offsets from its start):
+//!
+//! | offset | size | what |
+//! |---|---|---|
+//! | 0 | `SIGNAL_BYTES` | signal area: barrier flags, error word, call descriptors |
+//! | `SIGNAL_BYTES` | `max_size / 2` | staging half 0 (inputs of even epochs) |
+//! | `SIGNAL_BYTES + max_size / 2` | `max_size / 2` | staging half 1 (odd epochs) |
+//! | `SIGNAL_BYTES + max_size` | `max_size / 2` | scratch of the 2-stage paths |
+
+use crate::rendezvous::Rendezvous;
+use crate::{Error, Result};
+use arfuse_kernels::{Backend, BackendKind, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
+
+/// Offset of staging half `parity`.
+pub fn staging_offset(max_size: usize, parity: usize) -> usize {
+    SIGNAL_BYTES + (parity % 2) * (max_size / 2)
+}
+
+/// Offset of the scratch area.
+pub fn scratch_offset(max_size: usize) -> usize {
+    SIGNAL_BYTES + max_size
+}
+
+/// Total bytes of one rank's buffer.
+pub fn buffer_bytes(max_size: usize) -> usize {
+    SIGNAL_BYTES + max_size + max_size / 2
+}
+
+/// What every rank announces about itself (the handle follows it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Announce {
+    rank: u64,
+    world: u64,
+    max_size: u64,
+    backend: u64,
+    pid: u64,
+}
+
+fn backend_code(kind: BackendKind) -> u64 {
+    match kind {
+        BackendKind::Cpu => 0,
+        BackendKind::Cuda => 1,
+        BackendKind::Hip => 2,
+    }
+}
+
+/// This rank's buffer and its peers', mapped; created collectively, unmapped and freed on drop.
+pub struct SharedBuffers<B: Backend> {
+    rank: usize,
+    world: usize,
+    max_size: usize,
+    /// Base address of every rank's buffer in this process (ours included).
+    bases: Vec<u64>,
+    /// Peers' mappings (dropped before our own buffer).
+    _peers: Vec<B::PeerMapping>,
+    own: B::SharedBuffer,
+}
+
+impl<B: Backend> std::fmt::Debug for SharedBuffers<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBuffers")
+            .field("backend", &B::KIND)
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("max_size", &self.max_size)
+            .finish()
+    }
+}
+
+impl<B: Backend> SharedBuffers<B> {
+    /// Allocates this rank's buffer, exchanges handles through `rendezvous`, maps every peer's
+    /// buffer, and waits until every rank has mapped every other (two rounds). `max_size` must
+    /// be a positive multiple of `2 * PACK_BYTES`.
+    pub fn create(device: &B::Device, rendezvous: &mut dyn Rendezvous, max_size: usize) -> Result<Self> {
+        let rank = rendezvous.rank();
+        let world = rendezvous.world_size();
+        if world == 0 || world > MAX_RANKS {
+            return Err(Error::Invalid(format!("world size {world} (1..={MAX_RANKS})")));
+        }
+        if max_size == 0 || max_size % (2 * PACK_BYTES) != 0 {
+            return Err(Error::Invalid(format!(
+                "max_size {max_size} must be a positive multiple of {}",
+                2 * PACK_BYTES
+            )));
+        }
+        let own = B::alloc_shared(device, buffer_bytes(max_size))?;
+        let handle = B::export_handle(&own)?;
+        let ours = Announce {
+            rank: rank as u64,
+            world: world as u64,
+            max_size: max_size as u64,
+            backend: backend_code(B::KIND),
+            pid: u64::from(std::process::id()),
+        };
+        let mut message = bytemuck::bytes_of(&ours).to_vec();
+        message.extend_from_slice(bytemuck::bytes_of(&handle));
+        let gathered = rendezvous.all_gather(&message)?;
+        let head = std::mem::size_of::<Announce>();
+        let mut bases = Vec::with_capacity(world);
+        let mut peers = Vec::with_capacity(world);
+        for (peer, bytes) in gathered.iter().enumerate() {
+            if bytes.len() != message.len() {
+                return Err(Error::Protocol(format!(
+                    "rank {peer} sent {} bytes, expected {}",
+                    bytes.len(),
+                    message.len()
+                )));
+            }
+            let theirs: Announce = bytemuck::try_pod_read_unaligned(&bytes[..head])
+                .map_err(|e| Error::Protocol(format!("rank {peer}: {e}")))?;
+            for (what, a, b) in [
+                ("world size", ours.world, theirs.world),
+                ("max_size", ours.max_size, theirs.max_size),
+                ("backend", ours.backend, theirs.backend),
+            ] {
+                if a != b {
+                    return Err(Error::Mismatch { what, ours: a.to_string(), theirs: format!("{b} (rank {peer})") });
+                }
+            }
+            if theirs.rank != peer as u64 {
+                return Err(Error::Protocol(format!("slot {peer} holds rank {}", theirs.rank)));
+            }
+            if peer == rank {
+                bases.push(B::shared_ptr(&own).0);
+                continue;
+            }
+            let handle: B::IpcHandle = bytemuck::try_pod_read_unaligned(&bytes[head..])
+                .map_err(|e| Error::Protocol(format!("rank {peer}'s handle: {e}")))?;
+            let mapping = B::open_handle(device, &handle)?;
+            bases.push(B::peer_ptr(&mapping).0);
+            peers.push(mapping);
+        }
+        // Everyone has mapped everyone: names and handles may now be forgotten.
+        rendezvous.all_gather(&[])?;
+        B::peers_attached(&own)?;
+        Ok(SharedBuffers { rank, world, max_size, bases, _peers: peers, own })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+    /// The staging size (each half is `max_size / 2`).
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+    /// Our own buffer.
+    pub fn own(&self) -> &B::SharedBuffer {
+        &self.own
+    }
+
+    fn ptrs(&self, offset: usize) -> [u64; MAX_RANKS] {
+        let mut out = [0u64; MAX_RANKS];
+        for (slot, base) in out.iter_mut().zip(&self.bases) {
+            *slot = base + offset as u64;
+        }
+        out
+    }
+
+    /// Every rank's signal area, in this process's address space (zeros past the world size).
+    pub fn signal_ptrs(&self) -> [u64; MAX_RANKS] {
+        self.ptrs(0)
+    }
+    /// Every rank's staging half `parity`.
+    pub fn staging_ptrs(&self, parity: usize) -> [u64; MAX_RANKS] {
+        self.ptrs(staging_offset(self.max_size, parity))
+    }
+    /// Every rank's scratch area.
+    pub fn scratch_ptrs(&self) -> [u64; MAX_RANKS] {
+        self.ptrs(scratch_offset(self.max_size))
+    }
+    /// Our own signal area.
+    pub fn own_signal_ptr(&self) -> u64 {
+        self.bases[self.rank]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ThreadRendezvous;
+    use arfuse_kernels::api::Cpu;
+    use std::time::Duration;
+
+    fn shm_entries() -> usize {
+        let prefix = format!("arfuse-{}-", std::process::id());
+        std::fs::read_dir("/dev/shm")
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).count())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn create_and_drop_200_times_leaves_no_segment() {
+        for _ in 0..200 {
+            let group = ThreadRendezvous::group(2, Duration::from_secs(20));
+            std::thread::scope(|s| {
+                for mut rv in group {
+                    s.spawn(move || {
+                        let device = Cpu::open_device(0, 1).expect("cpu");
+                        SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 12).expect("buffers");
+                    });
+                }
+            });
+        }
+        assert_eq!(shm_entries(), 0, "shared-memory segments left in /dev/shm");
+    }
+
+    #[test]
+    fn disagreeing_max_size_is_refused() {
+        let group = ThreadRendezvous::group(2, Duration::from_secs(20));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|mut rv| {
+                    s.spawn(move || {
+                        let device = Cpu::open_device(0, 1).expect("cpu");
+                        let size = if rv.rank() == 0 { 1 << 12 } else { 1 << 13 };
+                        SharedBuffers::<Cpu>::create(&device, &mut rv, size).map(|_| ())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        });
+        assert!(results.iter().all(|r| matches!(r, Err(Error::Mismatch { what: "max_size", .. }))), "{results:?}");
+    }
+}
