@@ -1,1 +1,29 @@
-//! arfuse-fusion.
+//! # arfuse-fusion
+//!
+//! The operator an inference engine calls at the end of every tensor-parallel layer:
+//! all-reduce of the ranks' partial outputs, residual add, RMSNorm — fused, across the ranks of
+//! one host. [`AllReduceRmsNorm`] is created once per rank from a rendezvous; its
+//! [`forward`](AllReduceRmsNorm::forward) validates the call (nothing is launched on bad input),
+//! picks a [`Path`] with the pure [`choose_path`], and runs it.
+//!
+//! | concept | here |
+//! |---|---|
+//! | one rank's operator | [`AllReduceRmsNorm`] |
+//! | the call's tensors | [`Args`], [`TensorRef`], [`TensorMut`] |
+//! | which path runs | [`choose_path`], [`Policy`], [`Path`] |
+//! | configuration, `ARFUSE_*` variables | [`Config`] |
+//!
+//! Numerics: DESIGN.md's contract, on every path — `residual_out` is bit-identical between the
+//! 1-stage, 2-stage and unfused paths, and `out` too (the same row routine on every path).
+
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod operator;
+
+pub use arfuse_ipc as ipc;
+pub use arfuse_kernels as kernels;
+pub use config::Config;
+pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
+pub use error::{Error, Result};
+pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};

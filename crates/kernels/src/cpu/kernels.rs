@@ -74,7 +74,8 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
         if op.crosses_ranks() {
             enter_call(p, CallDescriptor::new(op.code(), T::DTYPE, p))?;
         }
-        let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
+        let staging: Vec<&[T]> =
+            if op.crosses_ranks() { p.staging[..world].iter().map(|&a| view(a, elems)).collect() } else { Vec::new() };
         match op {
             Op::FusedOneStage => {
                 let residual = view::<T>(p.residual, elems);

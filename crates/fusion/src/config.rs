@@ -1,0 +1,102 @@
+//! Operator configuration and every `ARFUSE_*` environment variable the operator reads.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `ARFUSE_USE_1STAGE` | `1`: always 1-stage (where the kernel can), `0`: always 2-stage | by size |
+//! | `ARFUSE_ONE_STAGE_MAX_BYTES` | 1-stage iff bytes <= this | 131072 |
+//! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
+//! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
+//! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
+
+use crate::dispatch::Policy;
+use crate::{Error, Result};
+use std::time::Duration;
+
+/// Default time a rank waits for its peers before it reports [`Error::PeerTimeout`].
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How an operator is built and dispatches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    /// The dispatch policy.
+    pub policy: Policy,
+    /// How long a rank waits for a peer.
+    pub deadline: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE }
+    }
+}
+
+impl Config {
+    /// The defaults, overridden by the `ARFUSE_*` environment variables.
+    pub fn from_env() -> Result<Self> {
+        Config::default().with_env(|name| std::env::var(name).ok())
+    }
+
+    /// `self`, overridden by the variables `lookup` returns (a seam for tests).
+    pub fn with_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let parse = |name: &str| -> Result<Option<u64>> {
+            lookup(name)
+                .map(|v| v.trim().parse::<u64>().map_err(|e| Error::Config(format!("{name}={v:?}: {e}"))))
+                .transpose()
+        };
+        if let Some(v) = parse("ARFUSE_USE_1STAGE")? {
+            self.policy.force_one_stage = match v {
+                0 => Some(false),
+                1 => Some(true),
+                other => return Err(Error::Config(format!("ARFUSE_USE_1STAGE must be 0 or 1, not {other}"))),
+            };
+        }
+        if let Some(v) = parse("ARFUSE_ONE_STAGE_MAX_BYTES")? {
+            self.policy.one_stage_max_bytes = v as usize;
+        }
+        if let Some(v) = parse("ARFUSE_MAX_SIZE")? {
+            self.policy.max_size = v as usize;
+        }
+        if let Some(v) = parse("ARFUSE_DISABLE_FUSION")? {
+            self.policy.enabled = v == 0;
+        }
+        if let Some(v) = parse("ARFUSE_DEADLINE_MS")? {
+            self.deadline = Duration::from_millis(v);
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the values for consistency.
+    pub fn validate(&self) -> Result<()> {
+        let max = self.policy.max_size;
+        if max == 0 || max % 32 != 0 {
+            return Err(Error::Config(format!("max_size {max} must be a positive multiple of 32 bytes")));
+        }
+        if self.deadline.is_zero() {
+            return Err(Error::Config("deadline must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn override_both_ways_and_garbage_refused() {
+        let c = Config::default().with_env(env(&[("ARFUSE_USE_1STAGE", "1")])).expect("valid");
+        assert_eq!(c.policy.force_one_stage, Some(true));
+        let c = Config::default().with_env(env(&[("ARFUSE_USE_1STAGE", "0")])).expect("valid");
+        assert_eq!(c.policy.force_one_stage, Some(false));
+        assert!(Config::default().with_env(env(&[("ARFUSE_USE_1STAGE", "2")])).is_err());
+        assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "abc")])).is_err());
+        assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "100")])).is_err());
+        let c = Config::default().with_env(env(&[])).expect("defaults");
+        assert_eq!(c, Config::default());
+    }
+}

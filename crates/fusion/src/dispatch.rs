@@ -1,0 +1,191 @@
+//! The dispatch policy: which path a call takes. A pure function of the request and the policy,
+//! tested at its inclusive boundaries.
+//!
+//! Rules (DESIGN.md, "Dispatch"):
+//! 1. An empty tensor does nothing ([`Path::Noop`]).
+//! 2. A world size above [`MAX_RANKS`], no peer access, or ranks on several hosts: the vendor
+//!    collective library's all-reduce, then our add+RMSNorm ([`Path::Unfused`] with
+//!    [`AllReduce::Vendor`]).
+//! 3. Fusion disabled, or `bytes > max_size / 2`, or a hidden size beyond the fused kernels:
+//!    the unfused path (our custom all-reduce — in row chunks that fit the staging area when the
+//!    tensor is larger — or the vendor library for sizes beyond the buffers where one is available).
+//! 4. Otherwise fused: 1-stage iff `bytes <= one_stage_max_bytes` (inclusive), unless the
+//!    override says otherwise; a hidden size the 1-stage kernel cannot take goes 2-stage.
+//!
+//! A hidden size that is not a multiple of the 16-byte pack is not a path decision: the operator
+//! refuses it with [`crate::Error::HiddenNotMultipleOfPack`] before dispatch, on every path
+//! (the add+RMSNorm kernel of the unfused path uses the same packs).
+
+use arfuse_kernels::{DType, MAX_RANKS};
+use std::fmt;
+
+/// What a call asks for, as the dispatcher sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Tokens.
+    pub rows: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Ranks in the group.
+    pub world_size: usize,
+}
+
+impl Request {
+    /// Bytes of one rank's input.
+    pub fn bytes(&self) -> u64 {
+        self.rows as u64 * self.hidden as u64 * self.dtype.size() as u64
+    }
+}
+
+/// The knobs of the dispatcher. Defaults are AITER's/SGLang's, measured thresholds may replace them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Fusion enabled at all.
+    pub enabled: bool,
+    /// Size of the staging area per rank; fused iff `bytes <= max_size / 2`.
+    pub max_size: usize,
+    /// 1-stage iff `bytes <= one_stage_max_bytes`.
+    pub one_stage_max_bytes: usize,
+    /// `Some(true)`: always 1-stage (where the kernel can); `Some(false)`: always 2-stage.
+    pub force_one_stage: Option<bool>,
+    /// Largest hidden size the 1-stage kernel takes.
+    pub one_stage_max_hidden: usize,
+    /// Largest hidden size the fused kernels take.
+    pub fused_max_hidden: usize,
+    /// Whether every pair of ranks can access each other's memory.
+    pub peer_access: bool,
+    /// Whether every rank is on this host.
+    pub single_host: bool,
+    /// Whether the vendor collective library is loaded and a communicator exists.
+    pub vendor_available: bool,
+}
+
+/// Default size of the staging area per rank: 128 MiB (AITER's `max_size`).
+pub const DEFAULT_MAX_SIZE: usize = 128 << 20;
+/// Default 1-stage threshold: 128 KiB.
+pub const DEFAULT_ONE_STAGE_MAX_BYTES: usize = 128 << 10;
+/// Largest hidden size the GPU kernels take (bf16/f16; packs kept in registers).
+pub const DEFAULT_MAX_HIDDEN: usize = 32768;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            enabled: true,
+            max_size: DEFAULT_MAX_SIZE,
+            one_stage_max_bytes: DEFAULT_ONE_STAGE_MAX_BYTES,
+            force_one_stage: None,
+            one_stage_max_hidden: DEFAULT_MAX_HIDDEN,
+            fused_max_hidden: DEFAULT_MAX_HIDDEN,
+            peer_access: true,
+            single_host: true,
+            vendor_available: false,
+        }
+    }
+}
+
+/// Which all-reduce the unfused path runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AllReduce {
+    /// Our custom all-reduce over the shared buffers (in row chunks when the tensor is larger).
+    Custom,
+    /// The vendor collective library (NCCL/RCCL).
+    Vendor,
+}
+
+/// Why a call is not fused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FallbackReason {
+    /// Fusion is disabled by configuration.
+    Disabled,
+    /// `bytes > max_size / 2`.
+    TooLarge,
+    /// The hidden size is beyond the fused kernels.
+    HiddenUnsupported,
+    /// The world size is beyond the kernels.
+    WorldSizeUnsupported,
+    /// Some ranks cannot access each other's memory.
+    NoPeerAccess,
+    /// The ranks span several hosts.
+    MultiHost,
+}
+
+/// The path a call takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Nothing to do (empty tensor).
+    Noop,
+    /// Fused, one stage.
+    OneStage,
+    /// Fused, two stages (reduce-scatter with cross-device stores, then local add+RMSNorm).
+    TwoStage,
+    /// All-reduce, then the add+RMSNorm kernel.
+    Unfused {
+        /// Which all-reduce.
+        all_reduce: AllReduce,
+        /// Why not fused.
+        reason: FallbackReason,
+    },
+}
+
+impl Path {
+    /// A short name for tables and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Path::Noop => "noop",
+            Path::OneStage => "fused-1stage",
+            Path::TwoStage => "fused-2stage",
+            Path::Unfused { all_reduce: AllReduce::Custom, .. } => "unfused",
+            Path::Unfused { all_reduce: AllReduce::Vendor, .. } => "vendor",
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Chooses the path of a call. Pure: no I/O, no environment.
+pub fn choose_path(req: &Request, policy: &Policy) -> Path {
+    let bytes = req.bytes();
+    if bytes == 0 {
+        return Path::Noop;
+    }
+    let vendor = |reason| Path::Unfused { all_reduce: AllReduce::Vendor, reason };
+    let custom = |reason| Path::Unfused { all_reduce: AllReduce::Custom, reason };
+    if req.world_size > MAX_RANKS {
+        return vendor(FallbackReason::WorldSizeUnsupported);
+    }
+    if !policy.single_host {
+        return vendor(FallbackReason::MultiHost);
+    }
+    if !policy.peer_access {
+        return vendor(FallbackReason::NoPeerAccess);
+    }
+    if !policy.enabled {
+        return custom(FallbackReason::Disabled);
+    }
+    if bytes > (policy.max_size / 2) as u64 {
+        return if policy.vendor_available {
+            vendor(FallbackReason::TooLarge)
+        } else {
+            custom(FallbackReason::TooLarge)
+        };
+    }
+    if req.hidden > policy.fused_max_hidden {
+        return custom(FallbackReason::HiddenUnsupported);
+    }
+    let one_stage_fits = req.hidden <= policy.one_stage_max_hidden;
+    let wants_one_stage = policy.force_one_stage.unwrap_or(bytes <= policy.one_stage_max_bytes as u64);
+    if wants_one_stage && one_stage_fits {
+        Path::OneStage
+    } else {
+        Path::TwoStage
+    }
+}
+
+#[cfg(test)]
+mod tests;

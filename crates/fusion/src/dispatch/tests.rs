@@ -1,0 +1,108 @@
+//! Table-driven tests of [`choose_path`] at its inclusive boundaries.
+
+use super::*;
+
+fn req(rows: usize, hidden: usize) -> Request {
+    Request { rows, hidden, dtype: DType::Bf16, world_size: 4 }
+}
+
+#[test]
+fn exactly_64_mib_is_fused_one_element_more_is_not() {
+    let policy = Policy::default();
+    // 8192 x 4096 bf16 = 64 MiB = max_size / 2.
+    let r = req(8192, 4096);
+    assert_eq!(r.bytes(), 64 << 20);
+    assert_eq!(choose_path(&r, &policy), Path::TwoStage);
+    // One more element: a tensor of 8192*4096 + 8 elements (one more pack) as 1 row: hidden size
+    // is the pack multiple just above. Bytes = 64 MiB + 16 > max_size / 2.
+    let bigger = Request { rows: 1, hidden: 8192 * 4096 + 8, ..r };
+    let fused_limit_lifted = Policy { fused_max_hidden: usize::MAX, one_stage_max_hidden: usize::MAX, ..policy };
+    assert_eq!(
+        choose_path(&bigger, &fused_limit_lifted),
+        Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::TooLarge }
+    );
+    // Literally one element more (the dispatcher does not look at the pack; validation does).
+    let one_more = Request { rows: 1, hidden: 8192 * 4096 + 1, ..r };
+    assert_eq!(one_more.bytes(), (64 << 20) + 2);
+    assert!(matches!(
+        choose_path(&one_more, &fused_limit_lifted),
+        Path::Unfused { reason: FallbackReason::TooLarge, .. }
+    ));
+    // One more row is 8 KiB more: not fused either, and the vendor library takes it where present.
+    let more_rows = req(8193, 4096);
+    let with_vendor = Policy { vendor_available: true, ..policy };
+    assert_eq!(
+        choose_path(&more_rows, &with_vendor),
+        Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::TooLarge }
+    );
+}
+
+#[test]
+fn exactly_128_kib_is_one_stage_one_more_pack_is_two_stage() {
+    let policy = Policy::default();
+    // 16 x 4096 bf16 = 128 KiB.
+    assert_eq!(req(16, 4096).bytes(), 128 << 10);
+    assert_eq!(choose_path(&req(16, 4096), &policy), Path::OneStage);
+    // 1 row of 65544 elements = 128 KiB + 16 bytes (hidden limits lifted to isolate the size rule).
+    let lifted = Policy { fused_max_hidden: 1 << 20, one_stage_max_hidden: 1 << 20, ..policy };
+    assert_eq!(choose_path(&req(1, 65536), &lifted), Path::OneStage);
+    assert_eq!(choose_path(&req(1, 65544), &lifted), Path::TwoStage);
+    assert_eq!(choose_path(&req(17, 4096), &policy), Path::TwoStage);
+}
+
+#[test]
+fn override_wins_both_ways() {
+    let force1 = Policy { force_one_stage: Some(true), ..Policy::default() };
+    let force2 = Policy { force_one_stage: Some(false), ..Policy::default() };
+    assert_eq!(choose_path(&req(128, 8192), &force1), Path::OneStage);
+    assert_eq!(choose_path(&req(1, 4096), &force2), Path::TwoStage);
+}
+
+#[test]
+fn hidden_the_one_stage_kernel_cannot_take_goes_two_stage_never_errors() {
+    let policy = Policy { one_stage_max_hidden: 8192, force_one_stage: Some(true), ..Policy::default() };
+    assert_eq!(choose_path(&req(1, 8192), &policy), Path::OneStage);
+    assert_eq!(choose_path(&req(1, 8200), &policy), Path::TwoStage);
+}
+
+#[test]
+fn hidden_2880_and_every_llm_size_fuse() {
+    let policy = Policy::default();
+    for hidden in [2880, 4096, 5120, 6144, 7168, 8192, 14336, 16384, 32768] {
+        for rows in [1, 4, 16, 80, 81, 128] {
+            let path = choose_path(&req(rows, hidden), &policy);
+            assert!(matches!(path, Path::OneStage | Path::TwoStage), "{rows}x{hidden}: {path:?}");
+        }
+    }
+    let beyond = choose_path(&req(1, 32776), &policy);
+    assert_eq!(beyond, Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::HiddenUnsupported });
+}
+
+#[test]
+fn every_reason_to_fall_back() {
+    let base = Policy::default();
+    let cases = [
+        (Policy { enabled: false, ..base }, 4, AllReduce::Custom, FallbackReason::Disabled),
+        (Policy { peer_access: false, ..base }, 4, AllReduce::Vendor, FallbackReason::NoPeerAccess),
+        (Policy { single_host: false, ..base }, 4, AllReduce::Vendor, FallbackReason::MultiHost),
+        (base, 9, AllReduce::Vendor, FallbackReason::WorldSizeUnsupported),
+        (base, 16, AllReduce::Vendor, FallbackReason::WorldSizeUnsupported),
+    ];
+    for (policy, world_size, all_reduce, reason) in cases {
+        let r = Request { world_size, ..req(4, 4096) };
+        assert_eq!(choose_path(&r, &policy), Path::Unfused { all_reduce, reason }, "{policy:?} world {world_size}");
+    }
+}
+
+#[test]
+fn world_sizes_1_to_8_fuse_including_6() {
+    for world_size in 1..=8 {
+        let r = Request { world_size, ..req(4, 4096) };
+        assert_eq!(choose_path(&r, &Policy::default()), Path::OneStage);
+    }
+}
+
+#[test]
+fn empty_is_noop() {
+    assert_eq!(choose_path(&req(0, 4096), &Policy::default()), Path::Noop);
+}

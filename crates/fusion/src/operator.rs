@@ -1,0 +1,359 @@
+//! The operator users call: [`AllReduceRmsNorm`], one per rank, created collectively.
+
+use crate::config::Config;
+use crate::dispatch::{choose_path, AllReduce, Path, Request};
+use crate::{Error, Result};
+use arfuse_ipc::{Rendezvous, SharedBuffers};
+use arfuse_kernels::params::SIGNAL_ERROR_OFFSET;
+use arfuse_kernels::{
+    Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, MAX_RANKS,
+    PACK_BYTES,
+};
+use std::marker::PhantomData;
+
+/// Ties a tensor argument to its borrow and its backend without owning either.
+type Borrow<B, R> = PhantomData<(R, fn() -> B)>;
+
+/// A read-only tensor argument: device address and length, borrowed for the call.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRef<'a, B: Backend, T: Element> {
+    ptr: DevicePtr,
+    len: usize,
+    _borrow: Borrow<B, &'a [T]>,
+}
+
+impl<'a, B: Backend, T: Element> TensorRef<'a, B, T> {
+    /// Borrows a slice of `B`'s memory.
+    pub fn new<S: DeviceSlice<B, Elem = T> + ?Sized>(slice: &'a S) -> Self {
+        TensorRef { ptr: slice.device_ptr(), len: slice.len(), _borrow: PhantomData }
+    }
+    /// A tensor from a raw device address (e.g. a framework's tensor).
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` elements of `T` in `B`'s memory that stay valid and unwritten
+    /// until the work of the call has executed on its stream.
+    pub unsafe fn from_raw(ptr: DevicePtr, len: usize) -> Self {
+        TensorRef { ptr, len, _borrow: PhantomData }
+    }
+}
+
+/// A written tensor argument: device address and length, exclusively borrowed for the call.
+#[derive(Debug)]
+pub struct TensorMut<'a, B: Backend, T: Element> {
+    ptr: DevicePtr,
+    len: usize,
+    _borrow: Borrow<B, &'a mut [T]>,
+}
+
+impl<'a, B: Backend, T: Element> TensorMut<'a, B, T> {
+    /// Borrows a slice of `B`'s memory exclusively.
+    pub fn new<S: DeviceSliceMut<B, Elem = T> + ?Sized>(slice: &'a mut S) -> Self {
+        TensorMut { ptr: slice.device_ptr(), len: slice.len(), _borrow: PhantomData }
+    }
+    /// A tensor from a raw device address.
+    ///
+    /// # Safety
+    /// As [`TensorRef::from_raw`], and nothing else may read or write the memory until the call's
+    /// work has executed.
+    pub unsafe fn from_raw(ptr: DevicePtr, len: usize) -> Self {
+        TensorMut { ptr, len, _borrow: PhantomData }
+    }
+}
+
+/// The arguments of one call of [`AllReduceRmsNorm::forward`].
+#[derive(Debug)]
+pub struct Args<'a, B: Backend, T: Element> {
+    /// This rank's partial output, `[rows, hidden]`.
+    pub input: TensorRef<'a, B, T>,
+    /// The residual (the same on every rank), `[rows, hidden]`.
+    pub residual: TensorRef<'a, B, T>,
+    /// The RMSNorm weight, `[hidden]`: its length defines the hidden size.
+    pub weight: TensorRef<'a, B, T>,
+    /// Receives the normalised output, `[rows, hidden]`.
+    pub out: TensorMut<'a, B, T>,
+    /// Receives the residual output (`sum + residual`), `[rows, hidden]`.
+    pub residual_out: TensorMut<'a, B, T>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// A validated call: shapes known, nothing launched yet.
+#[derive(Clone, Copy, Debug)]
+struct Call {
+    rows: usize,
+    hidden: usize,
+    request: Request,
+}
+
+/// The fused all-reduce + residual add + RMSNorm of one rank.
+///
+/// Created once per rank, collectively ([`AllReduceRmsNorm::new`] must be called by every rank of the
+/// group); every call of [`forward`](Self::forward) must likewise be made by every rank, with the
+/// same shapes, in the same order. On the CPU backend a call has finished when it returns; on GPU
+/// backends it is enqueued on the given stream, and a peer failure inside a kernel surfaces at
+/// [`check`](Self::check).
+pub struct AllReduceRmsNorm<B: Backend> {
+    device: B::Device,
+    buffers: SharedBuffers<B>,
+    config: Config,
+    /// Cross-rank launches so far; launch `e` uses barrier values `2e` and `2e + 1` and staging parity `e % 2`.
+    epoch: u64,
+    /// The unfused path's all-reduced sum, grown on demand.
+    sum: Option<(B::SharedBuffer, usize)>,
+    poisoned: Option<String>,
+}
+
+impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllReduceRmsNorm")
+            .field("backend", &B::KIND)
+            .field("rank", &self.buffers.rank())
+            .field("world_size", &self.buffers.world_size())
+            .field("config", &self.config)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> AllReduceRmsNorm<B> {
+    /// Creates the operator of this rank: allocates and exchanges the shared buffers through
+    /// `rendezvous`. Every rank of the group must call it with the same configuration.
+    pub fn new(device: &B::Device, rendezvous: &mut dyn Rendezvous, config: Config) -> Result<Self> {
+        config.validate()?;
+        let world_size = rendezvous.world_size();
+        if world_size == 0 || world_size > MAX_RANKS {
+            return Err(Error::WorldSizeUnsupported { world_size, supported: "1..=8 ranks on one host" });
+        }
+        let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
+        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, epoch: 0, sum: None, poisoned: None })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.buffers.rank()
+    }
+    /// Ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.buffers.world_size()
+    }
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The path a call of `rows` x `hidden` elements of `T` would take.
+    pub fn plan<T: Element>(&self, rows: usize, hidden: usize) -> Path {
+        choose_path(&self.request::<T>(rows, hidden), &self.config.policy)
+    }
+
+    fn request<T: Element>(&self, rows: usize, hidden: usize) -> Request {
+        Request { rows, hidden, dtype: T::DTYPE, world_size: self.world_size() }
+    }
+
+    /// Runs one call on the path the dispatcher picks; returns that path.
+    pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
+        let call = self.validate(&args)?;
+        let path = choose_path(&call.request, &self.config.policy);
+        self.run(stream, path, call, &args)?;
+        Ok(path)
+    }
+
+    /// Runs one call on `path` (tests and benchmarks compare paths on the same input). A fused path
+    /// must fit (`bytes <= max_size / 2`); every rank must force the same path.
+    pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
+        let call = self.validate(&args)?;
+        if matches!(path, Path::OneStage | Path::TwoStage)
+            && call.request.bytes() > (self.config.policy.max_size / 2) as u64
+        {
+            return Err(Error::Config(format!(
+                "{path} forced for {} bytes, above max_size / 2 = {}",
+                call.request.bytes(),
+                self.config.policy.max_size / 2
+            )));
+        }
+        self.run(stream, path, call, &args)?;
+        Ok(path)
+    }
+
+    /// Waits for the stream and reports a peer failure a GPU kernel recorded in the signal area.
+    pub fn check(&mut self, stream: &B::Stream) -> Result<()> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        B::synchronize(stream)?;
+        let mut word = [0u8; 8];
+        let at = DevicePtr(self.buffers.own_signal_ptr()).add(SIGNAL_ERROR_OFFSET);
+        // SAFETY: the error word lies inside this rank's live signal area.
+        unsafe { B::read_back(stream, at, &mut word)? };
+        let word = ErrorWord(u64::from_le_bytes(word));
+        if word.kind() == ErrorWord::KIND_PEER_TIMEOUT {
+            let err =
+                Error::PeerTimeout { rank: self.rank() as u32, peer: word.peer(), deadline: self.config.deadline };
+            self.poisoned = Some(err.to_string());
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Checks everything about a call before anything is launched.
+    fn validate<T: Element>(&self, args: &Args<'_, B, T>) -> Result<Call> {
+        if let Some(why) = &self.poisoned {
+            return Err(Error::Poisoned(why.clone()));
+        }
+        let hidden = args.weight.len;
+        let pack = T::DTYPE.pack_elems();
+        if hidden == 0 {
+            return Err(Error::HiddenUnsupported { hidden, max: self.config.policy.fused_max_hidden });
+        }
+        if hidden % pack != 0 {
+            return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
+        }
+        let elems = args.input.len;
+        if elems % hidden != 0 {
+            return Err(Error::ShapeMismatch {
+                what: "input (not a whole number of rows)",
+                expected: elems.next_multiple_of(hidden),
+                got: elems,
+            });
+        }
+        for (what, len) in
+            [("residual", args.residual.len), ("out", args.out.len), ("residual_out", args.residual_out.len)]
+        {
+            if len != elems {
+                return Err(Error::ShapeMismatch { what, expected: elems, got: len });
+            }
+        }
+        if !args.eps.is_finite() || args.eps < 0.0 {
+            return Err(Error::BadEps { eps: args.eps });
+        }
+        for (what, ptr) in [
+            ("input", args.input.ptr),
+            ("residual", args.residual.ptr),
+            ("weight", args.weight.ptr),
+            ("out", args.out.ptr),
+            ("residual_out", args.residual_out.ptr),
+        ] {
+            if ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 {
+                return Err(Error::Misaligned { what, ptr: ptr.0, align: PACK_BYTES });
+            }
+        }
+        let rows = elems / hidden;
+        let row_bytes = hidden * T::DTYPE.size();
+        if row_bytes > self.config.policy.max_size / 2 {
+            return Err(Error::HiddenUnsupported { hidden, max: self.config.policy.max_size / 2 / T::DTYPE.size() });
+        }
+        Ok(Call { rows, hidden, request: self.request::<T>(rows, hidden) })
+    }
+
+    /// Parameters shared by every launch of a call.
+    fn params<T: Element>(&self, call: &Call, args: &Args<'_, B, T>) -> LaunchParams {
+        LaunchParams {
+            signals: self.buffers.signal_ptrs(),
+            scratch: self.buffers.scratch_ptrs(),
+            input: args.input.ptr.0,
+            residual: args.residual.ptr.0,
+            weight: args.weight.ptr.0,
+            out: args.out.ptr.0,
+            residual_out: args.residual_out.ptr.0,
+            deadline_ns: self.config.deadline.as_nanos().min(u64::MAX as u128) as u64,
+            rows: call.rows as u32,
+            hidden: call.hidden as u32,
+            rank: self.rank() as u32,
+            world_size: self.world_size() as u32,
+            eps: args.eps,
+            ..LaunchParams::default()
+        }
+    }
+
+    /// Launches a kernel that crosses ranks: takes the next epoch's barrier values and staging half.
+    fn launch_cross(&mut self, stream: &B::Stream, kernel: KernelId, mut params: LaunchParams) -> Result<()> {
+        self.epoch += 1;
+        params.barrier_base = 2 * self.epoch;
+        params.staging = self.buffers.staging_ptrs((self.epoch % 2) as usize);
+        self.launch(stream, kernel, &params)
+    }
+
+    fn launch(&mut self, stream: &B::Stream, kernel: KernelId, params: &LaunchParams) -> Result<()> {
+        // SAFETY: `validate` checked every user tensor's extent against the call's shape and the
+        // shared buffers are sized for `max_size / 2` bytes per half, which `run` never exceeds.
+        let res = unsafe { B::launch(&self.device, stream, kernel, params) };
+        res.map_err(|e| match e {
+            arfuse_kernels::Error::PeerTimeout { rank, peer, .. } => {
+                let err = Error::PeerTimeout { rank, peer, deadline: self.config.deadline };
+                self.poisoned = Some(err.to_string());
+                err
+            }
+            arfuse_kernels::Error::CallMismatch { rank, peer, ours, theirs } => {
+                let err = Error::CallMismatch { rank, peer, detail: format!("ours: {ours}; theirs: {theirs}") };
+                self.poisoned = Some(err.to_string());
+                err
+            }
+            other => {
+                self.poisoned = Some(other.to_string());
+                Error::Kernels(other)
+            }
+        })
+    }
+
+    fn run<T: Element>(&mut self, stream: &B::Stream, path: Path, call: Call, args: &Args<'_, B, T>) -> Result<()> {
+        let kernel = |op| KernelId { op, dtype: T::DTYPE };
+        let params = self.params(&call, args);
+        match path {
+            Path::Noop => Ok(()),
+            Path::OneStage => self.launch_cross(stream, kernel(Op::FusedOneStage), params),
+            Path::TwoStage => {
+                self.launch_cross(stream, kernel(Op::ReduceScatter), params)?;
+                self.launch(stream, kernel(Op::ScratchAddRmsNorm), &params)
+            }
+            Path::Unfused { all_reduce: AllReduce::Vendor, reason } => {
+                Err(Error::VendorUnavailable { reason: format!("{reason:?}") })
+            }
+            Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
+                let sum = self.sum_buffer(call.request.bytes() as usize)?;
+                self.all_reduce_chunks::<T>(stream, &call, params, sum)?;
+                let norm = LaunchParams { input: sum.0, ..params };
+                self.launch(stream, kernel(Op::AddRmsNorm), &norm)
+            }
+        }
+    }
+
+    /// The custom all-reduce of the unfused path into `sum`, in row chunks that fit a staging half.
+    fn all_reduce_chunks<T: Element>(
+        &mut self,
+        stream: &B::Stream,
+        call: &Call,
+        params: LaunchParams,
+        sum: DevicePtr,
+    ) -> Result<()> {
+        let row_bytes = call.hidden * T::DTYPE.size();
+        let chunk_rows = (self.config.policy.max_size / 2 / row_bytes).max(1);
+        let mut row = 0;
+        while row < call.rows {
+            let rows = chunk_rows.min(call.rows - row);
+            let offset = (row * row_bytes) as u64;
+            let chunk = LaunchParams { rows: rows as u32, input: params.input + offset, out: sum.0 + offset, ..params };
+            if rows * row_bytes <= self.config.policy.one_stage_max_bytes {
+                self.launch_cross(stream, KernelId { op: Op::AllReduceOneStage, dtype: T::DTYPE }, chunk)?;
+            } else {
+                self.launch_cross(stream, KernelId { op: Op::ReduceScatter, dtype: T::DTYPE }, chunk)?;
+                self.launch(stream, KernelId { op: Op::AllGather, dtype: T::DTYPE }, &chunk)?;
+            }
+            row += rows;
+        }
+        Ok(())
+    }
+
+    /// The unfused path's sum buffer, at least `bytes` long.
+    fn sum_buffer(&mut self, bytes: usize) -> Result<DevicePtr> {
+        match &self.sum {
+            Some((buf, len)) if *len >= bytes => Ok(B::shared_ptr(buf)),
+            _ => {
+                let len = bytes.next_power_of_two();
+                let buf = B::alloc_shared(&self.device, len)?;
+                let ptr = B::shared_ptr(&buf);
+                self.sum = Some((buf, len));
+                Ok(ptr)
+            }
+        }
+    }
+}
