@@ -1,1 +1,6 @@
-//! arfuse-bench.
+//! # arfuse-bench
+//!
+//! The `arfuse-demo` and `arfuse-bench` binaries and what they share: running cases on rank
+//! processes, checking them against the reference, and printing tables.
+
+pub mod demo;

@@ -1,0 +1,330 @@
+//! The demo: a launcher that starts one process per rank, and the rank body.
+//!
+//! The launcher re-executes its own binary with `--rank R` for every rank; ranks meet through a
+//! Unix-socket rendezvous in a private temporary directory, run every case on every path, and
+//! print one `ARFUSE-RESULT {json}` line per case, which the launcher gathers into the table.
+
+use anyhow::{bail, Context, Result};
+use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_ipc::UnixRendezvous;
+use arfuse_kernels::api::Cpu;
+use arfuse_kernels::{Backend, DType, Element};
+use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Command-line arguments of `arfuse-demo`.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "arfuse-demo",
+    about = "Fused all-reduce + residual + RMSNorm across rank processes, checked against the reference"
+)]
+pub struct DemoArgs {
+    /// Number of rank processes.
+    #[arg(long, default_value_t = 4)]
+    pub world: usize,
+    /// Backend (only `cpu` runs without a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Decode-like token counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub decode_tokens: Vec<usize>,
+    /// Prefill-like token counts.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub prefill_tokens: Vec<usize>,
+    /// Hidden sizes.
+    #[arg(long, value_delimiter = ',', default_value = "2880,4096")]
+    pub hidden: Vec<usize>,
+    /// Storage dtype: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Timed calls per case and path.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Write every rank's inputs and outputs as safetensors files into this directory.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    /// Seconds a rank waits for its peers.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_s: u64,
+    /// Internal: run as this rank, meeting the others in `--dir`.
+    #[arg(long, hide = true)]
+    pub rank: Option<usize>,
+    /// Internal: the rendezvous directory.
+    #[arg(long, hide = true)]
+    pub dir: Option<PathBuf>,
+}
+
+/// One case on one path, as one rank measured it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaseResult {
+    /// Rank that measured.
+    pub rank: usize,
+    /// Tokens.
+    pub rows: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// `decode` or `prefill`.
+    pub mode: String,
+    /// Path asked for (`auto` = the dispatcher's choice).
+    pub asked: String,
+    /// Path that ran.
+    pub ran: String,
+    /// Median time per call in microseconds.
+    pub us_per_call: f64,
+    /// Max ulp distance of `out` to the f64 reference.
+    pub max_ulp_out: u32,
+    /// `residual_out` bit-identical to the reference.
+    pub residual_exact: bool,
+    /// Every element of both outputs written.
+    pub all_written: bool,
+}
+
+const RESULT_TAG: &str = "ARFUSE-RESULT ";
+
+/// Entry point of the binary.
+pub fn main(args: DemoArgs) -> Result<()> {
+    if args.backend != "cpu" {
+        bail!("the demo runs the cpu backend; GPU runs go through the bundle (`cargo xtask bundle`)");
+    }
+    match args.rank {
+        Some(rank) => rank_main(&args, rank),
+        None => launch(&args),
+    }
+}
+
+fn launch(args: &DemoArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("arfuse-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    set_private(&dir)?;
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    eprintln!(
+        "arfuse-demo: {} rank processes on the {} backend ({})",
+        args.world,
+        args.backend,
+        Cpu::describe(&arfuse_kernels::cpu::CpuDevice)
+    );
+    let mut children = Vec::new();
+    for rank in 0..args.world {
+        let mut cmd = Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1)).arg("--rank").arg(rank.to_string()).arg("--dir").arg(&dir);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
+    }
+    let mut results = Vec::new();
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        if let Some(out) = child.stdout.take() {
+            for line in BufReader::new(out).lines() {
+                let line = line?;
+                match line.strip_prefix(RESULT_TAG) {
+                    Some(json) => results.push(serde_json::from_str::<CaseResult>(json)?),
+                    None => println!("[rank {rank}] {line}"),
+                }
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            failed.push(format!("rank {rank}: {status}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    print_table(args, &results);
+    eprintln!("arfuse-demo: done in {:.1} s", started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        bail!("rank processes failed: {}", failed.join("; "));
+    }
+    if results.iter().any(|r| !r.residual_exact || r.max_ulp_out > 1 || !r.all_written) {
+        bail!("some cases were not exact (see the table)");
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_private(dir: &FsPath) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+fn print_table(args: &DemoArgs, results: &[CaseResult]) {
+    // One row per (shape, path): the slowest rank's time, the worst rank's numerics.
+    let mut rows: BTreeMap<(usize, usize, String), Vec<&CaseResult>> = BTreeMap::new();
+    for r in results {
+        rows.entry((r.rows, r.hidden, r.asked.clone())).or_default().push(r);
+    }
+    println!();
+    println!(
+        "arfuse-demo: world size {}, {}, {} timed calls per row (cpu backend, rank processes over POSIX shm)",
+        args.world, args.dtype, args.iters
+    );
+    println!(
+        "{:<8} {:>6} x {:<6} {:<8} {:<14} {:>12} {:>10} {:>14}",
+        "mode", "tokens", "hidden", "asked", "ran", "us/call", "max ulp", "residual exact"
+    );
+    for ((rows_n, hidden, asked), rs) in &rows {
+        let worst_us = rs.iter().map(|r| r.us_per_call).fold(0.0, f64::max);
+        let max_ulp = rs.iter().map(|r| r.max_ulp_out).max().unwrap_or(0);
+        let exact = rs.iter().all(|r| r.residual_exact && r.all_written) && rs.len() == args.world;
+        let ran = rs.first().map(|r| r.ran.as_str()).unwrap_or("-");
+        let mode = rs.first().map(|r| r.mode.as_str()).unwrap_or("-");
+        println!(
+            "{:<8} {:>6} x {:<6} {:<8} {:<14} {:>12.1} {:>10} {:>14}",
+            mode,
+            rows_n,
+            hidden,
+            asked,
+            ran,
+            worst_us,
+            max_ulp,
+            if exact { "yes" } else { "NO" }
+        );
+    }
+}
+
+fn rank_main(args: &DemoArgs, rank: usize) -> Result<()> {
+    let dir = args.dir.clone().context("--rank needs --dir")?;
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut rendezvous = UnixRendezvous::connect(&dir, rank, args.world, timeout)?;
+    let config = Config { deadline: timeout, ..Config::from_env()? };
+    let device = Cpu::open_device(0, 1)?;
+    let stream = Cpu::create_stream(&device)?;
+    let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config)?;
+    let dtype: DType = match args.dtype.as_str() {
+        "bf16" => DType::Bf16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        other => bail!("unknown dtype {other}"),
+    };
+    let shapes =
+        args.decode_tokens.iter().map(|&t| ("decode", t)).chain(args.prefill_tokens.iter().map(|&t| ("prefill", t)));
+    for (mode, rows) in shapes {
+        for &hidden in &args.hidden {
+            let problem = Problem {
+                world_size: args.world,
+                rows,
+                hidden,
+                dtype,
+                eps: 1e-6,
+                seed: (rows * 100_003 + hidden) as u64,
+            };
+            match dtype {
+                DType::Bf16 => run_case::<half::bf16>(args, &mut op, &stream, mode, &problem)?,
+                DType::F16 => run_case::<half::f16>(args, &mut op, &stream, mode, &problem)?,
+                DType::F32 => run_case::<f32>(args, &mut op, &stream, mode, &problem)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_case<T: Element>(
+    args: &DemoArgs,
+    op: &mut AllReduceRmsNorm<Cpu>,
+    stream: &<Cpu as Backend>::Stream,
+    mode: &str,
+    problem: &Problem,
+) -> Result<()> {
+    let rank = op.rank();
+    let fixture = Fixture::<T>::generate(problem);
+    let reference = Reference::compute(&fixture);
+    let unfused = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
+    let paths: [(&str, Option<Path>); 4] = [
+        ("auto", None),
+        ("1stage", Some(Path::OneStage)),
+        ("2stage", Some(Path::TwoStage)),
+        ("unfused", Some(unfused)),
+    ];
+    let elems = problem.rows * problem.hidden;
+    for (asked, forced) in paths {
+        let mut out = vec![T::from_f32(0.0); elems];
+        let mut residual_out = vec![T::from_f32(0.0); elems];
+        let mut times = Vec::with_capacity(args.iters);
+        let mut ran = Path::Noop;
+        for iter in 0..args.iters + 1 {
+            poison(&mut out);
+            poison(&mut residual_out);
+            let call = Args {
+                input: TensorRef::new(&fixture.inputs[rank][..]),
+                residual: TensorRef::new(&fixture.residual[..]),
+                weight: TensorRef::new(&fixture.weight[..]),
+                out: TensorMut::new(&mut out[..]),
+                residual_out: TensorMut::new(&mut residual_out[..]),
+                eps: problem.eps,
+            };
+            let start = Instant::now();
+            ran = match forced {
+                Some(path) => op.forward_on(stream, path, call)?,
+                None => op.forward(stream, call)?,
+            };
+            if iter > 0 {
+                times.push(start.elapsed());
+            }
+        }
+        times.sort();
+        let median = times.get(times.len() / 2).copied().unwrap_or_default();
+        let result = CaseResult {
+            rank,
+            rows: problem.rows,
+            hidden: problem.hidden,
+            mode: mode.into(),
+            asked: asked.into(),
+            ran: ran.name().into(),
+            us_per_call: median.as_secs_f64() * 1e6,
+            max_ulp_out: reference.out_max_ulp(&out),
+            residual_exact: reference
+                .residual_out
+                .iter()
+                .zip(&residual_out)
+                .all(|(a, b)| a.to_bits_u32() == b.to_bits_u32()),
+            all_written: unwritten(&out).is_empty() && unwritten(&residual_out).is_empty(),
+        };
+        println!("{RESULT_TAG}{}", serde_json::to_string(&result)?);
+        if let (Some(dir), "auto") = (&args.dump, asked) {
+            dump(dir, rank, problem, &fixture, &out, &residual_out)?;
+        }
+    }
+    Ok(())
+}
+
+fn dump<T: Element>(
+    dir: &FsPath,
+    rank: usize,
+    problem: &Problem,
+    fixture: &Fixture<T>,
+    out: &[T],
+    residual_out: &[T],
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    std::fs::create_dir_all(dir)?;
+    let dtype = match T::DTYPE {
+        DType::Bf16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        DType::F32 => Dtype::F32,
+    };
+    let shape = vec![problem.rows, problem.hidden];
+    let bytes = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    let tensors = [
+        ("input", bytes(&fixture.inputs[rank]), shape.clone()),
+        ("residual", bytes(&fixture.residual), shape.clone()),
+        ("weight", bytes(&fixture.weight), vec![problem.hidden]),
+        ("out", bytes(out), shape.clone()),
+        ("residual_out", bytes(residual_out), shape.clone()),
+    ];
+    let views = tensors
+        .iter()
+        .map(|(name, data, shape)| Ok((name.to_string(), TensorView::new(dtype, shape.clone(), data)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("world_size".to_string(), problem.world_size.to_string());
+    meta.insert("rank".to_string(), rank.to_string());
+    meta.insert("eps".to_string(), format!("{:e}", problem.eps));
+    let path = dir.join(format!("rank{rank}-{}x{}-{}.safetensors", problem.rows, problem.hidden, T::DTYPE));
+    safetensors::serialize_to_file(views, &Some(meta), &path)?;
+    Ok(())
+}

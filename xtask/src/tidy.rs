@@ -1,0 +1,77 @@
+//! Tidy checks, run as tests (`cargo test -p xtask`): conventions that clippy does not check.
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n == "target" || n == "snapshots") {
+                    continue;
+                }
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    fn sources() -> Vec<(PathBuf, String)> {
+        let root = super::super::project_root();
+        let mut files = Vec::new();
+        rust_files(&root.join("crates"), &mut files);
+        rust_files(&root.join("xtask"), &mut files);
+        assert!(files.len() > 10, "tidy found too few files under {}", root.display());
+        files
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                (p, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_file_starts_with_a_module_doc() {
+        for (path, text) in sources() {
+            let first = text.lines().next().unwrap_or_default();
+            let is_main_test = path.ends_with("main.rs") || path.components().any(|c| c.as_os_str() == "tests");
+            assert!(
+                first.starts_with("//!") || (is_main_test && first.starts_with("//")),
+                "{} must start with a `//!` line",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn no_ignored_tests_or_leftovers() {
+        // Built from pieces so this file does not trip its own check.
+        let banned = [concat!("#[", "ignore"), concat!("todo", "!("), concat!("dbg", "!(")];
+        for (path, text) in sources() {
+            for b in banned {
+                assert!(!text.contains(b), "{} contains {b}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn unsafe_only_in_allowed_places_and_always_justified() {
+        for (path, text) in sources() {
+            let p = path.to_string_lossy();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let code = line.trim_start();
+                if code.starts_with("//") || !code.contains(concat!("unsafe", " {")) {
+                    continue;
+                }
+                assert!(!p.contains("crates/ipc/src"), "{}:{}: `unsafe` in arfuse-ipc", p, i + 1);
+                let justified = lines[..i].iter().rev().take(6).any(|l| l.contains("SAFETY"));
+                assert!(justified, "{}:{}: unsafe block without a `// SAFETY:` comment above", p, i + 1);
+            }
+        }
+    }
+}
