@@ -7,7 +7,7 @@ use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::params::SIGNAL_ERROR_OFFSET;
 use arfuse_kernels::{
     Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, MAX_RANKS,
-    PACK_BYTES,
+    MAX_ROW_PACKS, PACK_BYTES,
 };
 use std::marker::PhantomData;
 
@@ -207,6 +207,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         if hidden % pack != 0 {
             return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
+        }
+        if hidden / pack > MAX_ROW_PACKS {
+            return Err(Error::HiddenUnsupported { hidden, max: MAX_ROW_PACKS * pack });
         }
         let elems = args.input.len;
         if elems % hidden != 0 {

@@ -1,8 +1,71 @@
-//! The portable kernel source (one text for CUDA and HIP) and how to compile it.
+//! The portable kernel source (one text for CUDA and HIP) and how to compile and launch it.
 //!
-//! INTERFACE STUB: the GPU-kernel work fills this in (see `gpu/`).
+//! `gpu/arfuse.h` is the portability header, `gpu/kernels.cu` the kernels; [`full_source`]
+//! inlines the header so NVRTC and hipRTC need no include path. The same text and flags are what
+//! the compile checks in CI use.
 
-use crate::{KernelId, LaunchParams};
+use crate::{KernelId, LaunchParams, Op, MAX_BLOCKS};
+
+/// The portability header.
+pub const HEADER: &str = include_str!("gpu/arfuse.h");
+/// The kernels.
+pub const KERNELS: &str = include_str!("gpu/kernels.cu");
+
+/// Largest number of 16-byte packs in a row (the sum-of-squares tree lives in shared memory):
+/// hidden 32768 for bf16/f16, 16384 for f32. Mirrors `ARFUSE_MAX_ROW_PACKS`.
+pub const MAX_ROW_PACKS: usize = 4096;
+/// Packs each thread keeps in registers (`ARFUSE_MAX_PACKS_PER_THREAD`).
+const MAX_PACKS_PER_THREAD: usize = 4;
+/// Threads per block of the element-wise kernels.
+const ELEMENTWISE_THREADS: u32 = 512;
+
+/// The whole source, header inlined.
+pub fn full_source() -> String {
+    KERNELS.replace("#include \"arfuse.h\"", HEADER)
+}
+
+/// A stable 64-bit FNV-1a hash of [`full_source`] (cache keys, offline image names).
+pub fn source_hash() -> u64 {
+    full_source().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// NVRTC options for `arch` (`sm_90`, `compute_90`, ...): no FMA contraction, IEEE division and
+/// square root, no flush to zero (the numerics contract).
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    [
+        &format!("--gpu-architecture={arch}"),
+        "--std=c++17",
+        "--fmad=false",
+        "--prec-div=true",
+        "--prec-sqrt=true",
+        "--ftz=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// clang arguments compiling the source (as a file, `-x hip`) for AMD `arch` (`gfx942`, ...),
+/// header-free; add `-o OUT FILE`.
+pub fn clang_hip_args(arch: &str) -> Vec<String> {
+    [
+        "-x",
+        "hip",
+        &format!("--offload-arch={arch}"),
+        "--cuda-device-only",
+        "--no-gpu-bundle-output",
+        "-nogpuinc",
+        "-nogpulib",
+        "-mcode-object-version=5",
+        "-O3",
+        "-ffp-contract=off",
+        "-std=c++17",
+        "-c",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
 
 /// How to launch one kernel: grid and block sizes and dynamic shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,8 +79,94 @@ pub struct LaunchConfig {
 }
 
 /// The launch configuration of `kernel` for `params` on a device with `sm_count` multiprocessors
-/// (compute units) and a warp (wavefront) of `warp_size` threads.
+/// (compute units) available to this rank and a warp (wavefront) of `warp_size` threads.
+///
+/// Kernels that wait on peers use at most `sm_count` (and [`MAX_BLOCKS`]) blocks of at most 1024
+/// threads, so that one block per multiprocessor keeps every rank's blocks resident together;
+/// the grid depends only on the shape and `sm_count`, so every rank launches the same grid.
 pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, warp_size: u32) -> LaunchConfig {
-    let _ = (kernel, params, sm_count, warp_size);
-    LaunchConfig { grid: 1, block: 256, shared_bytes: 0 }
+    let warp = warp_size.max(1);
+    let sm_count = sm_count.max(1);
+    let rows = params.rows;
+    let elems = u64::from(rows) * u64::from(params.hidden);
+    let packs = elems / kernel.dtype.pack_elems() as u64;
+    if packs == 0 {
+        return LaunchConfig { grid: 0, block: warp, shared_bytes: 0 };
+    }
+    let row_packs = params.hidden / kernel.dtype.pack_elems() as u32;
+    let row_threads = row_packs.next_multiple_of(warp).clamp(warp, 1024);
+    debug_assert!(row_packs as usize <= MAX_ROW_PACKS && row_packs <= row_threads * MAX_PACKS_PER_THREAD as u32);
+    let elementwise = |work: u64, cap: u32| -> u32 {
+        work.div_ceil(u64::from(ELEMENTWISE_THREADS)).min(u64::from(cap)).max(1) as u32
+    };
+    let resident_cap = sm_count.min(MAX_BLOCKS as u32);
+    let (grid, block) = match kernel.op {
+        Op::FusedOneStage => (rows.min(resident_cap), row_threads),
+        Op::ScratchAddRmsNorm | Op::AddRmsNorm => (rows.min(65_535), row_threads),
+        Op::AllReduceOneStage => (elementwise(packs, resident_cap), ELEMENTWISE_THREADS),
+        Op::ReduceScatter => {
+            let chunk = packs.div_ceil(u64::from(params.world_size.max(1)));
+            (elementwise(chunk, resident_cap), ELEMENTWISE_THREADS)
+        }
+        Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
+    };
+    LaunchConfig { grid, block, shared_bytes: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    fn params(rows: u32, hidden: u32, world: u32) -> LaunchParams {
+        LaunchParams { rows, hidden, world_size: world, ..LaunchParams::default() }
+    }
+
+    #[test]
+    fn grids_fit_and_rows_are_covered() {
+        for op in Op::ALL {
+            for dtype in [DType::Bf16, DType::F16] {
+                for (rows, hidden) in [(1, 2880), (81, 8192), (8192, 4096), (1, 32768), (3, 16384)] {
+                    let kernel = KernelId { op, dtype };
+                    let c = launch_config(kernel, &params(rows, hidden, 4), 132 / 4, 32);
+                    assert!(c.grid >= 1 && c.block <= 1024 && c.block % 32 == 0, "{kernel} {rows}x{hidden}: {c:?}");
+                    if op.crosses_ranks() {
+                        assert!(c.grid <= 33 && c.grid as usize <= MAX_BLOCKS, "{kernel}: {c:?}");
+                    }
+                    let row_packs = hidden as usize / dtype.pack_elems();
+                    assert!(
+                        row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
+                            || !matches!(op, Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
+                    );
+                }
+            }
+        }
+        let empty = launch_config(KernelId { op: Op::FusedOneStage, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
+        assert_eq!(empty.grid, 0);
+    }
+
+    #[test]
+    fn the_header_mirrors_the_rust_constants() {
+        let src = full_source();
+        assert!(!src.contains("#include"), "header not inlined");
+        for (name, value) in [
+            ("ARFUSE_MAX_RANKS", crate::MAX_RANKS),
+            ("ARFUSE_MAX_BLOCKS", crate::MAX_BLOCKS),
+            ("ARFUSE_CALL_WORDS", crate::params::CALL_WORDS),
+            ("ARFUSE_MAX_ROW_PACKS", MAX_ROW_PACKS),
+            ("ARFUSE_MAX_PACKS_PER_THREAD", MAX_PACKS_PER_THREAD),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value}\n")), "{name} != {value} in arfuse.h");
+        }
+        assert_eq!(crate::params::SIGNAL_ERROR_OFFSET, crate::MAX_BLOCKS * crate::MAX_RANKS * 8);
+        assert_eq!(crate::params::SIGNAL_CALLS_OFFSET, crate::params::SIGNAL_ERROR_OFFSET + 64);
+        for op in Op::ALL {
+            for dtype in DType::ALL {
+                let symbol = KernelId { op, dtype }.symbol();
+                let (stem, suffix) = symbol.rsplit_once('_').unwrap_or_default();
+                assert!(src.contains(&format!("void {stem}_##dtype(")), "no kernel {symbol}");
+                assert!(src.contains(&format!("ARFUSE_INSTANTIATE({suffix},")), "no instantiation for {suffix}");
+            }
+        }
+    }
 }

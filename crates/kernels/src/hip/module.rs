@@ -35,33 +35,14 @@ const MODULE_NAME: &str = "arfuse.hip (all kernels)";
 
 /// The kernel source and its compile flags (from `crate::source`).
 mod kernel_source {
-    // TEMPORARY STUB until crate::source provides full_source/source_hash/clang_hip_args: then
-    // `text()` = `crate::source::full_source().to_string()`, `hash()` = `crate::source::source_hash()`,
-    // `clang_args(arch)` = `crate::source::clang_hip_args(arch)`.
     pub(super) fn text() -> String {
-        "#error \"arfuse: crate::source::full_source() is not written yet\"\n".into()
+        crate::source::full_source()
     }
     pub(super) fn hash() -> u64 {
-        0
+        crate::source::source_hash()
     }
     pub(super) fn clang_args(arch: &str) -> Vec<String> {
-        [
-            "-x",
-            "hip",
-            &format!("--offload-arch={arch}"),
-            "--cuda-device-only",
-            "--no-gpu-bundle-output",
-            "-nogpuinc",
-            "-nogpulib",
-            "-mcode-object-version=5",
-            "-O3",
-            "-ffp-contract=off",
-            "-std=c++17",
-            "-c",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        crate::source::clang_hip_args(arch)
     }
 }
 

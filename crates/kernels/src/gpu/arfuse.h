@@ -1,0 +1,133 @@
+// arfuse.h: the portability header of the arfuse kernels (one source for CUDA and HIP).
+//
+// Header-free: compiles under NVRTC (no cuda_fp16.h/cuda_bf16.h), under clang -x hip with
+// -nogpuinc -nogpulib (clang builtins only), and under hipRTC. Everything vendor-specific is here:
+// thread ids, barriers, system-scope acquire/release, fences, the deadline clock, global pointers.
+#ifndef ARFUSE_H
+#define ARFUSE_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef int i32;
+
+#if defined(__HIP__) || defined(__HIPCC_RTC__)
+#define ARFUSE_HIP 1
+#endif
+
+#if defined(ARFUSE_HIP) && !defined(__HIPCC_RTC__)
+// clang -x hip -nogpuinc: nothing is predefined but the attributes.
+#define __global__ __attribute__((global))
+#define __device__ __attribute__((device))
+#define __shared__ __attribute__((shared))
+#define __forceinline__ inline __attribute__((always_inline))
+#endif
+
+#if defined(ARFUSE_HIP)
+// Peer pointers are marked global (address space 1) so that loads through them are
+// global_load_dwordx4, not the slower flat_ loads.
+#define ARFUSE_GLOBAL __attribute__((address_space(1)))
+__device__ __forceinline__ u32 tid_x() { return __builtin_amdgcn_workitem_id_x(); }
+__device__ __forceinline__ u32 bid_x() { return __builtin_amdgcn_workgroup_id_x(); }
+// Block and grid sizes from the HSA dispatch packet (workgroup_size_x: u16 at byte 4,
+// grid_size_x: u32 at byte 12, in work-items).
+__device__ __forceinline__ u32 bdim_x() {
+  return ((const __attribute__((address_space(4))) u16*)__builtin_amdgcn_dispatch_ptr())[2];
+}
+__device__ __forceinline__ u32 gdim_x() {
+  return ((const __attribute__((address_space(4))) u32*)__builtin_amdgcn_dispatch_ptr())[3] / bdim_x();
+}
+__device__ __forceinline__ void block_sync() {
+  __builtin_amdgcn_fence(__ATOMIC_RELEASE, "workgroup");
+  __builtin_amdgcn_s_barrier();
+  __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "workgroup");
+}
+__device__ __forceinline__ void fence_system() { __builtin_amdgcn_fence(__ATOMIC_SEQ_CST, ""); }
+__device__ __forceinline__ void store_release_sys(u64* p, u64 v) {
+  __hip_atomic_store(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ void store_relaxed_sys(u64* p, u64 v) {
+  __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ u64 load_acquire_sys(u64* p) {
+  return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+__device__ __forceinline__ u64 load_relaxed_sys(u64* p) {
+  return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+// s_memrealtime ticks at a constant 100 MHz on gfx9.
+__device__ __forceinline__ u64 clock_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }
+__device__ __forceinline__ float f32_from_bits(u32 b) { return __builtin_bit_cast(float, b); }
+__device__ __forceinline__ u32 bits_from_f32(float f) { return __builtin_bit_cast(u32, f); }
+__device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
+__device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
+struct alignas(16) pack16 { u32 x, y, z, w; };
+#else
+#define ARFUSE_GLOBAL
+__device__ __forceinline__ u32 tid_x() { return threadIdx.x; }
+__device__ __forceinline__ u32 bid_x() { return blockIdx.x; }
+__device__ __forceinline__ u32 bdim_x() { return blockDim.x; }
+__device__ __forceinline__ u32 gdim_x() { return gridDim.x; }
+__device__ __forceinline__ void block_sync() { __syncthreads(); }
+__device__ __forceinline__ void fence_system() { __threadfence_system(); }
+__device__ __forceinline__ void store_release_sys(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void store_relaxed_sys(u64* p, u64 v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ u64 load_acquire_sys(u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 load_relaxed_sys(u64* p) {
+  u64 v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 clock_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ float f32_from_bits(u32 b) { return __uint_as_float(b); }
+__device__ __forceinline__ u32 bits_from_f32(float f) { return __float_as_uint(f); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+typedef uint4 pack16;
+#endif
+
+// ---- The launch parameters: a mirror of arfuse_kernels::LaunchParams (params.rs). ----
+#define ARFUSE_MAX_RANKS 8
+#define ARFUSE_MAX_BLOCKS 256
+#define ARFUSE_SIGNAL_ERROR_OFFSET (ARFUSE_MAX_BLOCKS * ARFUSE_MAX_RANKS * 8)
+#define ARFUSE_SIGNAL_CALLS_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 64)
+#define ARFUSE_CALL_WORDS 4
+#define ARFUSE_ERROR_PEER_TIMEOUT 1ull
+#define ARFUSE_ERROR_CALL_MISMATCH 2ull
+// Largest number of 16-byte packs per row (the tree lives in shared memory) and packs per thread.
+#define ARFUSE_MAX_ROW_PACKS 4096
+#define ARFUSE_MAX_PACKS_PER_THREAD 4
+
+struct LaunchParams {
+  u64 staging[ARFUSE_MAX_RANKS];
+  u64 scratch[ARFUSE_MAX_RANKS];
+  u64 signals[ARFUSE_MAX_RANKS];
+  u64 input, residual, weight, out, residual_out;
+  u64 barrier_base;
+  u64 deadline_ns;
+  u32 rows, hidden, rank, world_size;
+  float eps;
+  u32 reserved[3];
+};
+static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout differs from params.rs");
+#if defined(ARFUSE_HIP)  // NVRTC's front end has no __builtin_offsetof; clang checks the offsets.
+static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, rows) == 248, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout differs from params.rs");
+#endif
+
+#endif  // ARFUSE_H
