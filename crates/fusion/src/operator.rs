@@ -98,8 +98,6 @@ pub struct AllReduceRmsNorm<B: Backend> {
     config: Config,
     /// Cross-rank launches so far; launch `e` uses barrier values `2e` and `2e + 1` and staging parity `e % 2`.
     epoch: u64,
-    /// The unfused path's all-reduced sum, grown on demand.
-    sum: Option<(B::SharedBuffer, usize)>,
     poisoned: Option<String>,
 }
 
@@ -124,8 +122,10 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if world_size == 0 || world_size > MAX_RANKS {
             return Err(Error::WorldSizeUnsupported { world_size, supported: "1..=8 ranks on one host" });
         }
+        // Load the kernels before the last meeting of the ranks: no rank launches before all have.
+        B::prepare(device)?;
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
-        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, epoch: 0, sum: None, poisoned: None })
+        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, epoch: 0, poisoned: None })
     }
 
     /// This rank.
@@ -312,7 +312,10 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 Err(Error::VendorUnavailable { reason: format!("{reason:?}") })
             }
             Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
-                let sum = self.sum_buffer(call.request.bytes() as usize)?;
+                // The all-reduced sum goes to `out`, and add+RMSNorm reads it from there in place
+                // (each element is read before it is overwritten): no buffer to allocate mid-run,
+                // which on a GPU could wait for a peer's spinning kernel.
+                let sum = DevicePtr(args.out.ptr.0);
                 self.all_reduce_chunks::<T>(stream, &call, params, sum)?;
                 let norm = LaunchParams { input: sum.0, ..params };
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
@@ -344,19 +347,5 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             row += rows;
         }
         Ok(())
-    }
-
-    /// The unfused path's sum buffer, at least `bytes` long.
-    fn sum_buffer(&mut self, bytes: usize) -> Result<DevicePtr> {
-        match &self.sum {
-            Some((buf, len)) if *len >= bytes => Ok(B::shared_ptr(buf)),
-            _ => {
-                let len = bytes.next_power_of_two();
-                let buf = B::alloc_shared(&self.device, len)?;
-                let ptr = B::shared_ptr(&buf);
-                self.sum = Some((buf, len));
-                Ok(ptr)
-            }
-        }
     }
 }

@@ -85,6 +85,13 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn open_device(ordinal: usize, co_resident_ranks: usize) -> Result<Self::Device>;
     /// A short description of the device (name, architecture).
     fn describe(device: &Self::Device) -> String;
+    /// Compiles and loads every kernel on `device` now. Called when an operator is created, before
+    /// its ranks meet for the last time: loading a module can wait for the device to go idle, which
+    /// never happens while a peer's kernel spins waiting for this rank.
+    fn prepare(device: &Self::Device) -> Result<()> {
+        let _ = device;
+        Ok(())
+    }
     /// Creates a stream on `device`.
     fn create_stream(device: &Self::Device) -> Result<Self::Stream>;
 

@@ -4,7 +4,8 @@
 //! - `input`: `E` elements, read; copied into `staging[rank]` first by the cross-rank kernels;
 //! - `staging[p]`: `E` elements, written by `p` and read by every rank;
 //! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
-//! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements.
+//! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements;
+//!   add+RMSNorm may take `input == out` (in place).
 
 use crate::contract::{add_rmsnorm_row, sum_ranks};
 use crate::params::LaunchParams;
@@ -119,7 +120,15 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
             }
             Op::ScratchAddRmsNorm | Op::AddRmsNorm => {
                 let source = if op == Op::AddRmsNorm { p.input } else { p.scratch[rank] };
-                let sum = view::<T>(source, elems);
+                // add+RMSNorm may run in place (`input == out`, the unfused path): read the sum
+                // before `out` is borrowed mutably.
+                let in_place: Vec<T>;
+                let sum: &[T] = if source == p.out {
+                    in_place = view::<T>(source, elems).to_vec();
+                    &in_place
+                } else {
+                    view::<T>(source, elems)
+                };
                 let residual = view::<T>(p.residual, elems);
                 let weight = view::<T>(p.weight, hidden);
                 let out = view_mut::<T>(p.out, elems);

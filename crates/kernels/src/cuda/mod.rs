@@ -90,6 +90,10 @@ impl Backend for Cuda {
         device.to_string()
     }
 
+    fn prepare(device: &CudaDevice) -> Result<()> {
+        device.load_kernels()
+    }
+
     fn create_stream(device: &CudaDevice) -> Result<CudaStream> {
         CudaStream::new(device)
     }

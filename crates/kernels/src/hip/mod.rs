@@ -99,6 +99,10 @@ impl Backend for Hip {
         device.to_string()
     }
 
+    fn prepare(device: &HipDevice) -> Result<()> {
+        device.load_kernels()
+    }
+
     fn create_stream(device: &HipDevice) -> Result<HipStream> {
         HipStream::new(device)
     }

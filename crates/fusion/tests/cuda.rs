@@ -1,0 +1,116 @@
+//! The operator on the cuda backend: ranks as threads sharing one GPU (peer pointers, no IPC),
+//! every path, checked against the testkit reference and against each other.
+//! Skips loudly without a GPU; fails instead when `ARFUSE_REQUIRE_BACKENDS` names `cuda`.
+#![cfg(feature = "cuda")]
+
+use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_ipc::ThreadRendezvous;
+use arfuse_kernels::api::Cuda;
+use arfuse_kernels::cuda::CudaBuffer;
+use arfuse_kernels::{Backend, Element};
+use arfuse_testkit::{assert_all_written, poison, run_threads, Fixture, Problem, Reference, TestSeed};
+use half::{bf16, f16};
+use std::sync::Mutex;
+use std::time::Duration;
+
+fn gpu_available(test: &str) -> bool {
+    let required = std::env::var("ARFUSE_REQUIRE_BACKENDS").unwrap_or_default().split(',').any(|b| b.trim() == "cuda");
+    match Cuda::device_count() {
+        Ok(n) if n > 0 => true,
+        other => {
+            let why = match other {
+                Ok(_) => "no CUDA device".to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(!required, "{test}: ARFUSE_REQUIRE_BACKENDS names cuda, but: {why}");
+            println!("SKIP cuda: {why}");
+            false
+        }
+    }
+}
+
+const UNFUSED: Path = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
+
+fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed) {
+    let cases: Vec<(Fixture<T>, Reference<T>)> = shapes
+        .iter()
+        .map(|&(rows, hidden)| {
+            let problem =
+                Problem::new(world, rows, hidden, T::DTYPE).with_seed(seed.derive_named(&format!("{rows}x{hidden}")));
+            let fixture = Fixture::generate(&problem);
+            let reference = Reference::compute(&fixture);
+            (fixture, reference)
+        })
+        .collect();
+    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    // Ranks allocate and free device memory only while no kernel spins (a free can wait for the
+    // device to go idle): every case starts and ends at this barrier.
+    let phase = std::sync::Barrier::new(world);
+    run_threads(world, |rank| {
+        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+        let device = Cuda::open_device(0, world).expect("device");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+        for (fixture, reference) in &cases {
+            let input = CudaBuffer::from_slice(&stream, &fixture.inputs[rank]).expect("input");
+            let residual = CudaBuffer::from_slice(&stream, &fixture.residual).expect("residual");
+            let weight = CudaBuffer::from_slice(&stream, &fixture.weight).expect("weight");
+            let mut poisoned = vec![T::from_f32(0.0); fixture.residual.len()];
+            poison(&mut poisoned);
+            let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
+            let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
+            phase.wait();
+            let mut first_out: Option<Vec<T>> = None;
+            for path in [None, Some(Path::OneStage), Some(Path::TwoStage), Some(UNFUSED)] {
+                out.upload(&stream, &poisoned).expect("poison out");
+                residual_out.upload(&stream, &poisoned).expect("poison residual_out");
+                let args = Args {
+                    input: TensorRef::new(&input),
+                    residual: TensorRef::new(&residual),
+                    weight: TensorRef::new(&weight),
+                    out: TensorMut::new(&mut out),
+                    residual_out: TensorMut::new(&mut residual_out),
+                    eps: fixture.problem.eps,
+                };
+                let ran = match path {
+                    Some(path) => op.forward_on(&stream, path, args),
+                    None => op.forward(&stream, args),
+                }
+                .expect("forward");
+                op.check(&stream).expect("no peer failure");
+                let what = format!("cuda rank {rank} {} {ran}", fixture.problem);
+                let out = out.download(&stream).expect("download");
+                let residual_out = residual_out.download(&stream).expect("download");
+                assert_all_written(&what, &out);
+                assert_all_written(&what, &residual_out);
+                reference.assert_residual_out_exact(&what, &residual_out);
+                reference.assert_out_within(&what, &out, 1);
+                match &first_out {
+                    None => first_out = Some(out),
+                    Some(first) => {
+                        assert!(
+                            first.iter().zip(&out).all(|(a, b)| a.to_bits_u32() == b.to_bits_u32()),
+                            "{what}: out differs by path"
+                        )
+                    }
+                }
+            }
+        }
+    });
+    println!("cuda operator: world {world} {} {} shapes x 4 paths: exact", T::DTYPE, shapes.len());
+}
+
+#[test]
+fn operator_on_cuda_every_path_matches_the_reference() {
+    if !gpu_available("operator_on_cuda_every_path_matches_the_reference") {
+        return;
+    }
+    let seed = TestSeed::new("cuda::operator_on_cuda");
+    let shapes = [(1, 4096), (4, 2880), (16, 8192), (81, 5120), (128, 16384), (8192, 4096)];
+    for world in [2, 4, 8] {
+        check::<bf16>(world, &shapes, &seed);
+        check::<f16>(world, &shapes[..4], &seed);
+    }
+}
