@@ -1,5 +1,6 @@
 //! Integration tests of the operator on the cpu backend: ranks as threads and as processes.
 
+mod faults;
 mod matrix;
 mod processes;
 mod refusals;
