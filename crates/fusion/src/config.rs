@@ -69,8 +69,8 @@ impl Config {
     /// Checks the values for consistency.
     pub fn validate(&self) -> Result<()> {
         let max = self.policy.max_size;
-        if max == 0 || max % 32 != 0 {
-            return Err(Error::Config(format!("max_size {max} must be a positive multiple of 32 bytes")));
+        if max == 0 || max % 32 != 0 || max / 2 > u32::MAX as usize {
+            return Err(Error::Config(format!("max_size {max} must be a positive multiple of 32 bytes below 8 GiB")));
         }
         if self.deadline.is_zero() {
             return Err(Error::Config("deadline must be positive".into()));

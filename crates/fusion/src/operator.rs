@@ -96,8 +96,6 @@ pub struct AllReduceRmsNorm<B: Backend> {
     device: B::Device,
     buffers: SharedBuffers<B>,
     config: Config,
-    /// Cross-rank launches so far; launch `e` uses barrier values `2e` and `2e + 1` and staging parity `e % 2`.
-    epoch: u64,
     poisoned: Option<String>,
 }
 
@@ -108,7 +106,6 @@ impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
             .field("rank", &self.buffers.rank())
             .field("world_size", &self.buffers.world_size())
             .field("config", &self.config)
-            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -125,7 +122,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         // Load the kernels before the last meeting of the ranks: no rank launches before all have.
         B::prepare(device)?;
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
-        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, epoch: 0, poisoned: None })
+        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, poisoned: None })
     }
 
     /// This rank.
@@ -268,11 +265,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
     }
 
-    /// Launches a kernel that crosses ranks: takes the next epoch's barrier values and staging half.
+    /// Launches a kernel that crosses ranks. Its epoch (barrier values, call-descriptor slot,
+    /// staging half) comes from the rank's epoch word in device memory (`barrier_base` 0), so the
+    /// same launch captured in a graph takes a fresh epoch on every replay.
     fn launch_cross(&mut self, stream: &B::Stream, kernel: KernelId, mut params: LaunchParams) -> Result<()> {
-        self.epoch += 1;
-        params.barrier_base = 2 * self.epoch;
-        params.staging = self.buffers.staging_ptrs((self.epoch % 2) as usize);
+        params.barrier_base = 0;
+        params.staging = self.buffers.staging_ptrs(0);
+        params.staging_half_bytes = (self.config.policy.max_size / 2) as u32;
         self.launch(stream, kernel, &params)
     }
 

@@ -114,3 +114,80 @@ fn operator_on_cuda_every_path_matches_the_reference() {
         check::<f16>(world, &shapes[..4], &seed);
     }
 }
+
+/// A forward captured once into a CUDA graph and replayed many times, with new inputs written
+/// into the same buffers before each replay: every replay is exact. The kernels take their epoch
+/// from device memory, so replays do not reuse a barrier value or a staging half.
+#[test]
+fn one_captured_graph_replayed_many_times_stays_exact() {
+    if !gpu_available("one_captured_graph_replayed_many_times_stays_exact") {
+        return;
+    }
+    const REPLAYS: usize = 20;
+    let seed = TestSeed::new("cuda::graph_replays");
+    let world = 2;
+    for (rows, hidden) in [(4, 4096), (32, 4096)] {
+        let cases: Vec<(Fixture<bf16>, Reference<bf16>)> = (0..REPLAYS)
+            .map(|i| {
+                let problem = Problem::new(world, rows, hidden, bf16::DTYPE)
+                    .with_seed(seed.derive(i as u64 * 1000 + rows as u64));
+                let fixture = Fixture::generate(&problem);
+                let reference = Reference::compute(&fixture);
+                (fixture, reference)
+            })
+            .collect();
+        let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+            ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+        let phase = std::sync::Barrier::new(world);
+        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let paths = run_threads(world, |rank| {
+            let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+            let device = Cuda::open_device(0, world).expect("device");
+            let stream = Cuda::create_stream(&device).expect("stream");
+            let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+            let first = &cases[0].0;
+            let mut input = CudaBuffer::from_slice(&stream, &first.inputs[rank]).expect("input");
+            let mut residual = CudaBuffer::from_slice(&stream, &first.residual).expect("residual");
+            let mut weight = CudaBuffer::from_slice(&stream, &first.weight).expect("weight");
+            let mut poisoned = vec![bf16::from_f32(0.0); first.residual.len()];
+            poison(&mut poisoned);
+            let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
+            let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
+            stream.begin_capture().expect("begin capture");
+            let path = op
+                .forward(
+                    &stream,
+                    Args {
+                        input: TensorRef::new(&input),
+                        residual: TensorRef::new(&residual),
+                        weight: TensorRef::new(&weight),
+                        out: TensorMut::new(&mut out),
+                        residual_out: TensorMut::new(&mut residual_out),
+                        eps: first.problem.eps,
+                    },
+                )
+                .expect("captured forward");
+            let graph = stream.end_capture().expect("end capture");
+            phase.wait();
+            for (i, (fixture, reference)) in cases.iter().enumerate() {
+                input.upload(&stream, &fixture.inputs[rank]).expect("input");
+                residual.upload(&stream, &fixture.residual).expect("residual");
+                weight.upload(&stream, &fixture.weight).expect("weight");
+                out.upload(&stream, &poisoned).expect("poison");
+                residual_out.upload(&stream, &poisoned).expect("poison");
+                // SAFETY: the graph's tensors are the buffers above, alive until the end of this closure.
+                unsafe { graph.launch(&stream) }.expect("replay");
+                op.check(&stream).expect("no peer failure");
+                let what = format!("rank {rank} replay {i} of {path} {rows}x{hidden}");
+                let got_out = out.download(&stream).expect("download");
+                let got_residual_out = residual_out.download(&stream).expect("download");
+                assert_all_written(&what, &got_out);
+                reference.assert_residual_out_exact(&what, &got_residual_out);
+                reference.assert_out_within(&what, &got_out, 1);
+            }
+            phase.wait();
+            path
+        });
+        println!("cuda graph: {rows}x{hidden} bf16 world {world} on {}: one capture, {REPLAYS} replays with new inputs, exact", paths[0]);
+    }
+}

@@ -16,6 +16,10 @@ pub const PACK_BYTES: usize = 16;
 pub const SIGNAL_FLAGS_OFFSET: usize = 0;
 /// Byte offset of the error word: 0 while healthy; a kernel that gives up writes an [`ErrorWord`].
 pub const SIGNAL_ERROR_OFFSET: usize = MAX_BLOCKS * MAX_RANKS * 8;
+/// Byte offset of the epoch word: cross-rank launches (with `barrier_base == 0`) this rank completed.
+pub const SIGNAL_EPOCH_OFFSET: usize = SIGNAL_ERROR_OFFSET + 8;
+/// Byte offset of the count of blocks that finished the current launch (the last one advances the epoch).
+pub const SIGNAL_DONE_OFFSET: usize = SIGNAL_ERROR_OFFSET + 16;
 /// Byte offset of the call descriptors: `u64 calls[2][MAX_RANKS][CALL_WORDS]`. Before its first
 /// barrier, a cross-rank launch of epoch `e` (`barrier_base = 2e`) publishes its [`CallDescriptor`]
 /// into `calls[e % 2][rank]` of every peer's area; after the barrier each rank compares its peers'
@@ -51,7 +55,10 @@ pub struct LaunchParams {
     pub out: u64,
     /// The residual output, `[rows, hidden]`.
     pub residual_out: u64,
-    /// The barrier value of this call's first barrier; later barriers of the call add 1, 2, ...
+    /// The barrier value of this call's first barrier (later barriers add 1), and with it the
+    /// call-descriptor slot. 0: the kernel takes the next epoch `e` from its rank's epoch word
+    /// (barrier value `2e`, staging half `e % 2` at `staging[r] + (e % 2) * staging_half_bytes`)
+    /// and advances the word when it ends — what makes a captured graph safe to replay.
     pub barrier_base: u64,
     /// How long a spin on a peer's flag may last before the kernel gives up, in nanoseconds.
     pub deadline_ns: u64,
@@ -65,8 +72,10 @@ pub struct LaunchParams {
     pub world_size: u32,
     /// RMSNorm epsilon.
     pub eps: f32,
+    /// Bytes between the two staging halves (used when `barrier_base` is 0).
+    pub staging_half_bytes: u32,
     /// Reserved, zero.
-    pub reserved: [u32; 3],
+    pub reserved: [u32; 2],
 }
 
 /// What a cross-rank launch publishes so that peers can check they run the same call:

@@ -11,7 +11,7 @@ use crate::contract::{add_rmsnorm_row, sum_ranks};
 use crate::params::LaunchParams;
 use crate::{DType, Element, KernelId, Op, Result};
 
-use super::signal::{barrier, enter_call};
+use super::signal::{barrier, begin_epoch, end_epoch, enter_call};
 use crate::params::CallDescriptor;
 
 /// A shared view of `len` elements at `addr`.
@@ -47,14 +47,20 @@ pub fn chunk_of(rank: usize, world: usize, elems: usize, pack: usize) -> std::op
 /// Every pointer in `params` must be valid for the extents in the module docs, and the barrier
 /// protocol must keep peers from writing what this rank reads (the callers in `fusion` do).
 pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
+    let mut params = *params;
     // SAFETY: forwarded from the caller.
     unsafe {
+        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params);
         match kernel.dtype {
-            DType::Bf16 => run_typed::<half::bf16>(kernel.op, params),
-            DType::F16 => run_typed::<half::f16>(kernel.op, params),
-            DType::F32 => run_typed::<f32>(kernel.op, params),
+            DType::Bf16 => run_typed::<half::bf16>(kernel.op, &params),
+            DType::F16 => run_typed::<half::f16>(kernel.op, &params),
+            DType::F32 => run_typed::<f32>(kernel.op, &params),
+        }?;
+        if device_epoch {
+            end_epoch(&params);
         }
     }
+    Ok(())
 }
 
 /// # Safety

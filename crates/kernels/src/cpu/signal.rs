@@ -7,7 +7,7 @@
 
 use crate::params::{
     CallDescriptor, ErrorWord, LaunchParams, CALL_WORDS, MAX_BLOCKS, MAX_RANKS, SIGNAL_CALLS_OFFSET,
-    SIGNAL_ERROR_OFFSET, SIGNAL_FLAGS_OFFSET,
+    SIGNAL_EPOCH_OFFSET, SIGNAL_ERROR_OFFSET, SIGNAL_FLAGS_OFFSET,
 };
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +32,45 @@ unsafe fn flag<'a>(signal: u64, block: usize, slot: usize) -> &'a AtomicU64 {
 pub(crate) unsafe fn error_word<'a>(signal: u64) -> &'a AtomicU64 {
     // SAFETY: see `flag`; the error word is inside the signal area and accessed atomically.
     unsafe { AtomicU64::from_ptr((signal as usize + SIGNAL_ERROR_OFFSET) as *mut u64) }
+}
+
+/// The epoch word of the signal area at `signal`.
+///
+/// # Safety
+/// As [`flag`].
+unsafe fn epoch_word<'a>(signal: u64) -> &'a AtomicU64 {
+    // SAFETY: see `flag`; the epoch word is inside the signal area and accessed atomically.
+    unsafe { AtomicU64::from_ptr((signal as usize + SIGNAL_EPOCH_OFFSET) as *mut u64) }
+}
+
+/// Resolves a launch with `barrier_base == 0` from this rank's epoch word: the next epoch `e`
+/// gives barrier value `2e` and staging half `e % 2`. Returns whether the word must be advanced
+/// by [`end_epoch`] when the launch completes.
+///
+/// # Safety
+/// As [`barrier`].
+pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams) -> bool {
+    if params.barrier_base != 0 {
+        return false;
+    }
+    // SAFETY: forwarded from the caller.
+    let e = unsafe { epoch_word(params.signals[params.rank as usize]) }.load(Ordering::Relaxed) + 1;
+    params.barrier_base = 2 * e;
+    if e % 2 == 1 {
+        for staging in &mut params.staging[..params.world_size as usize] {
+            *staging += u64::from(params.staging_half_bytes);
+        }
+    }
+    true
+}
+
+/// Records that the launch resolved by [`begin_epoch`] completed.
+///
+/// # Safety
+/// As [`barrier`].
+pub(crate) unsafe fn end_epoch(params: &LaunchParams) {
+    // SAFETY: forwarded from the caller.
+    unsafe { epoch_word(params.signals[params.rank as usize]) }.store(params.barrier_base / 2, Ordering::Relaxed);
 }
 
 /// Word `word` of `calls[parity][slot]` in the signal area at `signal`.

@@ -401,7 +401,8 @@ fn probe_params(out: u64) -> crate::LaunchParams {
         rank: 5,
         world_size: 6,
         eps: 1e-6,
-        reserved: [0, 0, 0xabcd],
+        staging_half_bytes: 0,
+        reserved: [0, 0xabcd],
         ..Default::default()
     };
     p.staging[0] = 0xa0;
@@ -426,7 +427,7 @@ fn probe_expected(p: &crate::LaunchParams, wave: u64, blocks: u64) -> Vec<u64> {
         p.deadline_ns,
         u64::from(p.rows) | u64::from(p.hidden) << 32,
         u64::from(p.rank) | u64::from(p.world_size) << 32,
-        u64::from(p.eps.to_bits()) | u64::from(p.reserved[2]) << 32,
+        u64::from(p.eps.to_bits()) | u64::from(p.reserved[1]) << 32,
         wave,
         blocks,
     ]
