@@ -127,39 +127,59 @@ fn bundle(sh: &Shell, out: &Path) -> Result<()> {
     sh.remove_path(&out)?;
     sh.create_dir(&out)?;
     let messages = cmd!(sh, "cargo test --release --workspace --no-run --message-format=json").read()?;
+    let tests = test_executables(&messages)?;
+    cmd!(sh, "cargo build --release -p arfuse-bench --bins").run()?;
+    let mut names = Vec::new();
+    for (name, exe) in &tests {
+        sh.copy_file(exe, out.join(name))?;
+        names.push(name.clone());
+    }
+    let target = project_root().join("target/release");
+    for bin in ["arfuse-demo", "arfuse-bench"] {
+        sh.copy_file(target.join(bin), out.join(bin))?;
+    }
+    sh.create_dir(out.join("peers"))?;
+    sh.copy_file(project_root().join("crates/bench/peers/peers.py"), out.join("peers/peers.py"))?;
+    sh.write_file(out.join("tests.txt"), names.join("\n") + "\n")?;
+    for (script, text) in
+        [("run-tests.sh", include_str!("bundle/run-tests.sh")), ("run-bench.sh", include_str!("bundle/run-bench.sh"))]
+    {
+        let path = out.join(script);
+        sh.write_file(&path, text)?;
+        cmd!(sh, "chmod +x {path}").run()?;
+    }
+    eprintln!(
+        "bundle: {} test binaries, arfuse-bench, arfuse-demo and the peers script in {}",
+        names.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `(package-target name, path)` of every test executable in cargo's JSON messages.
+fn test_executables(messages: &str) -> Result<Vec<(String, PathBuf)>> {
     let mut tests = Vec::new();
     for line in messages.lines() {
-        if !line.contains("\"executable\":\"") || !line.contains("\"test\":true") {
-            continue;
-        }
-        if let Some(exe) = line.split("\"executable\":\"").nth(1).and_then(|s| s.split('"').next()) {
-            tests.push(PathBuf::from(exe));
-        }
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(exe), Some(true)) = (msg["executable"].as_str(), msg["profile"]["test"].as_bool()) else { continue };
+        // "path+file:///…/crates/kernels#arfuse-kernels@0.1.0", or "…/xtask#0.1.0" when the name is the folder's.
+        let id = msg["package_id"].as_str().unwrap_or("unknown");
+        let (url, fragment) = id.rsplit_once('#').unwrap_or((id, ""));
+        let package = match fragment.split_once('@') {
+            Some((name, _)) => name,
+            None => url.rsplit('/').next().unwrap_or("unknown"),
+        };
+        let target = msg["target"]["name"].as_str().context("test target without a name")?;
+        let kind = msg["target"]["kind"][0].as_str().unwrap_or("test");
+        let name = if kind == "lib" || target == package.replace('-', "_") {
+            format!("{package}-unit")
+        } else {
+            format!("{package}-{target}")
+        };
+        tests.push((name, PathBuf::from(exe)));
     }
-    cmd!(sh, "cargo build --release -p arfuse-bench --bins").run()?;
-    let target = project_root().join("target/release");
-    for exe in &tests {
-        let name = exe.file_name().context("test executable without a name")?;
-        sh.copy_file(exe, out.join(name))?;
+    if tests.is_empty() {
+        bail!("cargo listed no test executables");
     }
-    for bin in ["arfuse-demo", "arfuse-bench"] {
-        if target.join(bin).exists() {
-            sh.copy_file(target.join(bin), out.join(bin))?;
-        }
-    }
-    let mut script = String::from(
-        "#!/usr/bin/env bash\n# Runs every bundled test binary; GPU tests fail (not skip) when ARFUSE_REQUIRE_BACKENDS names their backend.\nset -u\ncd \"$(dirname \"$0\")\"\nfail=0\nfor t in ",
-    );
-    for exe in &tests {
-        if let Some(name) = exe.file_name().and_then(|n| n.to_str()) {
-            script.push_str(name);
-            script.push(' ');
-        }
-    }
-    script.push_str("; do\n  echo \"== $t\"\n  ./$t --test-threads=1 \"$@\" || fail=1\ndone\nexit $fail\n");
-    let run = out.join("run-tests.sh");
-    sh.write_file(&run, script)?;
-    cmd!(sh, "chmod +x {run}").run()?;
-    eprintln!("bundle: {} test binaries + demo/bench in {}", tests.len(), out.display());
-    Ok(())
+    Ok(tests)
 }

@@ -3,4 +3,8 @@
 //! The `arfuse-demo` and `arfuse-bench` binaries and what they share: running cases on rank
 //! processes, checking them against the reference, and printing tables.
 
+pub mod bench;
 pub mod demo;
+pub mod report;
+#[cfg(feature = "cuda")]
+pub mod runner;

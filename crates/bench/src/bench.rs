@@ -1,0 +1,169 @@
+//! `arfuse-bench`: the fused-vs-unfused tables (what `cargo xtask bench` runs).
+//!
+//! Decode shapes are timed graph-captured, prefill shapes eagerly; every path (unfused, fused
+//! 1-stage, fused 2-stage) on every shape, with the dispatcher's pick marked. The tables go to
+//! stdout as Markdown, the same data to `--json FILE`.
+
+use crate::report::{grid, Mode, Shape, DECODE_TOKENS, HIDDEN_SIZES, PREFILL_LARGE, PREFILL_TOKENS};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+/// Command-line arguments of `arfuse-bench`.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "arfuse-bench", about = "Fused all-reduce + residual + RMSNorm against the unfused path, per shape")]
+pub struct BenchArgs {
+    /// Ranks (threads of this process; several share a GPU when there are fewer GPUs).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// GPUs to spread the ranks over (at most the number present).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// Backend: `cuda` (the only one with graph capture in arfuse today).
+    #[arg(long, default_value = "cuda")]
+    pub backend: String,
+    /// Storage dtype: bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Modes to run: decode, prefill.
+    #[arg(long, value_delimiter = ',', default_values = ["decode", "prefill"])]
+    pub modes: Vec<String>,
+    /// Decode token counts.
+    #[arg(long, value_delimiter = ',', default_values_t = DECODE_TOKENS)]
+    pub decode_tokens: Vec<usize>,
+    /// Hidden sizes (decode and prefill).
+    #[arg(long, value_delimiter = ',', default_values_t = HIDDEN_SIZES)]
+    pub hidden: Vec<usize>,
+    /// Prefill token counts (with every hidden size); 8192x4096 is added unless --no-large.
+    #[arg(long, value_delimiter = ',', default_values_t = [PREFILL_TOKENS])]
+    pub prefill_tokens: Vec<usize>,
+    /// Leave out the 8192x4096 prefill shape.
+    #[arg(long)]
+    pub no_large: bool,
+    /// Calls per timed batch (one graph) in decode mode.
+    #[arg(long, default_value_t = 100)]
+    pub iters: usize,
+    /// Calls per timed batch in prefill mode.
+    #[arg(long, default_value_t = 10)]
+    pub prefill_iters: usize,
+    /// Untimed batches first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed batches (the samples of p10/p50/p90).
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// Skip checking outputs against the reference.
+    #[arg(long)]
+    pub no_check: bool,
+    /// Input seed.
+    #[arg(long, default_value_t = 0x00a7_f05e)]
+    pub seed: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The (mode, shape) list, in run order.
+    pub fn cases(&self) -> Result<Vec<(Mode, Shape)>> {
+        let mut cases = Vec::new();
+        for mode in &self.modes {
+            match mode.as_str() {
+                "decode" => {
+                    cases.extend(grid(&self.decode_tokens, &self.hidden).into_iter().map(|s| (Mode::Decode, s)))
+                }
+                "prefill" => {
+                    cases.extend(grid(&self.prefill_tokens, &self.hidden).into_iter().map(|s| (Mode::Prefill, s)));
+                    if !self.no_large {
+                        cases.push((Mode::Prefill, PREFILL_LARGE));
+                    }
+                }
+                other => bail!("unknown mode {other:?} (decode, prefill)"),
+            }
+        }
+        if cases.is_empty() {
+            bail!("nothing to run");
+        }
+        Ok(cases)
+    }
+}
+
+/// Runs the bench: prints the tables, writes the JSON.
+pub fn main(args: BenchArgs) -> Result<()> {
+    let cases = args.cases()?;
+    if args.world < 2 {
+        bail!("--world must be at least 2 (an all-reduce needs peers)");
+    }
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = match args.backend.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let plan = crate::runner::Plan {
+                world_size: args.world,
+                gpus: args.gpus,
+                cases,
+                decode_iters: args.iters,
+                prefill_iters: args.prefill_iters,
+                warmup: args.warmup,
+                repeats: args.repeats,
+                check: !args.no_check,
+                seed: args.seed,
+                command,
+            };
+            let progress = indicatif::ProgressBar::new(0);
+            progress.set_style(
+                indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+                    .context("progress template")?,
+            );
+            let report = match args.dtype.as_str() {
+                "bf16" => crate::runner::run::<half::bf16>(&plan, &progress),
+                "f16" => crate::runner::run::<half::f16>(&plan, &progress),
+                other => bail!("unsupported dtype {other:?} (bf16, f16)"),
+            }?;
+            progress.finish_and_clear();
+            report
+        }
+        other => bail!("backend {other:?} is not available in this build (cuda)"),
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", report.render());
+    if report.rows.iter().any(|r| r.paths.iter().any(|p| p.exact == Some(false))) {
+        bail!("some outputs differ from the reference (marked NO)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_default_run_covers_the_issue_shapes() {
+        let args = BenchArgs::parse_from(["arfuse-bench"]);
+        let cases = args.cases().expect("cases");
+        assert_eq!(cases.iter().filter(|(m, _)| *m == Mode::Decode).count(), 48);
+        let prefill: Vec<Shape> = cases.iter().filter(|(m, _)| *m == Mode::Prefill).map(|(_, s)| *s).collect();
+        assert_eq!(prefill.len(), 9);
+        assert_eq!(prefill[8], PREFILL_LARGE);
+        assert!(prefill[..8].iter().all(|s| s.rows == 128));
+    }
+
+    #[test]
+    fn flags_narrow_the_run_and_bad_modes_are_refused() {
+        let args =
+            BenchArgs::parse_from(["arfuse-bench", "--modes", "decode", "--decode-tokens", "1,16", "--hidden", "4096"]);
+        let cases = args.cases().expect("cases");
+        assert_eq!(
+            cases,
+            vec![(Mode::Decode, Shape { rows: 1, hidden: 4096 }), (Mode::Decode, Shape { rows: 16, hidden: 4096 })]
+        );
+        let bad = BenchArgs::parse_from(["arfuse-bench", "--modes", "train"]);
+        assert!(bad.cases().is_err());
+    }
+}

@@ -1,0 +1,446 @@
+//! The measurements of `arfuse-bench` on the cuda backend: ranks are threads of this process,
+//! one per GPU when there are enough GPUs, otherwise several sharing one (each then gets its share
+//! of the multiprocessors, as the operator does for co-resident ranks).
+//!
+//! For every shape and path, every rank times `repeats` batches of `iters` calls, rotating through
+//! several input sets (so that consecutive calls do not read the same memory): in decode mode a
+//! batch is one CUDA graph holding `iters` captured calls, replayed; in prefill mode the calls are
+//! launched eagerly. Device events around each batch give the time per call. After the timed
+//! batches, every rank checks the outputs of the first input set against the reference
+//! (residual_out bit-exact, out within 1 ulp, every element written: outputs are poisoned before
+//! each path runs).
+//!
+//! Ranks allocate, free, capture and instantiate only between barriers at which no kernel spins
+//! (such driver calls can wait for the device to go idle, which a spinning peer prevents).
+
+use crate::report::{floor_bytes, Floors, Mode, PathTiming, Report, Row, Shape, Stats};
+use anyhow::{anyhow, bail, Context, Result};
+use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_ipc::ThreadRendezvous;
+use arfuse_kernels::api::Cuda;
+use arfuse_kernels::cuda::{CudaBuffer, CudaDevice, CudaStream};
+use arfuse_kernels::{Backend, Element};
+use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
+use parking_lot::{Condvar, Mutex};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Ranks.
+    pub world_size: usize,
+    /// GPUs to use (ranks are spread over them; more ranks than GPUs share).
+    pub gpus: usize,
+    /// Shapes of each mode, in order.
+    pub cases: Vec<(Mode, Shape)>,
+    /// Calls per timed batch, decode mode.
+    pub decode_iters: usize,
+    /// Calls per timed batch, prefill mode.
+    pub prefill_iters: usize,
+    /// Untimed batches before timing.
+    pub warmup: usize,
+    /// Timed batches.
+    pub repeats: usize,
+    /// Check every path's output against the reference.
+    pub check: bool,
+    /// Seed of the inputs.
+    pub seed: u64,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+/// The unfused path as the bench forces it.
+const UNFUSED: Path = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
+/// How long a rank waits for the others at a barrier of the bench (not a kernel deadline).
+const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes of input sets per shape the calls rotate through (at least 2 sets, at most 8).
+const ROTATION_BYTES: usize = 256 << 20;
+
+/// Input sets for a shape: enough that they do not all sit in a 50 MB L2 cache, within limits.
+pub fn input_sets(shape: Shape, elem_bytes: usize) -> usize {
+    let per_set = 4 * shape.rows * shape.hidden * elem_bytes;
+    ROTATION_BYTES.div_ceil(per_set.max(1)).clamp(2, 8)
+}
+
+/// A barrier that a failing rank breaks, so that the others return an error instead of waiting.
+struct Phase {
+    state: Mutex<(usize, u64, Option<String>)>,
+    changed: Condvar,
+    parties: usize,
+}
+
+impl Phase {
+    fn new(parties: usize) -> Self {
+        Phase { state: Mutex::new((0, 0, None)), changed: Condvar::new(), parties }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        if let Some(why) = &state.2 {
+            bail!("another rank failed: {why}");
+        }
+        let generation = state.1;
+        state.0 += 1;
+        if state.0 == self.parties {
+            state.0 = 0;
+            state.1 += 1;
+            self.changed.notify_all();
+            return Ok(());
+        }
+        let deadline = Instant::now() + PHASE_TIMEOUT;
+        while state.1 == generation && state.2.is_none() {
+            if self.changed.wait_until(&mut state, deadline).timed_out() {
+                bail!("ranks did not meet within {PHASE_TIMEOUT:?}");
+            }
+        }
+        match &state.2 {
+            Some(why) if state.1 == generation => bail!("another rank failed: {why}"),
+            _ => Ok(()),
+        }
+    }
+
+    fn fail(&self, why: String) {
+        let mut state = self.state.lock();
+        state.2.get_or_insert(why);
+        self.changed.notify_all();
+    }
+}
+
+/// One shape's inputs, shared by the rank threads: the input sets and the reference of the first.
+struct Case<T: Element> {
+    mode: Mode,
+    shape: Shape,
+    sets: Vec<Fixture<T>>,
+    reference: Option<Reference<T>>,
+}
+
+/// What a rank reports for one case.
+struct RankResult {
+    case: usize,
+    rank: usize,
+    dispatched: Path,
+    timings: Vec<PathTiming>,
+}
+
+/// One input set on the device.
+struct DeviceSet<T: Element> {
+    input: CudaBuffer<T>,
+    residual: CudaBuffer<T>,
+    out: CudaBuffer<T>,
+    residual_out: CudaBuffer<T>,
+}
+
+/// The device's floors: copy bandwidth and one graph node.
+fn measure_floors(device: &CudaDevice, stream: &CudaStream) -> Result<Floors> {
+    const BYTES: usize = 256 << 20;
+    let src = CudaBuffer::<u8>::zeros(device, BYTES)?;
+    let dst = CudaBuffer::<u8>::zeros(device, BYTES)?;
+    let copy = || -> Result<f64> {
+        let start = stream.record_event()?;
+        // SAFETY: both buffers hold BYTES bytes and outlive the synchronisation below.
+        unsafe { Cuda::copy(stream, dst.device_ptr(), src.device_ptr(), BYTES)? };
+        let end = stream.record_event()?;
+        end.synchronize()?;
+        Ok(end.elapsed_since(&start)?.as_secs_f64())
+    };
+    copy()?;
+    let mut secs = Vec::new();
+    for _ in 0..10 {
+        secs.push(copy()?);
+    }
+    let best = Stats::of(&secs).context("no copy timings")?.p50;
+    let copy_gbs = 2.0 * BYTES as f64 / best / 1e9;
+
+    const NODES: usize = 100;
+    stream.begin_capture()?;
+    for i in 0..NODES {
+        // SAFETY: 16-byte copies inside the buffers above, which outlive the graph.
+        unsafe { Cuda::copy(stream, dst.device_ptr().add(i * 64), src.device_ptr().add(i * 64), 16)? };
+    }
+    let graph = stream.end_capture()?;
+    graph.upload(stream)?;
+    let mut per_node = Vec::new();
+    for i in 0..13 {
+        let start = stream.record_event()?;
+        // SAFETY: the graph copies between the live buffers above.
+        unsafe { graph.launch(stream)? };
+        let end = stream.record_event()?;
+        end.synchronize()?;
+        if i >= 3 {
+            per_node.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / NODES as f64);
+        }
+    }
+    stream.synchronize()?;
+    drop(graph);
+    Ok(Floors { copy_gbs, graph_node_us: Stats::of(&per_node).context("no graph timings")?.p50 })
+}
+
+/// Runs the plan for storage type `T`; returns the report.
+pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result<Report> {
+    Cuda::check_available().context("the cuda backend")?;
+    let available = Cuda::device_count()?;
+    if available == 0 {
+        bail!("no CUDA device");
+    }
+    let gpus = plan.gpus.clamp(1, available).min(plan.world_size);
+    let ranks_per_gpu = plan.world_size.div_ceil(gpus);
+    let world = plan.world_size;
+    let phase = Phase::new(world);
+    let rendezvous: Vec<Mutex<Option<ThreadRendezvous>>> =
+        ThreadRendezvous::group(world, PHASE_TIMEOUT).into_iter().map(|r| Mutex::new(Some(r))).collect();
+    let (result_tx, result_rx) = mpsc::channel::<RankResult>();
+    let mut case_txs = Vec::new();
+    let mut case_rxs = Vec::new();
+    for _ in 0..world {
+        let (tx, rx) = mpsc::sync_channel::<Arc<Case<T>>>(1);
+        case_txs.push(tx);
+        case_rxs.push(Mutex::new(Some(rx)));
+    }
+    let floors: Mutex<Option<(Floors, String)>> = Mutex::new(None);
+    let date = crate::report::utc_now();
+    let paths_per_case = 3;
+    progress.set_length((plan.cases.len() * paths_per_case) as u64);
+
+    let rows = std::thread::scope(|scope| -> Result<Vec<Row>> {
+        let mut handles = Vec::new();
+        for rank in 0..world {
+            let (phase, rendezvous, case_rxs, result_tx, floors) =
+                (&phase, &rendezvous, &case_rxs, result_tx.clone(), &floors);
+            handles.push(scope.spawn(move || {
+                let body = || -> Result<()> {
+                    let mut rdv = rendezvous[rank].lock().take().context("rendezvous taken")?;
+                    let cases = case_rxs[rank].lock().take().context("case channel taken")?;
+                    let device = Cuda::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
+                    let stream = Cuda::create_stream(&device)?;
+                    let config = Config { deadline: Duration::from_secs(20), ..Config::default() };
+                    let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rdv, config)?;
+                    phase.wait()?;
+                    if rank == 0 {
+                        let measured = measure_floors(&device, &stream)?;
+                        *floors.lock() = Some((measured, Cuda::describe(&device)));
+                    }
+                    for (index, case) in cases.iter().enumerate() {
+                        let timings = run_case(plan, rank, &stream, &mut op, phase, &case, progress)?;
+                        let dispatched = op.plan::<T>(case.shape.rows, case.shape.hidden);
+                        if result_tx.send(RankResult { case: index, rank, dispatched, timings }).is_err() {
+                            bail!("the collector stopped");
+                        }
+                    }
+                    phase.wait()?;
+                    Ok(())
+                };
+                let res = body();
+                if let Err(e) = &res {
+                    phase.fail(format!("rank {rank}: {e:#}"));
+                }
+                res
+            }));
+        }
+        drop(result_tx);
+        // Prepare each case while the ranks run the previous one.
+        for (mode, shape) in &plan.cases {
+            let case = Arc::new(prepare_case::<T>(plan, *mode, *shape));
+            for tx in &case_txs {
+                if tx.send(case.clone()).is_err() {
+                    break; // a rank stopped; its error is reported below
+                }
+            }
+        }
+        case_txs.clear();
+        let mut per_case: Vec<Vec<RankResult>> = (0..plan.cases.len()).map(|_| Vec::new()).collect();
+        for result in result_rx {
+            let slot = per_case.get_mut(result.case).context("result for an unknown case")?;
+            slot.push(result);
+        }
+        for (rank, handle) in handles.into_iter().enumerate() {
+            handle.join().map_err(|_| anyhow!("rank {rank} panicked"))??;
+        }
+        let mut rows = Vec::new();
+        for ((mode, shape), mut results) in plan.cases.iter().zip(per_case) {
+            results.sort_by_key(|r| r.rank);
+            let first = results.first().context("a case without results")?;
+            let mut paths = first.timings.clone();
+            for (i, timing) in paths.iter_mut().enumerate() {
+                let checks: Vec<Option<bool>> = results.iter().map(|r| r.timings[i].exact).collect();
+                timing.exact = if checks.iter().all(|c| *c == Some(true)) {
+                    Some(true)
+                } else if checks.contains(&Some(false)) {
+                    Some(false)
+                } else {
+                    None
+                };
+            }
+            rows.push(Row {
+                mode: *mode,
+                shape: *shape,
+                dtype: T::DTYPE.to_string(),
+                dispatched: first.dispatched.name().to_string(),
+                paths,
+                floor_bytes: floor_bytes(*shape, T::DTYPE.size(), ranks_per_gpu),
+            });
+        }
+        Ok(rows)
+    })?;
+    let (floors, device) = floors.lock().take().context("floors were not measured")?;
+    Ok(Report {
+        device: format!("{device} x{gpus}"),
+        backend: "cuda".into(),
+        date,
+        command: plan.command.clone(),
+        world_size: world,
+        ranks_per_gpu,
+        iters: plan.decode_iters,
+        repeats: plan.repeats,
+        input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(*s, T::DTYPE.size()))).collect(),
+        floors,
+        rows,
+    })
+}
+
+fn prepare_case<T: Element>(plan: &Plan, mode: Mode, shape: Shape) -> Case<T> {
+    let sets = input_sets(shape, T::DTYPE.size());
+    let seed = plan.seed ^ ((shape.rows as u64) << 32 | shape.hidden as u64);
+    let fixtures: Vec<Fixture<T>> = (0..sets)
+        .map(|i| {
+            Fixture::generate(
+                &Problem::new(plan.world_size, shape.rows, shape.hidden, T::DTYPE)
+                    .with_seed(seed.wrapping_add(i as u64)),
+            )
+        })
+        .collect();
+    let reference = plan.check.then(|| Reference::compute(&fixtures[0]));
+    Case { mode, shape, sets: fixtures, reference }
+}
+
+fn run_case<T: Element>(
+    plan: &Plan,
+    rank: usize,
+    stream: &CudaStream,
+    op: &mut AllReduceRmsNorm<Cuda>,
+    phase: &Phase,
+    case: &Case<T>,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<PathTiming>> {
+    let what = format!("rank {rank} {:?} {}", case.mode, case.shape);
+    phase.wait()?;
+    let mut poisoned = vec![T::from_f32(0.0); case.shape.rows * case.shape.hidden];
+    poison(&mut poisoned);
+    let weight = CudaBuffer::from_slice(stream, &case.sets[0].weight)?;
+    let mut sets = Vec::new();
+    for fixture in &case.sets {
+        sets.push(DeviceSet {
+            input: CudaBuffer::from_slice(stream, &fixture.inputs[rank])?,
+            residual: CudaBuffer::from_slice(stream, &fixture.residual)?,
+            out: CudaBuffer::from_slice(stream, &poisoned)?,
+            residual_out: CudaBuffer::from_slice(stream, &poisoned)?,
+        });
+    }
+    let iters = match case.mode {
+        Mode::Decode => plan.decode_iters,
+        Mode::Prefill => plan.prefill_iters,
+    }
+    .max(1);
+    let mut timings = Vec::new();
+    for path in [UNFUSED, Path::OneStage, Path::TwoStage] {
+        sets[0].out.upload(stream, &poisoned)?;
+        sets[0].residual_out.upload(stream, &poisoned)?;
+        let call = |op: &mut AllReduceRmsNorm<Cuda>, sets: &mut [DeviceSet<T>], k: usize| -> Result<()> {
+            let n = sets.len();
+            let set = &mut sets[k % n];
+            op.forward_on(
+                stream,
+                path,
+                Args {
+                    input: TensorRef::new(&set.input),
+                    residual: TensorRef::new(&set.residual),
+                    weight: TensorRef::new(&weight),
+                    out: TensorMut::new(&mut set.out),
+                    residual_out: TensorMut::new(&mut set.residual_out),
+                    eps: case.sets[0].problem.eps,
+                },
+            )
+            .with_context(|| format!("{what} {path}"))?;
+            Ok(())
+        };
+        let mut samples = Vec::new();
+        match case.mode {
+            Mode::Decode => {
+                phase.wait()?;
+                stream.begin_capture()?;
+                for k in 0..iters {
+                    call(op, &mut sets, k)?;
+                }
+                let graph = stream.end_capture()?;
+                graph.upload(stream)?;
+                stream.synchronize()?;
+                phase.wait()?;
+                for _ in 0..plan.warmup {
+                    // SAFETY: the graph's tensors are `sets` and `weight`, alive past the sync below.
+                    unsafe { graph.launch(stream)? };
+                }
+                stream.synchronize()?;
+                for _ in 0..plan.repeats {
+                    phase.wait()?;
+                    let start = stream.record_event()?;
+                    // SAFETY: as above.
+                    unsafe { graph.launch(stream)? };
+                    let end = stream.record_event()?;
+                    end.synchronize()?;
+                    samples.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / iters as f64);
+                }
+                op.check(stream).with_context(|| format!("{what} {path}"))?;
+                phase.wait()?;
+                drop(graph);
+            }
+            Mode::Prefill => {
+                phase.wait()?;
+                for _ in 0..plan.warmup {
+                    for k in 0..iters {
+                        call(op, &mut sets, k)?;
+                    }
+                }
+                op.check(stream).with_context(|| format!("{what} {path}"))?;
+                for _ in 0..plan.repeats {
+                    phase.wait()?;
+                    let start = stream.record_event()?;
+                    for k in 0..iters {
+                        call(op, &mut sets, k)?;
+                    }
+                    let end = stream.record_event()?;
+                    end.synchronize()?;
+                    samples.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / iters as f64);
+                }
+                op.check(stream).with_context(|| format!("{what} {path}"))?;
+            }
+        }
+        let exact = match &case.reference {
+            Some(reference) => {
+                let out = sets[0].out.download(stream)?;
+                let residual_out = sets[0].residual_out.download(stream)?;
+                let ok = unwritten(&out).is_empty()
+                    && unwritten(&residual_out).is_empty()
+                    && reference.residual_out_mismatches(&residual_out).total == 0
+                    && reference.out_violations(&out, 1).total == 0;
+                if !ok {
+                    eprintln!("{what} {path}: outputs differ from the reference");
+                }
+                Some(ok)
+            }
+            None => None,
+        };
+        let stats = Stats::of(&samples).context("no samples (repeats 0?)")?;
+        timings.push(PathTiming { path: path.name().to_string(), stats, exact });
+        if rank == 0 {
+            progress.set_message(format!("{:?} {} {}", case.mode, case.shape, path.name()));
+            progress.inc(1);
+        }
+    }
+    // Free the buffers only when no peer's kernel can be spinning.
+    stream.synchronize()?;
+    phase.wait()?;
+    drop(sets);
+    drop(weight);
+    Ok(timings)
+}

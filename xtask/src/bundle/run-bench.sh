@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs arfuse-bench, then the peers on the same shapes, and prints the merged table
+# (written by `cargo xtask bundle`). Arguments go to arfuse-bench.
+#
+#   ./run-bench.sh --world 2 --repeats 20
+#
+# Results land in $OUT (or ./results): arfuse.json, peers.json, arfuse.md, merged.md.
+set -eu
+cd "$(dirname "$0")"
+out=${OUT:-results}
+mkdir -p "$out"
+nvrtc=$(find / -name 'libnvrtc.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)
+if [ -n "$nvrtc" ]; then export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"; fi
+./arfuse-bench --json "$out/arfuse.json" "$@" | tee "$out/arfuse.md"
+if python3 -c 'import torch' 2>/dev/null; then
+  python3 peers/peers.py --arfuse "$out/arfuse.json" --json "$out/peers.json" | tee "$out/merged.md"
+else
+  echo "peers skipped: no PyTorch on this machine"
+fi
