@@ -58,7 +58,9 @@ pub struct Policy {
     pub peer_access: bool,
     /// Whether every rank is on this host.
     pub single_host: bool,
-    /// Whether the vendor collective library is loaded and a communicator exists.
+    /// Whether the vendor collective library is loaded and a communicator exists. The operator
+    /// sets it (true iff it holds a communicator, see [`crate::AllReduceRmsNorm::with_collective`]);
+    /// a configured value is overwritten.
     pub vendor_available: bool,
 }
 

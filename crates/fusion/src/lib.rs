@@ -12,14 +12,18 @@
 //! | the call's tensors | [`Args`], [`TensorRef`], [`TensorMut`] |
 //! | which path runs | [`choose_path`], [`Policy`], [`Path`] |
 //! | configuration, `ARFUSE_*` variables | [`Config`] |
+//! | the vendor collective fallback (NCCL/RCCL) | [`vendor`], [`AllReduceRmsNorm::with_collective`] |
 //!
 //! Numerics: DESIGN.md's contract, on every path — `residual_out` is bit-identical between the
-//! 1-stage, 2-stage and unfused paths, and `out` too (the same row routine on every path).
+//! 1-stage, 2-stage and unfused paths, and `out` too (the same row routine on every path). The
+//! vendor path ([`AllReduce::Vendor`]) is the exception: its sum is the library's, in the library's
+//! order; everything after the sum follows the contract (see [`vendor`]).
 
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod operator;
+pub mod vendor;
 
 pub use arfuse_ipc as ipc;
 pub use arfuse_kernels as kernels;

@@ -2,8 +2,10 @@
 
 use crate::config::Config;
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
+use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
 use arfuse_ipc::{Rendezvous, SharedBuffers};
+use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::params::SIGNAL_ERROR_OFFSET;
 use arfuse_kernels::{
     Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, MAX_RANKS,
@@ -92,11 +94,19 @@ struct Call {
 /// same shapes, in the same order. On the CPU backend a call has finished when it returns; on GPU
 /// backends it is enqueued on the given stream, and a peer failure inside a kernel surfaces at
 /// [`check`](Self::check).
+///
+/// The vendor collective library (NCCL/RCCL) is the fallback for what our kernels cannot take
+/// (sizes beyond the staging area, no peer access, several hosts): an operator made with
+/// [`with_collective`](Self::with_collective) or [`with_communicator`](Self::with_communicator)
+/// holds a [`Communicator`] and dispatches there; one made with [`new`](Self::new) has none, and
+/// refuses the vendor path with [`Error::VendorUnavailable`] (see [`crate::vendor`]).
 pub struct AllReduceRmsNorm<B: Backend> {
     device: B::Device,
     buffers: SharedBuffers<B>,
     config: Config,
     poisoned: Option<String>,
+    vendor: Option<VendorFallback<B>>,
+    last_path: Option<Path>,
 }
 
 impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
@@ -106,6 +116,8 @@ impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
             .field("rank", &self.buffers.rank())
             .field("world_size", &self.buffers.world_size())
             .field("config", &self.config)
+            .field("vendor", &self.vendor.as_ref().map(|v| &v.comm))
+            .field("last_path", &self.last_path)
             .finish_non_exhaustive()
     }
 }
@@ -113,7 +125,11 @@ impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
 impl<B: Backend> AllReduceRmsNorm<B> {
     /// Creates the operator of this rank: allocates and exchanges the shared buffers through
     /// `rendezvous`. Every rank of the group must call it with the same configuration.
-    pub fn new(device: &B::Device, rendezvous: &mut dyn Rendezvous, config: Config) -> Result<Self> {
+    ///
+    /// It has no vendor collective library: `config.policy.vendor_available` is set to `false`, and
+    /// a call the dispatcher sends to the vendor library fails with [`Error::VendorUnavailable`].
+    pub fn new(device: &B::Device, rendezvous: &mut dyn Rendezvous, mut config: Config) -> Result<Self> {
+        config.policy.vendor_available = false;
         config.validate()?;
         let world_size = rendezvous.world_size();
         if world_size == 0 || world_size > MAX_RANKS {
@@ -122,7 +138,62 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         // Load the kernels before the last meeting of the ranks: no rank launches before all have.
         B::prepare(device)?;
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
-        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, poisoned: None })
+        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, poisoned: None, vendor: None, last_path: None })
+    }
+
+    /// As [`new`](Self::new), plus a communicator of the vendor collective library (NCCL/RCCL,
+    /// loaded at run time, see [`arfuse_kernels::collective`]) created over the same ranks through
+    /// `rendezvous` ([`vendor::create_communicator`]); `config.policy.vendor_available` is then
+    /// `true`. Fails with the library's error if any rank cannot load it.
+    pub fn with_collective(device: &B::Device, rendezvous: &mut dyn Rendezvous, config: Config) -> Result<Self>
+    where
+        B: CollectiveBackend,
+    {
+        let op = Self::new(device, rendezvous, config)?;
+        let comm = vendor::create_communicator::<B>(device, rendezvous)?;
+        Ok(op.attach(comm))
+    }
+
+    /// As [`new`](Self::new), with a communicator the caller already has (e.g. one wrapping an
+    /// engine's `ncclComm_t`, [`Communicator::from_raw`]). Its rank and world size must be this
+    /// rank's and the group's.
+    pub fn with_communicator(
+        device: &B::Device,
+        rendezvous: &mut dyn Rendezvous,
+        config: Config,
+        comm: Communicator,
+    ) -> Result<Self>
+    where
+        B: CollectiveBackend,
+    {
+        let (rank, world) = (rendezvous.rank(), rendezvous.world_size());
+        if comm.rank() != rank || comm.world_size() != world {
+            return Err(Error::Config(format!(
+                "communicator is rank {} of {}, the rendezvous rank {rank} of {world}",
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        Ok(Self::new(device, rendezvous, config)?.attach(comm))
+    }
+
+    fn attach(mut self, comm: Communicator) -> Self
+    where
+        B: CollectiveBackend,
+    {
+        self.vendor = Some(VendorFallback::new(comm));
+        self.config.policy.vendor_available = true;
+        self
+    }
+
+    /// The vendor library's communicator, if this operator has one.
+    pub fn communicator(&self) -> Option<&Communicator> {
+        self.vendor.as_ref().map(|v| &v.comm)
+    }
+
+    /// The path of the last call that was enqueued successfully (`None` before the first).
+    pub fn last_path(&self) -> Option<Path> {
+        self.last_path
     }
 
     /// This rank.
@@ -152,6 +223,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let call = self.validate(&args)?;
         let path = choose_path(&call.request, &self.config.policy);
         self.run(stream, path, call, &args)?;
+        self.last_path = Some(path);
         Ok(path)
     }
 
@@ -169,10 +241,12 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             )));
         }
         self.run(stream, path, call, &args)?;
+        self.last_path = Some(path);
         Ok(path)
     }
 
-    /// Waits for the stream and reports a peer failure a GPU kernel recorded in the signal area.
+    /// Waits for the stream and reports a peer failure a GPU kernel recorded in the signal area, or
+    /// an error the vendor library recorded asynchronously.
     pub fn check(&mut self, stream: &B::Stream) -> Result<()> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Poisoned(why.clone()));
@@ -188,6 +262,12 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 Error::PeerTimeout { rank: self.rank() as u32, peer: word.peer(), deadline: self.config.deadline };
             self.poisoned = Some(err.to_string());
             return Err(err);
+        }
+        if let Some(vendor) = &mut self.vendor {
+            if let Err(e) = vendor.comm.async_error() {
+                self.poisoned = Some(e.to_string());
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -308,7 +388,32 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 self.launch(stream, kernel(Op::ScratchAddRmsNorm), &params)
             }
             Path::Unfused { all_reduce: AllReduce::Vendor, reason } => {
-                Err(Error::VendorUnavailable { reason: format!("{reason:?}") })
+                let Some(vendor) = self.vendor.as_mut() else {
+                    return Err(Error::VendorUnavailable { reason: format!("{reason:?}") });
+                };
+                // The library's sum goes to `out` (never onto the caller's input, which is only
+                // borrowed), and add+RMSNorm reads it from there in place, as on the custom path.
+                let enqueued = (vendor.make_current)(&self.device).and_then(|()| {
+                    let raw_stream = (vendor.raw_stream)(stream);
+                    // SAFETY: `validate` checked that `input` and `out` hold `rows * hidden`
+                    // elements of `T` and are distinct borrows (`&` and `&mut`); `raw_stream` is
+                    // the live stream of this rank's device, which `make_current` made current.
+                    unsafe {
+                        vendor.comm.all_reduce_sum(
+                            DevicePtr(params.input),
+                            DevicePtr(params.out),
+                            call.rows * call.hidden,
+                            T::DTYPE,
+                            raw_stream,
+                        )
+                    }
+                });
+                if let Err(e) = enqueued {
+                    self.poisoned = Some(e.to_string());
+                    return Err(e.into());
+                }
+                let norm = LaunchParams { input: params.out, ..params };
+                self.launch(stream, kernel(Op::AddRmsNorm), &norm)
             }
             Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
                 // The all-reduced sum goes to `out`, and add+RMSNorm reads it from there in place

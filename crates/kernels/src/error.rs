@@ -76,6 +76,24 @@ pub enum Error {
         /// The peer's call descriptor.
         theirs: String,
     },
+    /// The vendor collective library (NCCL/RCCL) could not be loaded, or lacks an entry point.
+    #[error("vendor collective library unavailable: {why} (tried: {})", .tried.join("; "))]
+    CollectiveUnavailable {
+        /// Every library tried, each with why it was refused.
+        tried: Vec<String>,
+        /// The conclusion.
+        why: String,
+    },
+    /// A call of the vendor collective library failed.
+    #[error("collective library call {call} failed with code {code}: {message}")]
+    Collective {
+        /// The failing call, e.g. `ncclAllReduce`.
+        call: &'static str,
+        /// The library's `ncclResult_t` (or -1 for a call refused before reaching the library).
+        code: i32,
+        /// The library's description of the code.
+        message: String,
+    },
     /// A handle received from a peer is not valid for this backend.
     #[error("invalid IPC handle: {0}")]
     InvalidHandle(String),

@@ -11,6 +11,7 @@
 //! | a peer's buffer in our address space | [`Backend::PeerMapping`] |
 //! | one kernel, its arguments | [`KernelId`], [`LaunchParams`] |
 //! | the numerics contract | [`contract`] |
+//! | the vendor collective library (NCCL/RCCL), the fallback | [`collective`] |
 //!
 //! Design choices:
 //! - One static trait, no `dyn` on the hot path; every launch is `unsafe` with its extents documented.
@@ -19,11 +20,13 @@
 //! - One [`LaunchParams`] struct for every kernel and backend, mirrored in the C++ header.
 //!
 //! # Safety model
-//! `unsafe` lives in `cpu/` (shared memory, raw views) and in the GPU backends' FFI wrappers.
+//! `unsafe` lives in `cpu/` (shared memory, raw views), in the GPU backends' FFI wrappers and in
+//! `collective/` (the vendor library's entry points, loaded at run time).
 //! Callers of [`Backend::launch`] promise the pointer extents; the barrier protocol promises that
 //! no rank writes memory a peer is still reading.
 
 pub mod backend;
+pub mod collective;
 pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -37,6 +40,7 @@ pub mod params;
 pub mod source;
 
 pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
+pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use kernel_id::{KernelId, Op};

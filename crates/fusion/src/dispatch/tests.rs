@@ -106,3 +106,90 @@ fn world_sizes_1_to_8_fuse_including_6() {
 fn empty_is_noop() {
     assert_eq!(choose_path(&req(0, 4096), &Policy::default()), Path::Noop);
 }
+
+#[test]
+fn too_large_goes_to_the_vendor_only_where_one_is_available() {
+    let without = Policy::default();
+    let with = Policy { vendor_available: true, ..without };
+    // 8193 x 4096 bf16 = 64 MiB + 8 KiB > max_size / 2.
+    let r = req(8193, 4096);
+    assert_eq!(
+        choose_path(&r, &without),
+        Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::TooLarge }
+    );
+    assert_eq!(
+        choose_path(&r, &with),
+        Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::TooLarge }
+    );
+    // At the boundary, fused with or without the vendor library.
+    assert_eq!(choose_path(&req(8192, 4096), &with), Path::TwoStage);
+    // A smaller staging area moves the boundary with it.
+    let small = Policy { max_size: 1 << 20, ..with };
+    assert_eq!(choose_path(&req(64, 4096), &small), Path::TwoStage); // 512 KiB = max_size / 2
+    assert_eq!(
+        choose_path(&req(65, 4096), &small),
+        Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::TooLarge }
+    );
+}
+
+#[test]
+fn topology_reasons_go_to_the_vendor_with_or_without_it() {
+    // Our kernels cannot run there at all: the vendor path is chosen even where no library is
+    // loaded (the operator then refuses the call with `VendorUnavailable`, never runs a wrong path).
+    for vendor_available in [false, true] {
+        let base = Policy { vendor_available, ..Policy::default() };
+        let cases = [
+            (Policy { peer_access: false, ..base }, 4, FallbackReason::NoPeerAccess),
+            (Policy { single_host: false, ..base }, 4, FallbackReason::MultiHost),
+            (base, 9, FallbackReason::WorldSizeUnsupported),
+            (base, 64, FallbackReason::WorldSizeUnsupported),
+        ];
+        for (policy, world_size, reason) in cases {
+            for (rows, hidden) in [(1, 4096), (16, 8192), (8193, 4096)] {
+                let r = Request { world_size, ..req(rows, hidden) };
+                assert_eq!(
+                    choose_path(&r, &policy),
+                    Path::Unfused { all_reduce: AllReduce::Vendor, reason },
+                    "{rows}x{hidden} world {world_size} vendor {vendor_available}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn reasons_take_precedence_in_a_fixed_order() {
+    // World size, then hosts, then peer access, then configuration, then size.
+    let everything_wrong =
+        Policy { enabled: false, peer_access: false, single_host: false, vendor_available: true, ..Policy::default() };
+    let r = Request { world_size: 9, ..req(8193, 4096) };
+    assert!(matches!(
+        choose_path(&r, &everything_wrong),
+        Path::Unfused { reason: FallbackReason::WorldSizeUnsupported, .. }
+    ));
+    let r = Request { world_size: 8, ..r };
+    assert!(matches!(choose_path(&r, &everything_wrong), Path::Unfused { reason: FallbackReason::MultiHost, .. }));
+    let p = Policy { single_host: true, ..everything_wrong };
+    assert!(matches!(choose_path(&r, &p), Path::Unfused { reason: FallbackReason::NoPeerAccess, .. }));
+    let p = Policy { peer_access: true, ..p };
+    assert_eq!(choose_path(&r, &p), Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled });
+    // A hidden size beyond the fused kernels stays on our custom all-reduce, vendor or not.
+    let p = Policy { enabled: true, ..p };
+    assert_eq!(
+        choose_path(&req(1, 32776), &p),
+        Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::HiddenUnsupported }
+    );
+    // An empty tensor is a no-op even where nothing else could run.
+    assert_eq!(choose_path(&Request { world_size: 9, ..req(0, 4096) }, &everything_wrong), Path::Noop);
+}
+
+#[test]
+fn path_names_say_which_all_reduce_ran() {
+    let vendor = Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::MultiHost };
+    let custom = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::TooLarge };
+    assert_eq!(vendor.to_string(), "vendor");
+    assert_eq!(custom.to_string(), "unfused");
+    assert_eq!(Path::OneStage.to_string(), "fused-1stage");
+    assert_eq!(Path::TwoStage.to_string(), "fused-2stage");
+    assert_eq!(Path::Noop.to_string(), "noop");
+}

@@ -184,3 +184,48 @@ fn invalid_config_is_refused_at_creation() {
     let err = AllReduceRmsNorm::<Cpu>::new(&device, &mut group[0], config).expect_err("bad max_size");
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
+
+/// An operator without a communicator of the vendor library: its policy says so whatever the
+/// configuration claimed, a tensor too large for the staging area takes our custom all-reduce,
+/// and the vendor path, forced, is refused with a typed error before anything is written.
+#[test]
+fn without_a_communicator_the_vendor_path_is_refused_and_sizes_stay_custom() {
+    use arfuse_fusion::{AllReduce, FallbackReason, Path};
+    let seed = TestSeed::new("refusals::vendor_unavailable");
+    let mut config = test_config(1 << 14);
+    config.policy.vendor_available = true;
+    run_group(2, config, |op, stream| {
+        assert!(!op.config().policy.vendor_available, "no communicator, so no vendor");
+        assert!(op.communicator().is_none());
+        assert_eq!(op.last_path(), None);
+        let (rows, hidden) = (4, 64);
+        for reason in [FallbackReason::NoPeerAccess, FallbackReason::MultiHost, FallbackReason::TooLarge] {
+            let mut bufs = Bufs::new(rows, hidden);
+            let n = rows * hidden;
+            let args = Args {
+                input: TensorRef::new(&bufs.input[..]),
+                residual: TensorRef::new(&bufs.residual[..]),
+                weight: TensorRef::new(&bufs.weight[..]),
+                out: TensorMut::new(&mut bufs.out[..n]),
+                residual_out: TensorMut::new(&mut bufs.residual_out[..n]),
+                eps: 1e-6,
+            };
+            let err = op
+                .forward_on(stream, Path::Unfused { all_reduce: AllReduce::Vendor, reason }, args)
+                .expect_err("no vendor library");
+            assert!(matches!(err, Error::VendorUnavailable { .. }), "{reason:?}: unexpected error {err}");
+            assert!(bufs.untouched(), "{reason:?}: outputs written although the call was refused");
+            assert_eq!(op.last_path(), None, "a refused call is not the last path");
+        }
+        // 64 rows x 128 bf16 = 16 KiB > max_size / 2 = 8 KiB: too large, custom all-reduce in chunks.
+        let problem = Problem::new(2, 64, 128, arfuse_kernels::DType::Bf16).with_seed(seed.seed());
+        let fixture = Fixture::<bf16>::generate(&problem);
+        let reference = arfuse_testkit::Reference::compute(&fixture);
+        let got = call(op, stream, None, &fixture).expect("too large for the staging area, custom path");
+        let expected = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::TooLarge };
+        assert_eq!(got.path, expected);
+        assert_eq!(op.last_path(), Some(expected));
+        assert_eq!(expected.to_string(), "unfused");
+        reference.assert_residual_out_exact("custom, too large", &got.residual_out);
+    });
+}

@@ -61,6 +61,20 @@ impl Cuda {
     }
 }
 
+/// NCCL enqueues on the driver's `CUstream` (a `cudaStream_t` is the same handle) and creates
+/// communicators on the current context's device.
+impl crate::collective::CollectiveBackend for Cuda {
+    const VENDOR: crate::collective::Vendor = crate::collective::Vendor::Nccl;
+
+    fn raw_stream(stream: &CudaStream) -> *mut c_void {
+        stream.cu_stream().cast()
+    }
+
+    fn make_current(device: &CudaDevice) -> Result<()> {
+        device.bind()
+    }
+}
+
 impl Backend for Cuda {
     const KIND: BackendKind = BackendKind::Cuda;
     type Device = CudaDevice;

@@ -78,6 +78,19 @@ impl Hip {
     }
 }
 
+/// RCCL enqueues on a `hipStream_t` and creates communicators on the current device.
+impl crate::collective::CollectiveBackend for Hip {
+    const VENDOR: crate::collective::Vendor = crate::collective::Vendor::Rccl;
+
+    fn raw_stream(stream: &HipStream) -> *mut c_void {
+        stream.raw().cast()
+    }
+
+    fn make_current(device: &HipDevice) -> Result<()> {
+        device.bind()
+    }
+}
+
 impl Backend for Hip {
     const KIND: BackendKind = BackendKind::Hip;
     type Device = HipDevice;

@@ -1,0 +1,237 @@
+//! The vendor collective fallback on NVIDIA: NCCL's all-reduce into `out`, then our add+RMSNorm
+//! kernel, checked against the testkit reference.
+//!
+//! Skips loudly (prints why) without a CUDA device or without a loadable NCCL (`libnccl.so.2`,
+//! `libnccl.so`, or `ARFUSE_NCCL_LIBRARY`); fails instead when `ARFUSE_REQUIRE_BACKENDS` names
+//! `nccl`. The world-2 test needs two GPUs (NCCL refuses two ranks of one group on one GPU) and
+//! skips loudly on a machine with fewer, whatever `ARFUSE_REQUIRE_BACKENDS` says.
+//!
+//! Run on a GPU machine: `cargo test -p arfuse-fusion --test nccl -- --nocapture`.
+#![cfg(feature = "cuda")]
+
+use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_ipc::ThreadRendezvous;
+use arfuse_kernels::api::Cuda;
+use arfuse_kernels::collective::{CollectiveBackend, Library, Vendor};
+use arfuse_kernels::cuda::CudaBuffer;
+use arfuse_kernels::{Backend, Element};
+use arfuse_testkit::reference::add_residual_element;
+use arfuse_testkit::{assert_all_written, poison, run_threads, Fixture, Problem, Reference, TestSeed};
+use half::bf16;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The vendor path, forced (the reason is informational).
+const VENDOR: Path = Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::TooLarge };
+
+const SHAPES: [(usize, usize); 3] = [(1, 4096), (16, 8192), (128, 5120)];
+
+/// Whether this machine can run the test: `min_devices` CUDA devices and a loadable NCCL.
+fn nccl_available(test: &str, min_devices: usize) -> bool {
+    let required = std::env::var("ARFUSE_REQUIRE_BACKENDS").unwrap_or_default().split(',').any(|b| b.trim() == "nccl");
+    let why = match Cuda::device_count() {
+        Ok(0) => "no CUDA device".to_string(),
+        Ok(n) if n < min_devices => {
+            // A property of the machine, not a missing backend: skip even where nccl is required.
+            println!("SKIP {test}: {n} CUDA device(s), the test needs {min_devices} (NCCL: one GPU per rank)");
+            return false;
+        }
+        Ok(_) => match Library::open(Vendor::Nccl) {
+            Ok(library) => {
+                let (major, minor, patch) = library.version();
+                println!("{test}: NCCL {major}.{minor}.{patch} from {}", library.path());
+                return true;
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    assert!(!required, "{test}: ARFUSE_REQUIRE_BACKENDS names nccl, but: {why}");
+    println!("SKIP {test}: {why}");
+    false
+}
+
+/// `fixture` with every `-0.0` input turned into `+0.0`. The contract's sum maps `-0.0` to `+0.0`;
+/// NCCL's does not (an all-`-0.0` element stays `-0.0`), so on inputs without `-0.0` the library's
+/// sum of one or two ranks is exactly the contract's (one f32 addition at most, rounded once), and
+/// the ordinary reference applies. The library's own `-0.0` is checked separately below.
+fn without_negative_zero_inputs<T: Element>(mut fixture: Fixture<T>) -> Fixture<T> {
+    for input in &mut fixture.inputs {
+        for v in input.iter_mut() {
+            *v = v.canonical_zero();
+        }
+    }
+    fixture
+}
+
+/// One rank's calls over every shape: the vendor path forced, then the dispatcher's own choice
+/// (with a 1 MiB staging area, 128x5120 bf16 = 1.25 MiB is too large and goes to the vendor).
+fn rank_calls(
+    op: &mut AllReduceRmsNorm<Cuda>,
+    stream: &<Cuda as Backend>::Stream,
+    rank: usize,
+    cases: &[(Fixture<bf16>, Reference<bf16>)],
+) {
+    for (fixture, reference) in cases {
+        let input = CudaBuffer::from_slice(stream, &fixture.inputs[rank]).expect("input");
+        let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
+        let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
+        let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
+        poison(&mut poisoned);
+        let mut out = CudaBuffer::from_slice(stream, &poisoned).expect("out");
+        let mut residual_out = CudaBuffer::from_slice(stream, &poisoned).expect("residual_out");
+        for forced in [Some(VENDOR), None] {
+            out.upload(stream, &poisoned).expect("poison out");
+            residual_out.upload(stream, &poisoned).expect("poison residual_out");
+            let args = Args {
+                input: TensorRef::new(&input),
+                residual: TensorRef::new(&residual),
+                weight: TensorRef::new(&weight),
+                out: TensorMut::new(&mut out),
+                residual_out: TensorMut::new(&mut residual_out),
+                eps: fixture.problem.eps,
+            };
+            let ran = match forced {
+                Some(path) => op.forward_on(stream, path, args),
+                None => op.forward(stream, args),
+            }
+            .expect("forward");
+            op.check(stream).expect("no failure");
+            assert_eq!(op.last_path(), Some(ran));
+            if forced.is_some() {
+                assert_eq!(ran.to_string(), "vendor");
+            }
+            if fixture.problem.bytes() > op.config().policy.max_size / 2 {
+                assert_eq!(ran, VENDOR, "{}: too large for the staging area", fixture.problem);
+            }
+            let what = format!("nccl rank {rank} {} {ran}", fixture.problem);
+            let got_out = out.download(stream).expect("download");
+            let got_residual_out = residual_out.download(stream).expect("download");
+            assert_all_written(&what, &got_out);
+            assert_all_written(&what, &got_residual_out);
+            reference.assert_residual_out_exact(&what, &got_residual_out);
+            reference.assert_out_within(&what, &got_out, 1);
+        }
+    }
+}
+
+fn cases(world: usize, seed: &TestSeed) -> Vec<(Fixture<bf16>, Reference<bf16>)> {
+    SHAPES
+        .iter()
+        .map(|&(rows, hidden)| {
+            let problem = Problem::new(world, rows, hidden, bf16::DTYPE)
+                .with_seed(seed.derive_named(&format!("{rows}x{hidden}")));
+            let fixture = without_negative_zero_inputs(Fixture::generate(&problem));
+            let reference = Reference::compute(&fixture);
+            (fixture, reference)
+        })
+        .collect()
+}
+
+fn config() -> Config {
+    let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    config.policy.max_size = 1 << 20;
+    config
+}
+
+#[test]
+fn nccl_vendor_path_world_1_matches_the_reference() {
+    let test = "nccl_vendor_path_world_1_matches_the_reference";
+    if !nccl_available(test, 1) {
+        return;
+    }
+    let cases = cases(1, &TestSeed::new("nccl::vendor_world_1"));
+    let mut rendezvous = ThreadRendezvous::group(1, Duration::from_secs(60)).pop().expect("rank 0");
+    let device = Cuda::open_device(0, 1).expect("device");
+    let mut op = AllReduceRmsNorm::<Cuda>::with_collective(&device, &mut rendezvous, config()).expect("operator");
+    assert!(op.config().policy.vendor_available);
+    let comm = op.communicator().expect("communicator");
+    assert_eq!((comm.rank(), comm.world_size(), comm.is_owned()), (0, 1, true));
+    let stream = Cuda::create_stream(&device).expect("stream");
+    rank_calls(&mut op, &stream, 0, &cases);
+    println!("{test}: bf16 {SHAPES:?}, vendor and dispatched paths: residual_out exact, out within 1 ulp");
+}
+
+/// The documented guarantee itself, on a fixture with `-0.0` inputs: `residual_out` is bit-exact
+/// against the contract's step 2 applied to the library's own sum (read back from a direct
+/// all-reduce through the same communicator, which the operator then takes over).
+#[test]
+fn nccl_residual_out_is_exact_against_the_librarys_own_sum() {
+    let test = "nccl_residual_out_is_exact_against_the_librarys_own_sum";
+    if !nccl_available(test, 1) {
+        return;
+    }
+    let (rows, hidden) = (16, 8192);
+    let problem = Problem::new(1, rows, hidden, bf16::DTYPE).with_seed(TestSeed::new("nccl::own_sum").seed());
+    let fixture = Fixture::<bf16>::generate(&problem);
+    let mut rendezvous = ThreadRendezvous::group(1, Duration::from_secs(60)).pop().expect("rank 0");
+    let device = Cuda::open_device(0, 1).expect("device");
+    let stream = &Cuda::create_stream(&device).expect("stream");
+    let mut comm = arfuse_fusion::vendor::create_communicator::<Cuda>(&device, &mut rendezvous).expect("communicator");
+    let input = CudaBuffer::from_slice(stream, &fixture.inputs[0]).expect("input");
+    let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
+    let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
+    let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
+    poison(&mut poisoned);
+    let sum = CudaBuffer::from_slice(stream, &poisoned).expect("sum");
+    // SAFETY: `input` and `sum` are live allocations of `rows * hidden` bf16 on this device, kept
+    // until the download below has synchronised the stream.
+    unsafe {
+        comm.all_reduce_sum(
+            input.device_ptr(),
+            sum.device_ptr(),
+            rows * hidden,
+            bf16::DTYPE,
+            <Cuda as CollectiveBackend>::raw_stream(stream),
+        )
+    }
+    .expect("ncclAllReduce");
+    let library_sum = sum.download(stream).expect("download sum");
+    assert_all_written("library sum", &library_sum);
+    comm.async_error().expect("no asynchronous error");
+
+    let mut op =
+        AllReduceRmsNorm::<Cuda>::with_communicator(&device, &mut rendezvous, config(), comm).expect("operator");
+    let mut out = CudaBuffer::from_slice(stream, &poisoned).expect("out");
+    let mut residual_out = CudaBuffer::from_slice(stream, &poisoned).expect("residual_out");
+    let args = Args {
+        input: TensorRef::new(&input),
+        residual: TensorRef::new(&residual),
+        weight: TensorRef::new(&weight),
+        out: TensorMut::new(&mut out),
+        residual_out: TensorMut::new(&mut residual_out),
+        eps: problem.eps,
+    };
+    assert_eq!(op.forward_on(stream, VENDOR, args).expect("forward"), VENDOR);
+    op.check(stream).expect("no failure");
+    let got = residual_out.download(stream).expect("download");
+    assert_all_written(test, &got);
+    assert_all_written(test, &out.download(stream).expect("download"));
+    let mut kept_negative_zero = 0;
+    for (i, ((&s, &r), &g)) in library_sum.iter().zip(&fixture.residual).zip(&got).enumerate() {
+        let expected = add_residual_element(s, r);
+        assert_eq!(g.to_bits(), expected.to_bits(), "{test}: element {i}: sum {s:?} + residual {r:?} gave {g:?}");
+        kept_negative_zero += usize::from(s.to_bits() == 0x8000);
+    }
+    println!("{test}: {rows}x{hidden} bf16 exact against the library's sum ({kept_negative_zero} elements of -0.0 kept by NCCL)");
+}
+
+#[test]
+fn nccl_vendor_path_world_2_matches_the_reference() {
+    let test = "nccl_vendor_path_world_2_matches_the_reference";
+    let world = 2;
+    if !nccl_available(test, world) {
+        return;
+    }
+    let cases = cases(world, &TestSeed::new("nccl::vendor_world_2"));
+    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+    run_threads(world, |rank| {
+        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+        let device = Cuda::open_device(rank, 1).expect("device");
+        let mut op = AllReduceRmsNorm::<Cuda>::with_collective(&device, &mut rendezvous, config()).expect("operator");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        rank_calls(&mut op, &stream, rank, &cases);
+    });
+    println!("{test}: bf16 {SHAPES:?}, two GPUs: residual_out exact, out within 1 ulp");
+}
