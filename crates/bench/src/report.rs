@@ -171,8 +171,11 @@ pub struct Report {
     pub world_size: usize,
     /// Ranks sharing each GPU (more than 1: ranks simulated on one GPU).
     pub ranks_per_gpu: usize,
-    /// Calls per timed batch (one graph in decode mode).
+    /// Calls per timed batch in decode mode (one graph).
     pub iters: usize,
+    /// Calls per timed batch in prefill mode (0 in reports written before it was recorded).
+    #[serde(default)]
+    pub prefill_iters: usize,
     /// Timed batches per path (the samples of each statistic).
     pub repeats: usize,
     /// Input sets the calls rotate through, per shape: (shape, sets).
@@ -202,7 +205,7 @@ impl Report {
             w = self.world_size,
             rpg = self.ranks_per_gpu,
             dtype = rows[0].dtype,
-            iters = self.iters,
+            iters = if mode == Mode::Decode { self.iters } else { self.prefill_iters },
             reps = self.repeats,
         );
         let _ = writeln!(s);
@@ -342,6 +345,7 @@ mod tests {
             world_size: 2,
             ranks_per_gpu: 2,
             iters: 10,
+            prefill_iters: 5,
             repeats: 3,
             input_sets: vec![],
             floors: Floors { copy_gbs: 3000.0, graph_node_us: 1.0 },

@@ -292,6 +292,7 @@ pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result
         world_size: world,
         ranks_per_gpu,
         iters: plan.decode_iters,
+        prefill_iters: plan.prefill_iters,
         repeats: plan.repeats,
         input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(*s, T::DTYPE.size()))).collect(),
         floors,
