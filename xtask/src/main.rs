@@ -2,6 +2,7 @@
 //!
 //! Every cargo command it runs is echoed, so a user can rerun it by hand.
 
+mod kernels;
 mod tidy;
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +34,25 @@ enum Command {
         /// Also build and test the `hip` feature (needs libamdhip64; HIP_PATH defaults to /usr).
         #[arg(long)]
         hip: bool,
+    },
+    /// Compile the kernels without a GPU for gfx90a/gfx942/gfx950 (clang-22) and sm_80/sm_90/sm_100
+    /// (NVRTC 13.0), check them (symbols, 16-byte global loads); optionally report and emit.
+    ///
+    /// Every mode compiles and checks; with no flag, `--check` is meant. Exits non-zero on any
+    /// failure, naming the architecture and the compiler's log.
+    Kernels {
+        /// Compile for every architecture and check (the compile tests' rules).
+        #[arg(long)]
+        check: bool,
+        /// Also print per kernel and architecture: registers, spills, scratch/stack, shared
+        /// memory, 16-byte load counts (AMD: code-object metadata and ISA; NVIDIA: ptxas -v and,
+        /// where nvdisasm is installed, SASS).
+        #[arg(long)]
+        report: bool,
+        /// Also write the AMD code objects, NVIDIA CUBINs and PTX and a manifest.json into DIR
+        /// (AMD: DIR is what the hip backend's ARFUSE_KERNEL_DIR takes).
+        #[arg(long, value_name = "DIR")]
+        emit: Option<PathBuf>,
     },
     /// Everything CI checks: fmt, clippy (default and hip features), docs, then `test`.
     Ci,
@@ -77,6 +97,11 @@ fn main() -> Result<()> {
             test(&sh, &[], hip_available())?;
         }
         Command::Bundle { out } => bundle(&sh, &out)?,
+        // `--check` is what every mode does; the flag only spells it out.
+        Command::Kernels { check: _, report, emit } => {
+            let emit = emit.map(|dir| std::env::current_dir().unwrap_or_default().join(dir));
+            kernels::run(&sh, &project_root(), &kernels::Options { report, emit })?;
+        }
         Command::Bench { args } => {
             cmd!(sh, "cargo run --release -p arfuse-bench --bin arfuse-bench -- {args...}").run()?;
         }

@@ -29,6 +29,14 @@ pub fn source_hash() -> u64 {
     full_source().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// Where an offline-built AMD code object of this source for `arch` lives, relative to the
+/// directory named by `ARFUSE_KERNEL_DIR`: `<arch>/arfuse-<source hash, 16 hex digits>.hsaco`.
+/// `cargo xtask kernels --emit DIR` writes there and the hip backend's loader
+/// (`hip::offline_image_path`, which a test holds to this) reads from there.
+pub fn offline_hsaco_path(arch: &str, source_hash: u64) -> String {
+    format!("{arch}/arfuse-{source_hash:016x}.hsaco")
+}
+
 /// NVRTC options for `arch` (`sm_90`, `compute_90`, ...): no FMA contraction, IEEE division and
 /// square root, no flush to zero (the numerics contract).
 pub fn nvrtc_options(arch: &str) -> Vec<String> {
@@ -143,6 +151,15 @@ mod tests {
         }
         let empty = launch_config(KernelId { op: Op::FusedOneStage, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
         assert_eq!(empty.grid, 0);
+    }
+
+    /// `cargo xtask kernels --emit` and the hip backend agree on where offline code objects live.
+    #[cfg(feature = "hip")]
+    #[test]
+    fn offline_images_are_where_the_hip_loader_looks() {
+        let dir = std::path::Path::new("/opt/arfuse/kernels");
+        let hash = source_hash();
+        assert_eq!(crate::hip::offline_image_path(dir, "gfx942", hash), dir.join(offline_hsaco_path("gfx942", hash)));
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod stream;
 
 pub use device::CudaDevice;
 pub use memory::{CudaBuffer, CudaIpcHandle, CudaPeerMapping, CudaShared};
+pub use module::{compile_offline, OfflineImage};
 pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
 
 use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};

@@ -280,7 +280,52 @@ fn compile_options(target: &Target) -> Vec<String> {
     options
 }
 
+/// The kernel source compiled by NVRTC ahead of time, as [`compile_offline`] returns it.
+#[derive(Clone, Debug)]
+pub struct OfflineImage {
+    /// The architecture compiled for: `sm_90` (a CUBIN) or `compute_90` (PTX).
+    pub arch: String,
+    /// The NVRTC options used: [`crate::source::nvrtc_options`] then the caller's extra ones.
+    pub options: Vec<String>,
+    /// The NVRTC version, e.g. `(13, 0)`.
+    pub nvrtc_version: (i32, i32),
+    /// A CUBIN for a real architecture, NUL-terminated PTX for a virtual one; what
+    /// `cuModuleLoadData` takes.
+    pub image: Vec<u8>,
+    /// NVRTC's log (warnings; ptxas's resource usage when an extra option asks for it, e.g.
+    /// `--ptxas-options=-v`).
+    pub log: String,
+}
+
+/// Compiles the kernel source with NVRTC for `arch` (`sm_XY`: CUBIN, `compute_XY`: PTX) with
+/// exactly [`crate::source::nvrtc_options`] followed by `extra_options`, without a device: what
+/// `cargo xtask kernels` uses to check, report on and emit the NVIDIA images. The run-time path
+/// (the module loader above) compiles the same source with the same options.
+///
+/// [`Error::BackendUnavailable`] when libnvrtc cannot be loaded; [`Error::Compile`] (naming `arch`,
+/// with NVRTC's log) when the source does not compile or a real architecture yields no CUBIN.
+pub fn compile_offline(arch: &str, extra_options: &[String]) -> Result<OfflineImage> {
+    let nvrtc_version = super::Cuda::nvrtc_version()?;
+    let target = Target { name: arch.to_string(), real: arch.starts_with("sm_") };
+    let mut options = kernel_source::nvrtc_options(arch);
+    options.extend(extra_options.iter().cloned());
+    let (kind, image, log) = compile_logged(&target, &options, &kernel_source::text())?;
+    if target.real && kind != ImageKind::Cubin {
+        return Err(Error::Compile {
+            kernel: MODULE_NAME.into(),
+            arch: arch.into(),
+            log: format!("NVRTC produced no CUBIN for the real architecture {arch}\n{log}"),
+        });
+    }
+    Ok(OfflineImage { arch: arch.into(), options, nvrtc_version, image, log })
+}
+
 fn compile(target: &Target, options: &[String], source: &str) -> Result<(ImageKind, Vec<u8>)> {
+    compile_logged(target, options, source).map(|(kind, bytes, _)| (kind, bytes))
+}
+
+/// [`compile`], also returning NVRTC's log of the successful compilation.
+fn compile_logged(target: &Target, options: &[String], source: &str) -> Result<(ImageKind, Vec<u8>, String)> {
     let compile_error = |log: String| Error::Compile { kernel: MODULE_NAME.into(), arch: target.name.clone(), log };
     let source = CString::new(source).map_err(|_| compile_error("the kernel source contains a NUL byte".into()))?;
     let c_options = options
@@ -294,13 +339,14 @@ fn compile(target: &Target, options: &[String], source: &str) -> Result<(ImageKi
         let log = program.log().unwrap_or_else(|log_err| format!("(no log: {log_err})"));
         return Err(compile_error(format!("{log}\n{err}\noptions: {options:?}")));
     }
+    let log = program.log().unwrap_or_else(|log_err| format!("(no log: {log_err})"));
     if target.real {
         let cubin = program.cubin()?;
         if !cubin.is_empty() {
-            return Ok((ImageKind::Cubin, cubin));
+            return Ok((ImageKind::Cubin, cubin, log));
         }
     }
-    Ok((ImageKind::Ptx, program.ptx()?))
+    Ok((ImageKind::Ptx, program.ptx()?, log))
 }
 
 // ---- the disk cache -------------------------------------------------------------------------
@@ -424,6 +470,11 @@ mod tests {
                 assert!(log.contains("error"), "{log}");
             }
             other => panic!("expected a compile error, got {:?}", other.map(|(kind, _)| kind)),
+        }
+        // The offline entry point names the architecture it failed for.
+        match compile_offline("sm_1", &[]) {
+            Err(Error::Compile { arch, .. }) => assert_eq!(arch, "sm_1"),
+            other => panic!("expected a compile error for sm_1, got {:?}", other.map(|image| image.arch)),
         }
     }
 
