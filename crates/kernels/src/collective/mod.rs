@@ -36,7 +36,7 @@
 //!
 //! # Safety model
 //! The entry points are copied out of the library as typed function pointers whose prototypes
-//! transcribe `nccl.h` ([`sys`]); they are used only while the [`Library`] that resolved them is
+//! transcribe `nccl.h` (the private `sys` module); they are used only while the [`Library`] that resolved them is
 //! alive (every [`Communicator`] holds an `Arc` of it). [`Communicator::all_reduce_sum`] is `unsafe`:
 //! its caller promises the device addresses and the stream.
 
