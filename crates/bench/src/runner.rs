@@ -214,7 +214,7 @@ pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result
                     let cases = case_rxs[rank].lock().take().context("case channel taken")?;
                     let device = Cuda::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
                     let stream = Cuda::create_stream(&device)?;
-                    // The environment's ARFUSE_* settings apply (e.g. ARFUSE_PUSH=0 to time the barrier protocol).
+                    // The environment's ARFUSE_* settings apply (e.g. ARFUSE_ONE_STAGE_MAX_BYTES).
                     let config = Config { deadline: Duration::from_secs(20), ..Config::from_env()? };
                     let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rdv, config)?;
                     phase.wait()?;

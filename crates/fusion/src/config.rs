@@ -6,7 +6,6 @@
 //! | `ARFUSE_ONE_STAGE_MAX_BYTES` | 1-stage iff bytes <= this | 131072 |
 //! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
-//! | `ARFUSE_PUSH` | `1`: the fused 1-stage kernel uses the push protocol (no barrier) where it can | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
 
 use crate::dispatch::Policy;
@@ -56,9 +55,6 @@ impl Config {
         }
         if let Some(v) = parse("ARFUSE_MAX_SIZE")? {
             self.policy.max_size = v as usize;
-        }
-        if let Some(v) = parse("ARFUSE_PUSH")? {
-            self.policy.push = v != 0;
         }
         if let Some(v) = parse("ARFUSE_DISABLE_FUSION")? {
             self.policy.enabled = v == 0;

@@ -62,11 +62,6 @@ pub struct Policy {
     /// sets it (true iff it holds a communicator, see [`crate::AllReduceRmsNorm::with_collective`]);
     /// a configured value is overwritten.
     pub vendor_available: bool,
-    /// Whether the fused 1-stage path may use the push protocol on GPUs (not a path decision:
-    /// the same path, without a barrier, for 16-bit types up to the push slot size). Off by
-    /// default: with two ranks sharing one H100 it was no faster than the barrier protocol
-    /// (docs/performance.md); where its one-way writes should pay, across GPUs, it is unmeasured.
-    pub push: bool,
 }
 
 /// Default size of the staging area per rank: 128 MiB (AITER's `max_size`).
@@ -88,7 +83,6 @@ impl Default for Policy {
             peer_access: true,
             single_host: true,
             vendor_available: false,
-            push: false,
         }
     }
 }

@@ -268,8 +268,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 rank: self.rank() as u32,
                 peer: word.peer(),
                 detail: format!(
-                    "the peer's call descriptor (epoch, shape, dtype, world size) differs from ours at epoch {}",
-                    word.barrier() / 2
+                    "the peer's call descriptor (epoch, op, dtype, world size, shape) differs from ours at barrier {}",
+                    word.barrier()
                 ),
             };
             self.poisoned = Some(err.to_string());
@@ -394,14 +394,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let params = self.params(&call, args);
         match path {
             Path::Noop => Ok(()),
-            Path::OneStage => {
-                let mut params = params;
-                if self.uses_push(&call) {
-                    params.push = self.buffers.push_ptrs();
-                    params.push_slot_bytes = self.buffers.push_slot_bytes() as u32;
-                }
-                self.launch_cross(stream, kernel(Op::FusedOneStage), params)
-            }
+            Path::OneStage => self.launch_cross(stream, kernel(Op::FusedOneStage), params),
             Path::TwoStage => {
                 self.launch_cross(stream, kernel(Op::ReduceScatter), params)?;
                 self.launch(stream, kernel(Op::ScratchAddRmsNorm), &params)
@@ -444,15 +437,6 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
             }
         }
-    }
-
-    /// Whether a 1-stage call goes through the push protocol (GPU kernels; the cpu backend always
-    /// uses the barrier protocol): 16-bit types, peers present, the input within the push slots.
-    fn uses_push(&self, call: &Call) -> bool {
-        self.config.policy.push
-            && call.request.dtype.size() == 2
-            && self.world_size() > 1
-            && call.request.bytes() <= self.buffers.push_max_bytes() as u64
     }
 
     /// The custom all-reduce of the unfused path into `sum`, in row chunks that fit a staging half.

@@ -31,7 +31,7 @@ fn gpu_available(test: &str) -> bool {
 
 const UNFUSED: Path = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
 
-fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed, push: bool) {
+fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed) {
     let cases: Vec<(Fixture<T>, Reference<T>)> = shapes
         .iter()
         .map(|&(rows, hidden)| {
@@ -44,8 +44,7 @@ fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed, p
         .collect();
     let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
         ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
-    let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
-    config.policy.push = push;
+    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
     // Ranks allocate and free device memory only while no kernel spins (a free can wait for the
     // device to go idle): every case starts and ends at this barrier.
     let phase = std::sync::Barrier::new(world);
@@ -100,12 +99,7 @@ fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed, p
             }
         }
     });
-    let protocol = if push { "push" } else { "barrier" };
-    println!(
-        "cuda operator: world {world} {} {} shapes x 4 paths, 1-stage {protocol} protocol: exact",
-        T::DTYPE,
-        shapes.len()
-    );
+    println!("cuda operator: world {world} {} {} shapes x 4 paths: exact", T::DTYPE, shapes.len());
 }
 
 #[test]
@@ -116,13 +110,8 @@ fn operator_on_cuda_every_path_matches_the_reference() {
     let seed = TestSeed::new("cuda::operator_on_cuda");
     let shapes = [(1, 4096), (4, 2880), (16, 8192), (81, 5120), (128, 16384), (8192, 4096)];
     for world in [2, 4, 8] {
-        check::<bf16>(world, &shapes, &seed, false);
-        check::<f16>(world, &shapes[..4], &seed, false);
-    }
-    // The 1-stage path's push protocol (16-bit types, inputs up to the push slot size).
-    for world in [2, 3, 8] {
-        check::<bf16>(world, &shapes[..4], &seed, true);
-        check::<f16>(world, &shapes[..3], &seed, true);
+        check::<bf16>(world, &shapes, &seed);
+        check::<f16>(world, &shapes[..4], &seed);
     }
 }
 
@@ -137,7 +126,7 @@ fn one_captured_graph_replayed_many_times_stays_exact() {
     const REPLAYS: usize = 20;
     let seed = TestSeed::new("cuda::graph_replays");
     let world = 2;
-    for (rows, hidden, push) in [(4, 4096, false), (32, 4096, false), (4, 4096, true), (32, 4096, true)] {
+    for (rows, hidden) in [(4, 4096), (32, 4096)] {
         let cases: Vec<(Fixture<bf16>, Reference<bf16>)> = (0..REPLAYS)
             .map(|i| {
                 let problem = Problem::new(world, rows, hidden, bf16::DTYPE)
@@ -150,8 +139,7 @@ fn one_captured_graph_replayed_many_times_stays_exact() {
         let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
             ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
         let phase = std::sync::Barrier::new(world);
-        let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
-        config.policy.push = push;
+        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
         let paths = run_threads(world, |rank| {
             let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
             let device = Cuda::open_device(0, world).expect("device");
@@ -200,9 +188,6 @@ fn one_captured_graph_replayed_many_times_stays_exact() {
             phase.wait();
             path
         });
-        println!(
-            "cuda graph: {rows}x{hidden} bf16 world {world} on {} (push protocol {push}): one capture, {REPLAYS} replays with new inputs, exact",
-            paths[0]
-        );
+        println!("cuda graph: {rows}x{hidden} bf16 world {world} on {}: one capture, {REPLAYS} replays with new inputs, exact", paths[0]);
     }
 }

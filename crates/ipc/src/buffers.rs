@@ -8,13 +8,6 @@
 //! | `SIGNAL_BYTES` | `max_size / 2` | staging half 0 (inputs of even epochs) |
 //! | `SIGNAL_BYTES + max_size / 2` | `max_size / 2` | staging half 1 (odd epochs) |
 //! | `SIGNAL_BYTES + max_size` | `max_size / 2` | scratch of the 2-stage paths |
-//! | `SIGNAL_BYTES + 3 * max_size / 2` | `3 * world * push_slot_bytes` | push region of the fused 1-stage kernel |
-//!
-//! The push region holds three rotating buffers (call `e` uses buffer `e % 3`) of one slot per rank:
-//! a rank writes its input into its slot of every peer's buffer, and the data is its own arrival
-//! flag. Every 16-bit lane is armed with the sentinel `0x8000` (-0.0 in bf16 and f16) when the
-//! buffers are created and re-armed by the reader after each call; senders turn -0.0 into +0.0,
-//! which the numerics contract reads it as anyway.
 
 use crate::rendezvous::Rendezvous;
 use crate::{Error, Result};
@@ -30,32 +23,9 @@ pub fn scratch_offset(max_size: usize) -> usize {
     SIGNAL_BYTES + max_size
 }
 
-/// Buffers of the push region (call `e` uses buffer `e % PUSH_BUFFERS`).
-pub const PUSH_BUFFERS: usize = 3;
-/// Largest input the push protocol carries: 512 KiB per rank (above that, pulling through the
-/// barrier protocol moves fewer bytes than pushing to every peer).
-pub const PUSH_MAX_BYTES: usize = 512 << 10;
-/// The 16-bit pattern a push slot holds until its data has arrived.
-pub const PUSH_SENTINEL: u16 = 0x8000;
-
-/// Largest input the push protocol carries for `max_size`.
-pub fn push_max_bytes(max_size: usize) -> usize {
-    PUSH_MAX_BYTES.min(max_size / 2) / PACK_BYTES * PACK_BYTES
-}
-
-/// Bytes of one push slot: a 16-byte call descriptor, then the data.
-pub fn push_slot_bytes(max_size: usize) -> usize {
-    PACK_BYTES + push_max_bytes(max_size)
-}
-
-/// Offset of the push region.
-pub fn push_offset(max_size: usize) -> usize {
+/// Total bytes of one rank's buffer.
+pub fn buffer_bytes(max_size: usize) -> usize {
     SIGNAL_BYTES + max_size + max_size / 2
-}
-
-/// Total bytes of one rank's buffer in a group of `world` ranks.
-pub fn buffer_bytes(max_size: usize, world: usize) -> usize {
-    push_offset(max_size) + PUSH_BUFFERS * world * push_slot_bytes(max_size)
 }
 
 /// What every rank announces about itself (the handle follows it).
@@ -75,18 +45,6 @@ fn backend_code(kind: BackendKind) -> u64 {
         BackendKind::Cuda => 1,
         BackendKind::Hip => 2,
     }
-}
-
-/// Fills `own`'s push region with the sentinel, before any peer can map it.
-fn arm_push_region<B: Backend>(device: &B::Device, own: &B::SharedBuffer, max_size: usize, world: usize) -> Result<()> {
-    let bytes = PUSH_BUFFERS * world * push_slot_bytes(max_size);
-    let pattern: Vec<u8> = PUSH_SENTINEL.to_le_bytes().repeat(bytes / 2);
-    let stream = B::create_stream(device)?;
-    let at = B::shared_ptr(own).add(push_offset(max_size));
-    // SAFETY: the push region lies inside `own`, which was allocated with `buffer_bytes(max_size, world)`.
-    unsafe { B::write(&stream, at, &pattern)? };
-    B::synchronize(&stream)?;
-    Ok(())
 }
 
 /// This rank's buffer and its peers', mapped; created collectively, unmapped and freed on drop.
@@ -128,8 +86,7 @@ impl<B: Backend> SharedBuffers<B> {
                 2 * PACK_BYTES
             )));
         }
-        let own = B::alloc_shared(device, buffer_bytes(max_size, world))?;
-        arm_push_region::<B>(device, &own, max_size, world)?;
+        let own = B::alloc_shared(device, buffer_bytes(max_size))?;
         let handle = B::export_handle(&own)?;
         let ours = Announce {
             rank: rank as u64,
@@ -218,18 +175,6 @@ impl<B: Backend> SharedBuffers<B> {
     /// Every rank's scratch area.
     pub fn scratch_ptrs(&self) -> [u64; MAX_RANKS] {
         self.ptrs(scratch_offset(self.max_size))
-    }
-    /// Every rank's push region.
-    pub fn push_ptrs(&self) -> [u64; MAX_RANKS] {
-        self.ptrs(push_offset(self.max_size))
-    }
-    /// Bytes of one push slot (see the module docs).
-    pub fn push_slot_bytes(&self) -> usize {
-        push_slot_bytes(self.max_size)
-    }
-    /// Largest input the push protocol carries.
-    pub fn push_max_bytes(&self) -> usize {
-        push_max_bytes(self.max_size)
     }
     /// Our own signal area.
     pub fn own_signal_ptr(&self) -> u64 {

@@ -74,14 +74,8 @@ pub struct LaunchParams {
     pub eps: f32,
     /// Bytes between the two staging halves (used when `barrier_base` is 0).
     pub staging_half_bytes: u32,
-    /// The fused 1-stage kernel's push protocol: bytes of one slot of a push buffer (a 16-byte call
-    /// descriptor, then the data). 0: the barrier protocol (and `push` is unused).
-    pub push_slot_bytes: u32,
     /// Reserved, zero.
-    pub reserved: u32,
-    /// Each rank's push region (GPU backends; see `arfuse_ipc::buffers`): three rotating buffers of
-    /// `world_size` slots, where every rank writes its input into its slot of every peer's buffer.
-    pub push: [u64; MAX_RANKS],
+    pub reserved: [u32; 2],
 }
 
 /// What a cross-rank launch publishes so that peers can check they run the same call:
@@ -160,9 +154,7 @@ mod tests {
         assert_eq!(offset_of!(LaunchParams, deadline_ns), 240);
         assert_eq!(offset_of!(LaunchParams, rows), 248);
         assert_eq!(offset_of!(LaunchParams, eps), 264);
-        assert_eq!(offset_of!(LaunchParams, push_slot_bytes), 272);
-        assert_eq!(offset_of!(LaunchParams, push), 280);
-        assert_eq!(size_of::<LaunchParams>(), 344);
+        assert_eq!(size_of::<LaunchParams>(), 280);
     }
 
     #[test]

@@ -74,21 +74,6 @@ __device__ __forceinline__ u32 bits_from_f32(float f) { return __builtin_bit_cas
 __device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
 __device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
 struct alignas(16) pack16 { u32 x, y, z, w; };
-// 16-byte loads and stores that always reach memory (glc: not served from or kept in the CU's
-// cache): what a peer writes behind this GPU's back is seen, what this GPU writes leaves.
-typedef u32 u32x4 __attribute__((ext_vector_type(4)));
-__device__ __forceinline__ pack16 load16_volatile(const ARFUSE_GLOBAL pack16* p) {
-  const u32x4 v = *(const volatile ARFUSE_GLOBAL u32x4*)p;
-  return pack16{v.x, v.y, v.z, v.w};
-}
-__device__ __forceinline__ void store16_volatile(ARFUSE_GLOBAL pack16* p, pack16 v) {
-  u32x4 w;
-  w.x = v.x;
-  w.y = v.y;
-  w.z = v.z;
-  w.w = v.w;
-  *(volatile ARFUSE_GLOBAL u32x4*)p = w;
-}
 #else
 #define ARFUSE_GLOBAL
 __device__ __forceinline__ u32 tid_x() { return threadIdx.x; }
@@ -128,20 +113,6 @@ __device__ __forceinline__ u32 bits_from_f32(float f) { return __float_as_uint(f
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
 typedef uint4 pack16;
-// 16-byte loads and stores that always reach memory (.volatile: relaxed at system scope, never
-// served from L1): what a peer writes is seen, what this GPU writes leaves.
-__device__ __forceinline__ pack16 load16_volatile(const pack16* p) {
-  pack16 v;
-  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p)
-               : "memory");
-  return v;
-}
-__device__ __forceinline__ void store16_volatile(pack16* p, pack16 v) {
-  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
-}
 #endif
 
 // ---- The launch parameters: a mirror of arfuse_kernels::LaunchParams (params.rs). ----
@@ -168,17 +139,14 @@ struct LaunchParams {
   u32 rows, hidden, rank, world_size;
   float eps;
   u32 staging_half_bytes;
-  u32 push_slot_bytes;
-  u32 reserved;
-  u64 push[ARFUSE_MAX_RANKS];
+  u32 reserved[2];
 };
-static_assert(sizeof(LaunchParams) == 344, "LaunchParams layout differs from params.rs");
+static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout differs from params.rs");
 #if defined(ARFUSE_HIP)  // NVRTC's front end has no __builtin_offsetof; clang checks the offsets.
 static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, rows) == 248, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout differs from params.rs");
-static_assert(__builtin_offsetof(LaunchParams, push) == 280, "LaunchParams layout differs from params.rs");
 #endif
 
 #endif  // ARFUSE_H

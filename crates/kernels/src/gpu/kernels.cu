@@ -218,130 +218,9 @@ __device__ void norm_row(const LaunchParams& p, u32 row, Source source) {
   block_sync();  // `partial` is reused by the next row
 }
 
-// ---- The push protocol of the fused 1-stage kernel (arfuse_ipc::buffers documents the region). ----
-// Call e uses push buffer e % 3. Every rank writes its input, -0.0 made +0.0, into its slot of
-// every peer's buffer; the data is its own arrival flag: a reader spins on its *local* buffer until
-// no 16-bit lane holds the sentinel -0.0 (compared bitwise), then re-arms what it read. No barrier
-// and no fence: one one-way write per peer and a local spin. Each slot starts with the sender's
-// call descriptor (two 8-byte words, each carrying the epoch, so a half-updated descriptor is never
-// taken for this call's): every block checks every peer's before it uses their data.
-__device__ __forceinline__ u64 push_slot(const LaunchParams& p, u32 owner, u32 buf, u32 writer) {
-  return p.push[owner] + ((u64)buf * p.world_size + writer) * p.push_slot_bytes;
-}
-template <class E>
-__device__ __forceinline__ Pack<E> load_pack_volatile(u64 base, u64 index) {
-  Pack<E> x;
-  x.v = load16_volatile((const ARFUSE_GLOBAL pack16*)base + index);
-  return x;
-}
-template <class E>
-__device__ __forceinline__ void store_pack_volatile(u64 base, u64 index, const Pack<E>& x) {
-  store16_volatile((ARFUSE_GLOBAL pack16*)base + index, x.v);
-}
-
-template <class E>
-__device__ bool fused_push(const LaunchParams& p) {
-  constexpr int N = Pack<E>::N;
-  __shared__ int failed;
-  const u32 t = tid_x();
-  const u32 n_packs = p.hidden / N;
-  const u64 epoch = p.barrier_base / 2;
-  const u32 buf = (u32)(epoch % 3);
-  const u64 e32 = epoch & 0xffffffffull;
-  const u64 d0 = e32 | ((u64)p.rows << 32);
-  const u64 d1 = e32 | ((u64)(p.hidden | ((u32)E::kCode << 24) | (p.world_size << 28)) << 32);
-  if (t == 0) failed = 0;
-  // Send the rows this block reduces (every rank's block of the same number reduces the same rows).
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    for (u32 j = t; j < n_packs; j += bdim_x()) {
-      const u64 k = (u64)row * n_packs + j;
-      Pack<E> x = load_pack<E>(p.input, k);
-#pragma unroll
-      for (int i = 0; i < N; ++i) x.e[i] = x.e[i] == E::kNegZero ? 0 : x.e[i];
-      for (u32 r = 0; r < p.world_size; ++r)
-        if (r != p.rank) store_pack_volatile<E>(push_slot(p, r, buf, p.rank) + 16, k, x);
-    }
-  block_sync();
-  // Publish this call's descriptor to every peer (block 0), check every peer's (every block).
-  if (t < p.world_size && t != p.rank) {
-    if (bid_x() == 0) {
-      u64* theirs = (u64*)push_slot(p, t, buf, p.rank);
-      store_relaxed_sys(theirs, d0);
-      store_relaxed_sys(theirs + 1, d1);
-    }
-    u64* mine = (u64*)push_slot(p, p.rank, buf, t);
-    const u64 start = clock_ns();
-    for (;;) {
-      const u64 a = load_relaxed_sys(mine), b = load_relaxed_sys(mine + 1);
-      if ((a & 0xffffffffull) == e32 && (b & 0xffffffffull) == e32) {
-        if (a != d0 || b != d1) {
-          store_relaxed_sys(error_word(p.signals[p.rank]),
-                            ARFUSE_ERROR_CALL_MISMATCH | ((u64)(t & 0xff) << 8) | (p.barrier_base << 16));
-          failed = 1;
-        }
-        break;
-      }
-      if (clock_ns() - start > p.deadline_ns) {
-        store_relaxed_sys(error_word(p.signals[p.rank]),
-                          ARFUSE_ERROR_PEER_TIMEOUT | ((u64)(t & 0xff) << 8) | (p.barrier_base << 16));
-        failed = 1;
-        break;
-      }
-    }
-  }
-  block_sync();
-  if (failed) return false;
-  // Receive, reduce in rank order, add the residual and normalise (the row routine of every path).
-  bool gave_up = false;
-  const u64 start = clock_ns();
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) {
-      float acc[N];
-      for (u32 r = 0; r < p.world_size; ++r) {
-        Pack<E> x;
-        if (r == p.rank) {
-          x = load_pack<E>(p.input, k);
-        } else {
-          const u64 slot = push_slot(p, p.rank, buf, r) + 16;
-          for (;;) {
-            x = load_pack_volatile<E>(slot, k);
-            bool arrived = true;
-#pragma unroll
-            for (int i = 0; i < N; ++i) arrived = arrived && x.e[i] != E::kNegZero;
-            if (arrived || gave_up) break;
-            if (clock_ns() - start > p.deadline_ns) {
-              store_relaxed_sys(error_word(p.signals[p.rank]),
-                                ARFUSE_ERROR_PEER_TIMEOUT | ((u64)(r & 0xff) << 8) | (p.barrier_base << 16));
-              gave_up = true;
-            }
-          }
-          Pack<E> armed;
-#pragma unroll
-          for (int i = 0; i < N; ++i) armed.e[i] = (typename E::bits)E::kNegZero;
-          store_pack_volatile<E>(slot, k, armed);
-        }
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const u32 b = x.e[i];
-          const float v = E::to_f32(b == E::kNegZero ? 0u : b);
-          acc[i] = r == 0 ? v : acc[i] + v;
-        }
-      }
-      Pack<E> s;
-#pragma unroll
-      for (int i = 0; i < N; ++i) s.e[i] = (typename E::bits)E::from_f32(acc[i]);
-      return s;
-    });
-  if (gave_up) failed = 1;
-  block_sync();
-  return failed == 0;
-}
-
 // ---- Kernels. ----
 template <class E>
 __device__ bool fused_1stage(const LaunchParams& p) {
-  // The push protocol carries 16-bit types only (its sentinel is a 16-bit -0.0).
-  if (p.push_slot_bytes != 0 && sizeof(typename E::bits) == 2) return fused_push<E>(p);
   const u32 n_packs = p.hidden / Pack<E>::N;
   const bool copy = p.input != p.staging[p.rank];
   for (u32 row = bid_x(); row < p.rows && copy; row += gdim_x())
@@ -416,9 +295,8 @@ __device__ void cross_rank(LaunchParams p, Body body) {
   }
   if (!body(p) || !device_epoch) return;
   block_sync();
-  // The epoch word is read only by this rank's later kernels (stream order): the device-scope
-  // acquire-release counter orders every block's read of it before the last block's update.
   if (tid_x() == 0) {
+    fence_system();
     if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
       store_relaxed_sys(done_word(p.signals[p.rank]), 0);
       store_relaxed_sys(epoch_word(p.signals[p.rank]), p.barrier_base / 2);

@@ -364,10 +364,9 @@ struct LaunchParams {
     unsigned long long input, residual, weight, out, residual_out, barrier_base, deadline_ns;
     unsigned int rows, hidden, rank, world_size;
     float eps;
-    unsigned int staging_half_bytes, push_slot_bytes, reserved;
-    unsigned long long push[8];
+    unsigned int reserved[3];
 };
-static_assert(sizeof(LaunchParams) == 344, "LaunchParams layout");
+static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout");
 extern "C" __global__ void arfuse_probe(LaunchParams p) {
     unsigned long long* out = (unsigned long long*)p.out;
     unsigned int lane = __builtin_amdgcn_workitem_id_x();
@@ -378,8 +377,7 @@ extern "C" __global__ void arfuse_probe(LaunchParams p) {
         out[8] = p.barrier_base; out[9] = p.deadline_ns;
         out[10] = p.rows | ((unsigned long long)p.hidden << 32);
         out[11] = p.rank | ((unsigned long long)p.world_size << 32);
-        out[12] = __builtin_bit_cast(unsigned int, p.eps) | ((unsigned long long)p.reserved << 32);
-        out[15] = p.push[7];
+        out[12] = __builtin_bit_cast(unsigned int, p.eps) | ((unsigned long long)p.reserved[2] << 32);
         out[13] = warpSize;
     }
     if (lane == 0) {
@@ -404,14 +402,13 @@ fn probe_params(out: u64) -> crate::LaunchParams {
         world_size: 6,
         eps: 1e-6,
         staging_half_bytes: 0,
-        reserved: 0xabcd,
+        reserved: [0, 0xabcd],
         ..Default::default()
     };
     p.staging[0] = 0xa0;
     p.staging[7] = 0xa7;
     p.scratch[3] = 0xb3;
     p.signals[5] = 0xc5;
-    p.push[7] = 0xd7;
     p
 }
 
@@ -430,10 +427,9 @@ fn probe_expected(p: &crate::LaunchParams, wave: u64, blocks: u64) -> Vec<u64> {
         p.deadline_ns,
         u64::from(p.rows) | u64::from(p.hidden) << 32,
         u64::from(p.rank) | u64::from(p.world_size) << 32,
-        u64::from(p.eps.to_bits()) | u64::from(p.reserved) << 32,
+        u64::from(p.eps.to_bits()) | u64::from(p.reserved[1]) << 32,
         wave,
         blocks,
-        p.push[7],
     ]
 }
 
@@ -629,7 +625,7 @@ mod gpu {
         let launch = |stream: &HipStream| {
             let mut argument = params;
             let mut arguments = [(&mut argument as *mut LaunchParams).cast::<std::ffi::c_void>()];
-            // SAFETY: the probe takes one `LaunchParams` by value and writes 16 words of `out`, which
+            // SAFETY: the probe takes one `LaunchParams` by value and writes 15 words of `out`, which
             // outlives the synchronisations below.
             unsafe {
                 super::result::module::launch_kernel(
@@ -645,7 +641,7 @@ mod gpu {
         launch(&stream).expect("launch");
         Hip::synchronize(&stream).expect("synchronize");
         let got = out.download(&stream).expect("download");
-        assert_eq!(got[..16], probe_expected(&params, u64::from(device.warp_size()), u64::from(blocks))[..]);
+        assert_eq!(got[..15], probe_expected(&params, u64::from(device.warp_size()), u64::from(blocks))[..]);
 
         stream.begin_capture().expect("begin capture");
         let launched = launch(&stream);
