@@ -22,11 +22,27 @@ pub struct Config {
     pub policy: Policy,
     /// How long a rank waits for a peer.
     pub deadline: Duration,
+    /// A fault this rank injects into itself, for tests of how its peers fail
+    /// (docs/reliability.md). `None` in production: neither [`Config::default`] nor
+    /// [`Config::from_env`] ever sets it. The one field that may differ between the ranks.
+    pub fault: Option<Fault>,
+}
+
+/// A fault injected on purpose at a point no test can reach from outside a call: between the
+/// two stages of a 2-stage call (after the reduce-scatter and its closing barrier, before the
+/// local add+RMSNorm kernel). It fires once, at the first 2-stage call of the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The process aborts (`std::process::abort`, no destructor runs), as a crash there would.
+    AbortBetweenStages,
+    /// The rank sleeps this long there, as a rank stalled there (descheduled, stopped) would.
+    StallBetweenStages(Duration),
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE }
+        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None }
     }
 }
 

@@ -27,7 +27,7 @@ pub mod vendor;
 
 pub use arfuse_ipc as ipc;
 pub use arfuse_kernels as kernels;
-pub use config::Config;
+pub use config::{Config, Fault};
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
 pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};

@@ -1,6 +1,6 @@
 //! The operator users call: [`AllReduceRmsNorm`], one per rank, created collectively.
 
-use crate::config::Config;
+use crate::config::{Config, Fault};
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
 use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
@@ -397,6 +397,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             Path::OneStage => self.launch_cross(stream, kernel(Op::FusedOneStage), params),
             Path::TwoStage => {
                 self.launch_cross(stream, kernel(Op::ReduceScatter), params)?;
+                self.inject_between_stages();
                 self.launch(stream, kernel(Op::ScratchAddRmsNorm), &params)
             }
             Path::Unfused { all_reduce: AllReduce::Vendor, reason } => {
@@ -436,6 +437,15 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 let norm = LaunchParams { input: sum.0, ..params };
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
             }
+        }
+    }
+
+    /// Fires [`Config::fault`] (tests only), once.
+    fn inject_between_stages(&mut self) {
+        match self.config.fault.take() {
+            Some(Fault::AbortBetweenStages) => std::process::abort(),
+            Some(Fault::StallBetweenStages(stall)) => std::thread::sleep(stall),
+            None => {}
         }
     }
 

@@ -66,7 +66,7 @@ fn read_frame(
         stream.set_read_timeout(Some(left))?;
         stream.read_exact(buf).map_err(|e| match e.kind() {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => timeout("a peer stopped sending".into()),
-            ErrorKind::UnexpectedEof => Error::Protocol("a peer closed its connection".into()),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset => peer_closed(),
             _ => Error::Io(e),
         })
     };
@@ -77,9 +77,17 @@ fn read_frame(
     Ok(Frame { kind, rank: peer_rank, world, round, payload })
 }
 
+/// A peer's end of the connection is gone: it exited, crashed, or gave up on the group. Reads see
+/// end-of-file, or a reset where it closed with our data unread; writes see a broken pipe.
+fn peer_closed() -> Error {
+    Error::Protocol("a peer closed its connection".into())
+}
+
 fn write_frame(stream: &mut UnixStream, frame: &Frame) -> Result<()> {
-    stream.write_all(&wire::encode(frame)?)?;
-    Ok(())
+    stream.write_all(&wire::encode(frame)?).map_err(|e| match e.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => peer_closed(),
+        _ => Error::Io(e),
+    })
 }
 
 impl UnixRendezvous {

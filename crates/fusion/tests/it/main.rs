@@ -1,6 +1,9 @@
 //! Integration tests of the operator on the cpu backend: ranks as threads and as processes.
 
 mod faults;
+mod kills;
+mod leaks;
+mod load;
 mod matrix;
 mod processes;
 mod refusals;

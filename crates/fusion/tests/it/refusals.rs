@@ -229,3 +229,45 @@ fn without_a_communicator_the_vendor_path_is_refused_and_sizes_stay_custom() {
         reference.assert_residual_out_exact("custom, too large", &got.residual_out);
     });
 }
+
+#[test]
+fn a_forced_fused_path_larger_than_the_staging_half_is_refused() {
+    let seed = TestSeed::new("refusals::forced_fused_too_large");
+    // 64 KiB of staging: halves of 32 KiB; 8 x 4096 bf16 is 64 KiB.
+    let problem = Problem::new(2, 8, 4096, arfuse_kernels::DType::Bf16).with_seed(seed.seed());
+    let fixture = Fixture::<bf16>::generate(&problem);
+    let reference = arfuse_testkit::Reference::compute(&fixture);
+    run_group(2, test_config(64 << 10), |op, stream| {
+        for path in [arfuse_fusion::Path::OneStage, arfuse_fusion::Path::TwoStage] {
+            let err = call(op, stream, Some(path), &fixture).err().expect("does not fit");
+            assert!(matches!(&err, Error::Config(why) if why.contains("max_size / 2")), "{path}: {err}");
+        }
+        // Nothing ran: the group is in step, and the dispatcher's own choice (unfused, in chunks) is exact.
+        let got = call(op, stream, None, &fixture).expect("unfused call");
+        reference.assert_residual_out_exact("after refusals", &got.residual_out);
+    });
+}
+
+#[test]
+fn hidden_sizes_beyond_the_kernels_or_the_staging_half_are_refused() {
+    run_group(2, test_config(64 << 10), |op, stream| {
+        // 4096 packs of 8 is the kernels' limit; a 32 KiB staging half holds 16384 bf16.
+        for (hidden, max) in [(32768 + 8, 32768), (16384 + 8, 16384)] {
+            let mut bufs = Bufs::new(1, hidden);
+            let args = Args {
+                input: TensorRef::new(&bufs.input[..]),
+                residual: TensorRef::new(&bufs.residual[..]),
+                weight: TensorRef::new(&bufs.weight[..]),
+                out: TensorMut::new(&mut bufs.out[..hidden]),
+                residual_out: TensorMut::new(&mut bufs.residual_out[..hidden]),
+                eps: 1e-6,
+            };
+            let err = op.forward(stream, args).expect_err("hidden too large");
+            assert!(
+                matches!(err, Error::HiddenUnsupported { hidden: h, max: m } if h == hidden && m == max),
+                "hidden {hidden}: {err}"
+            );
+            assert!(bufs.untouched(), "hidden {hidden}: outputs written although the call was refused");
+        }
+    });
+}

@@ -125,12 +125,15 @@ pub struct ProcessOptions {
     /// The shared directory to use (the caller keeps and removes it); `None`: a fresh
     /// [`PrivateDir`] removed after the run.
     pub dir: Option<PathBuf>,
+    /// Also copy every child's stderr to this process's stderr as it arrives (progress of long
+    /// runs); it is captured in [`ChildOutcome::stderr`] either way.
+    pub echo_stderr: bool,
 }
 
 impl ProcessOptions {
     /// `world_size` ranks, `timeout` in all, no grace period, no extra environment, a fresh directory.
     pub fn new(world_size: usize, timeout: Duration) -> Self {
-        ProcessOptions { world_size, timeout, failure_grace: None, env: Vec::new(), dir: None }
+        ProcessOptions { world_size, timeout, failure_grace: None, env: Vec::new(), dir: None, echo_stderr: false }
     }
 
     /// Adds an environment variable for every child.
@@ -142,6 +145,12 @@ impl ProcessOptions {
     /// Uses `dir` as the shared directory.
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Copies the children's stderr to ours as it arrives.
+    pub fn echo_stderr(mut self) -> Self {
+        self.echo_stderr = true;
         self
     }
 
@@ -265,7 +274,7 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         match command.spawn() {
-            Ok(child) => running.push(Running::new(rank, child)),
+            Ok(child) => running.push(Running::new(rank, child, options.echo_stderr)),
             Err(source) => {
                 for r in &mut running {
                     r.kill();
@@ -331,9 +340,9 @@ struct Running {
 }
 
 impl Running {
-    fn new(rank: usize, mut child: Child) -> Self {
-        let stdout = child.stdout.take().map(drain);
-        let stderr = child.stderr.take().map(drain);
+    fn new(rank: usize, mut child: Child, echo_stderr: bool) -> Self {
+        let stdout = child.stdout.take().map(|pipe| drain(pipe, false));
+        let stderr = child.stderr.take().map(|pipe| drain(pipe, echo_stderr));
         Running { rank, child, stdout, stderr, status: None, timed_out: false, elapsed: Duration::ZERO }
     }
 
@@ -384,12 +393,27 @@ fn exit_status_failure() -> ExitStatus {
     }
 }
 
-/// Reads a pipe to its end on a thread (so a chatty child never blocks on a full pipe).
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+/// Reads a pipe to its end on a thread (so a chatty child never blocks on a full pipe), copying
+/// what it reads to our stderr if `echo`.
+fn drain(mut pipe: impl Read + Send + 'static, echo: bool) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut bytes = Vec::new();
-        // A read error ends the capture; what was read so far is kept.
-        let _ = pipe.read_to_end(&mut bytes);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if echo {
+                        // Written past libtest's capture on purpose: progress of a long run.
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
+                    }
+                    bytes.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A read error ends the capture; what was read so far is kept.
+                Err(_) => break,
+            }
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     })
 }
