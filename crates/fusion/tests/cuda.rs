@@ -4,11 +4,14 @@
 #![cfg(feature = "cuda")]
 
 use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
-use arfuse_ipc::ThreadRendezvous;
+use arfuse_ipc::{Rendezvous, ThreadRendezvous, UnixRendezvous};
 use arfuse_kernels::api::Cuda;
 use arfuse_kernels::cuda::CudaBuffer;
 use arfuse_kernels::{Backend, Element};
-use arfuse_testkit::{assert_all_written, poison, run_threads, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{
+    assert_all_written, assert_ranks_succeeded, child, poison, run_processes, run_threads, test_path, Fixture, Problem,
+    Reference, TestSeed,
+};
 use half::{bf16, f16};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -189,5 +192,86 @@ fn one_captured_graph_replayed_many_times_stays_exact() {
             path
         });
         println!("cuda graph: {rows}x{hidden} bf16 world {world} on {}: one capture, {REPLAYS} replays with new inputs, exact", paths[0]);
+    }
+}
+
+/// Entries of `/proc/self/fd`.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Operators created and dropped by two rank processes over real CUDA IPC leak nothing: open file
+/// descriptors and free device memory are the same after `CYCLES` more create/call/drop cycles as
+/// after the first (which pays for the context and the kernels). Each cycle maps the peer's buffer
+/// with `cuIpcOpenMemHandle` and must unmap it on drop.
+#[test]
+fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory() {
+    const CYCLES: usize = 100;
+    if let Some(me) = child() {
+        use std::os::unix::fs::PermissionsExt;
+        let device = Cuda::open_device(0, me.world_size).expect("device");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        let seed = TestSeed::new("cuda::ipc_leaks");
+        let fixture =
+            Fixture::<bf16>::generate(&Problem::new(me.world_size, 4, 4096, bf16::DTYPE).with_seed(seed.seed()));
+        let reference = Reference::compute(&fixture);
+        let mut config = Config { deadline: Duration::from_secs(20), ..Config::default() };
+        config.policy.max_size = 8 << 20;
+        let cycle = |n: usize| {
+            let dir = me.dir.join(format!("cycle-{n}"));
+            std::fs::create_dir_all(&dir).expect("cycle dir");
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("0700");
+            let mut rendezvous =
+                UnixRendezvous::connect(&dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
+            let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+            let input = CudaBuffer::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
+            let residual = CudaBuffer::from_slice(&stream, &fixture.residual).expect("residual");
+            let weight = CudaBuffer::from_slice(&stream, &fixture.weight).expect("weight");
+            let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
+            poison(&mut poisoned);
+            let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
+            let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
+            op.forward(
+                &stream,
+                Args {
+                    input: TensorRef::new(&input),
+                    residual: TensorRef::new(&residual),
+                    weight: TensorRef::new(&weight),
+                    out: TensorMut::new(&mut out),
+                    residual_out: TensorMut::new(&mut residual_out),
+                    eps: fixture.problem.eps,
+                },
+            )
+            .expect("forward");
+            op.check(&stream).unwrap_or_else(|e| panic!("cycle {n}: {e}"));
+            let got = residual_out.download(&stream).expect("download");
+            reference.assert_residual_out_exact(&format!("rank {} cycle {n}", me.rank), &got);
+            // Free only once the peer's kernel has finished reading this rank's buffer.
+            rendezvous.all_gather(&[]).expect("end of cycle");
+        };
+        cycle(0);
+        let before = (open_fds(), device.memory_info().expect("memory info").0);
+        for n in 1..=CYCLES {
+            cycle(n);
+        }
+        let after = (open_fds(), device.memory_info().expect("memory info").0);
+        eprintln!("ipc leaks: rank {} {CYCLES} cycles; (fds, free device bytes) {before:?} -> {after:?}", me.rank);
+        assert_eq!(before, after, "(open fds, free device memory) changed over {CYCLES} create/drop cycles");
+        return;
+    }
+    if !gpu_available("operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory") {
+        return;
+    }
+    let outcomes = run_processes(
+        &test_path!(operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory),
+        2,
+        Duration::from_secs(400),
+    )
+    .expect("process harness");
+    assert_ranks_succeeded(&outcomes);
+    for outcome in &outcomes {
+        for line in outcome.stderr.lines().filter(|l| l.starts_with("ipc leaks:")) {
+            println!("{line}");
+        }
     }
 }
