@@ -309,7 +309,7 @@ mod tests {
             for _ in 0..2 {
                 let dir = dir.clone();
                 s.spawn(move || {
-                    let _ = UnixRendezvous::connect(&dir, 1, 3, Duration::from_secs(3));
+                    let _ = UnixRendezvous::connect(&dir, 1, 3, Duration::from_secs(10));
                 });
             }
             hub.join().expect("hub thread")
@@ -326,7 +326,7 @@ mod tests {
             let hub = s.spawn(|| UnixRendezvous::connect(&dir, 0, 2, Duration::from_secs(10)));
             let dir2 = dir.clone();
             s.spawn(move || {
-                let _ = UnixRendezvous::connect(&dir2, 1, 3, Duration::from_secs(3));
+                let _ = UnixRendezvous::connect(&dir2, 1, 3, Duration::from_secs(10));
             });
             hub.join().expect("hub thread")
         });
