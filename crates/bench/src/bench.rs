@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// GPUs to spread the ranks over (at most the number present).
     #[arg(long, default_value_t = 1)]
     pub gpus: usize,
-    /// Backend: `cuda` (the only one with graph capture in arfuse today).
+    /// Backend: `cuda` or `hip` (whichever this build has).
     #[arg(long, default_value = "cuda")]
     pub backend: String,
     /// Storage dtype: bf16 or f16.
@@ -97,36 +97,7 @@ pub fn main(args: BenchArgs) -> Result<()> {
         bail!("--repeats must be at least 1");
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let report = match args.backend.as_str() {
-        #[cfg(feature = "cuda")]
-        "cuda" => {
-            let plan = crate::runner::Plan {
-                world_size: args.world,
-                gpus: args.gpus,
-                cases,
-                decode_iters: args.iters,
-                prefill_iters: args.prefill_iters,
-                warmup: args.warmup,
-                repeats: args.repeats,
-                check: !args.no_check,
-                seed: args.seed,
-                command,
-            };
-            let progress = indicatif::ProgressBar::new(0);
-            progress.set_style(
-                indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
-                    .context("progress template")?,
-            );
-            let report = match args.dtype.as_str() {
-                "bf16" => crate::runner::run::<half::bf16>(&plan, &progress),
-                "f16" => crate::runner::run::<half::f16>(&plan, &progress),
-                other => bail!("unsupported dtype {other:?} (bf16, f16)"),
-            }?;
-            progress.finish_and_clear();
-            report
-        }
-        other => bail!("backend {other:?} is not available in this build (cuda)"),
-    };
+    let report = run_backend(&args, cases, command)?;
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -136,6 +107,51 @@ pub fn main(args: BenchArgs) -> Result<()> {
         bail!("some outputs differ from the reference (marked NO)");
     }
     Ok(())
+}
+
+/// Runs the plan on the backend `args.backend` names, for the dtype it names.
+#[cfg(any(feature = "cuda", feature = "hip"))]
+fn run_backend(args: &BenchArgs, cases: Vec<(Mode, Shape)>, command: String) -> Result<crate::report::Report> {
+    use crate::runner::{run, GpuRuntime, Plan};
+    fn on<B: GpuRuntime>(args: &BenchArgs, plan: &Plan) -> Result<crate::report::Report> {
+        let progress = indicatif::ProgressBar::new(0);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+                .context("progress template")?,
+        );
+        let report = match args.dtype.as_str() {
+            "bf16" => run::<B, half::bf16>(plan, &progress),
+            "f16" => run::<B, half::f16>(plan, &progress),
+            other => bail!("unsupported dtype {other:?} (bf16, f16)"),
+        }?;
+        progress.finish_and_clear();
+        Ok(report)
+    }
+    let plan = Plan {
+        world_size: args.world,
+        gpus: args.gpus,
+        cases,
+        decode_iters: args.iters,
+        prefill_iters: args.prefill_iters,
+        warmup: args.warmup,
+        repeats: args.repeats,
+        check: !args.no_check,
+        seed: args.seed,
+        command,
+    };
+    match args.backend.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => on::<arfuse_kernels::api::Cuda>(args, &plan),
+        #[cfg(feature = "hip")]
+        "hip" => on::<arfuse_kernels::api::Hip>(args, &plan),
+        other => bail!("backend {other:?} is not in this build (features: cuda, hip)"),
+    }
+}
+
+/// Without a GPU backend in the build there is nothing to time.
+#[cfg(not(any(feature = "cuda", feature = "hip")))]
+fn run_backend(args: &BenchArgs, _: Vec<(Mode, Shape)>, _: String) -> Result<crate::report::Report> {
+    bail!("backend {:?}: this build has no GPU backend (features: cuda, hip)", args.backend)
 }
 
 #[cfg(test)]

@@ -6,5 +6,5 @@
 pub mod bench;
 pub mod demo;
 pub mod report;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "hip"))]
 pub mod runner;

@@ -1,6 +1,6 @@
-//! The measurements of `arfuse-bench` on the cuda backend: ranks are threads of this process,
-//! one per GPU when there are enough GPUs, otherwise several sharing one (each then gets its share
-//! of the multiprocessors, as the operator does for co-resident ranks).
+//! The measurements of `arfuse-bench` on a GPU backend (cuda, hip; see [`GpuRuntime`]): ranks
+//! are threads of this process, one per GPU when there are enough GPUs, otherwise several sharing
+//! one (each then gets its share of the multiprocessors, as the operator does for co-resident ranks).
 //!
 //! For every shape and path, every rank times `repeats` batches of `iters` calls, rotating through
 //! several input sets (so that consecutive calls do not read the same memory): in decode mode a
@@ -17,14 +17,114 @@ use crate::report::{floor_bytes, Floors, Mode, PathTiming, Report, Row, Shape, S
 use anyhow::{anyhow, bail, Context, Result};
 use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
 use arfuse_ipc::ThreadRendezvous;
-use arfuse_kernels::api::Cuda;
-use arfuse_kernels::cuda::{CudaBuffer, CudaDevice, CudaStream};
-use arfuse_kernels::{Backend, Element};
+use arfuse_kernels::{Backend, DeviceSlice, DeviceSliceMut, Element};
 use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
 use parking_lot::{Condvar, Mutex};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What the bench needs of a GPU backend beyond [`Backend`]: owned device buffers and captured
+/// graphs. Implemented for the cuda backend and (feature `hip`) the hip backend.
+pub trait GpuRuntime: Backend {
+    /// An owned device buffer of `T`, freed on drop.
+    type Buffer<T: Element>: DeviceSliceMut<Self, Elem = T>;
+    /// An instantiated graph of captured work, destroyed on drop.
+    type Graph;
+    /// A buffer holding a copy of `data` (finished on return).
+    fn buffer_from<T: Element>(stream: &Self::Stream, data: &[T]) -> arfuse_kernels::Result<Self::Buffer<T>>;
+    /// `len` zero-filled elements.
+    fn zeros<T: Element>(device: &Self::Device, len: usize) -> arfuse_kernels::Result<Self::Buffer<T>>;
+    /// Overwrites `buffer` with `data` (same length; finished on return).
+    fn upload<T: Element>(
+        buffer: &mut Self::Buffer<T>,
+        stream: &Self::Stream,
+        data: &[T],
+    ) -> arfuse_kernels::Result<()>;
+    /// Reads `buffer` back after the work queued on `stream`.
+    fn download<T: Element>(buffer: &Self::Buffer<T>, stream: &Self::Stream) -> arfuse_kernels::Result<Vec<T>>;
+    /// Starts capturing the work enqueued on `stream`.
+    fn begin_capture(stream: &Self::Stream) -> arfuse_kernels::Result<()>;
+    /// Ends the capture and instantiates (and, where the runtime can, uploads) the graph.
+    fn end_capture(stream: &Self::Stream) -> arfuse_kernels::Result<Self::Graph>;
+    /// Enqueues one replay of `graph` on `stream`.
+    ///
+    /// # Safety
+    /// Every pointer the captured work uses must be valid until the replay has executed.
+    unsafe fn replay(graph: &Self::Graph, stream: &Self::Stream) -> arfuse_kernels::Result<()>;
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_runtime {
+    use super::GpuRuntime;
+    use arfuse_kernels::api::Cuda;
+    use arfuse_kernels::cuda::{CudaBuffer, CudaDevice, CudaGraphExec, CudaStream};
+    use arfuse_kernels::{Element, Result};
+
+    impl GpuRuntime for Cuda {
+        type Buffer<T: Element> = CudaBuffer<T>;
+        type Graph = CudaGraphExec;
+        fn buffer_from<T: Element>(stream: &CudaStream, data: &[T]) -> Result<CudaBuffer<T>> {
+            CudaBuffer::from_slice(stream, data)
+        }
+        fn zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaBuffer<T>> {
+            CudaBuffer::zeros(device, len)
+        }
+        fn upload<T: Element>(buffer: &mut CudaBuffer<T>, stream: &CudaStream, data: &[T]) -> Result<()> {
+            buffer.upload(stream, data)
+        }
+        fn download<T: Element>(buffer: &CudaBuffer<T>, stream: &CudaStream) -> Result<Vec<T>> {
+            buffer.download(stream)
+        }
+        fn begin_capture(stream: &CudaStream) -> Result<()> {
+            stream.begin_capture()
+        }
+        fn end_capture(stream: &CudaStream) -> Result<CudaGraphExec> {
+            let graph = stream.end_capture()?;
+            graph.upload(stream)?;
+            Ok(graph)
+        }
+        unsafe fn replay(graph: &CudaGraphExec, stream: &CudaStream) -> Result<()> {
+            // SAFETY: the caller keeps the captured work's memory valid (this function's contract).
+            unsafe { graph.launch(stream) }
+        }
+    }
+}
+
+#[cfg(feature = "hip")]
+mod hip_runtime {
+    use super::GpuRuntime;
+    use arfuse_kernels::api::Hip;
+    use arfuse_kernels::hip::{HipBuffer, HipDevice, HipGraphExec, HipStream};
+    use arfuse_kernels::{Element, Result};
+
+    impl GpuRuntime for Hip {
+        type Buffer<T: Element> = HipBuffer<T>;
+        type Graph = HipGraphExec;
+        fn buffer_from<T: Element>(stream: &HipStream, data: &[T]) -> Result<HipBuffer<T>> {
+            HipBuffer::from_slice(stream, data)
+        }
+        fn zeros<T: Element>(device: &HipDevice, len: usize) -> Result<HipBuffer<T>> {
+            HipBuffer::zeros(device, len)
+        }
+        fn upload<T: Element>(buffer: &mut HipBuffer<T>, stream: &HipStream, data: &[T]) -> Result<()> {
+            buffer.upload(stream, data)
+        }
+        fn download<T: Element>(buffer: &HipBuffer<T>, stream: &HipStream) -> Result<Vec<T>> {
+            buffer.download(stream)
+        }
+        fn begin_capture(stream: &HipStream) -> Result<()> {
+            stream.begin_capture()
+        }
+        fn end_capture(stream: &HipStream) -> Result<HipGraphExec> {
+            stream.end_capture()
+        }
+        unsafe fn replay(graph: &HipGraphExec, stream: &HipStream) -> Result<()> {
+            // SAFETY: the caller keeps the captured work's memory valid (this function's contract).
+            unsafe { graph.launch(stream) }
+        }
+    }
+}
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -125,25 +225,25 @@ struct RankResult {
 }
 
 /// One input set on the device.
-struct DeviceSet<T: Element> {
-    input: CudaBuffer<T>,
-    residual: CudaBuffer<T>,
-    out: CudaBuffer<T>,
-    residual_out: CudaBuffer<T>,
+struct DeviceSet<B: GpuRuntime, T: Element> {
+    input: B::Buffer<T>,
+    residual: B::Buffer<T>,
+    out: B::Buffer<T>,
+    residual_out: B::Buffer<T>,
 }
 
 /// The device's floors: copy bandwidth and one graph node.
-fn measure_floors(device: &CudaDevice, stream: &CudaStream) -> Result<Floors> {
+fn measure_floors<B: GpuRuntime>(device: &B::Device, stream: &B::Stream) -> Result<Floors> {
     const BYTES: usize = 256 << 20;
-    let src = CudaBuffer::<u8>::zeros(device, BYTES)?;
-    let dst = CudaBuffer::<u8>::zeros(device, BYTES)?;
+    let src = B::zeros::<half::bf16>(device, BYTES / 2)?;
+    let dst = B::zeros::<half::bf16>(device, BYTES / 2)?;
+    let (src_ptr, dst_ptr) = (DeviceSlice::<B>::device_ptr(&src), DeviceSlice::<B>::device_ptr(&dst));
     let copy = || -> Result<f64> {
-        let start = stream.record_event()?;
+        let start = B::record_event(stream)?;
         // SAFETY: both buffers hold BYTES bytes and outlive the synchronisation below.
-        unsafe { Cuda::copy(stream, dst.device_ptr(), src.device_ptr(), BYTES)? };
-        let end = stream.record_event()?;
-        end.synchronize()?;
-        Ok(end.elapsed_since(&start)?.as_secs_f64())
+        unsafe { B::copy(stream, dst_ptr, src_ptr, BYTES)? };
+        let end = B::record_event(stream)?;
+        Ok(B::elapsed(&start, &end)?.as_secs_f64())
     };
     copy()?;
     let mut secs = Vec::new();
@@ -154,35 +254,32 @@ fn measure_floors(device: &CudaDevice, stream: &CudaStream) -> Result<Floors> {
     let copy_gbs = 2.0 * BYTES as f64 / best / 1e9;
 
     const NODES: usize = 100;
-    stream.begin_capture()?;
+    B::begin_capture(stream)?;
     for i in 0..NODES {
         // SAFETY: 16-byte copies inside the buffers above, which outlive the graph.
-        unsafe { Cuda::copy(stream, dst.device_ptr().add(i * 64), src.device_ptr().add(i * 64), 16)? };
+        unsafe { B::copy(stream, dst_ptr.add(i * 64), src_ptr.add(i * 64), 16)? };
     }
-    let graph = stream.end_capture()?;
-    graph.upload(stream)?;
+    let graph = B::end_capture(stream)?;
     let mut per_node = Vec::new();
     for i in 0..13 {
-        let start = stream.record_event()?;
+        let start = B::record_event(stream)?;
         // SAFETY: the graph copies between the live buffers above.
-        unsafe { graph.launch(stream)? };
-        let end = stream.record_event()?;
-        end.synchronize()?;
+        unsafe { B::replay(&graph, stream)? };
+        let end = B::record_event(stream)?;
         if i >= 3 {
-            per_node.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / NODES as f64);
+            per_node.push(B::elapsed(&start, &end)?.as_secs_f64() * 1e6 / NODES as f64);
         }
     }
-    stream.synchronize()?;
+    B::synchronize(stream)?;
     drop(graph);
     Ok(Floors { copy_gbs, graph_node_us: Stats::of(&per_node).context("no graph timings")?.p50 })
 }
 
-/// Runs the plan for storage type `T`; returns the report.
-pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result<Report> {
-    Cuda::check_available().context("the cuda backend")?;
-    let available = Cuda::device_count()?;
+/// Runs the plan on backend `B` for storage type `T`; returns the report.
+pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result<Report> {
+    let available = B::device_count().with_context(|| format!("the {} backend", B::KIND))?;
     if available == 0 {
-        bail!("no CUDA device");
+        bail!("no {} device", B::KIND);
     }
     let gpus = plan.gpus.clamp(1, available).min(plan.world_size);
     let ranks_per_gpu = plan.world_size.div_ceil(gpus);
@@ -212,18 +309,18 @@ pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result
                 let body = || -> Result<()> {
                     let mut rdv = rendezvous[rank].lock().take().context("rendezvous taken")?;
                     let cases = case_rxs[rank].lock().take().context("case channel taken")?;
-                    let device = Cuda::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
-                    let stream = Cuda::create_stream(&device)?;
+                    let device = B::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
+                    let stream = B::create_stream(&device)?;
                     // The environment's ARFUSE_* settings apply (e.g. ARFUSE_ONE_STAGE_MAX_BYTES).
                     let config = Config { deadline: Duration::from_secs(20), ..Config::from_env()? };
-                    let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rdv, config)?;
+                    let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rdv, config)?;
                     phase.wait()?;
                     if rank == 0 {
-                        let measured = measure_floors(&device, &stream)?;
-                        *floors.lock() = Some((measured, Cuda::describe(&device)));
+                        let measured = measure_floors::<B>(&device, &stream)?;
+                        *floors.lock() = Some((measured, B::describe(&device)));
                     }
                     for (index, case) in cases.iter().enumerate() {
-                        let timings = run_case(plan, rank, &stream, &mut op, phase, &case, progress)?;
+                        let timings = run_case::<B, T>(plan, rank, &stream, &mut op, phase, &case, progress)?;
                         let dispatched = op.plan::<T>(case.shape.rows, case.shape.hidden);
                         if result_tx.send(RankResult { case: index, rank, dispatched, timings }).is_err() {
                             bail!("the collector stopped");
@@ -287,7 +384,7 @@ pub fn run<T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result
     let (floors, device) = floors.lock().take().context("floors were not measured")?;
     Ok(Report {
         device: format!("{device} x{gpus}"),
-        backend: "cuda".into(),
+        backend: B::KIND.to_string(),
         date,
         command: plan.command.clone(),
         world_size: world,
@@ -316,11 +413,11 @@ fn prepare_case<T: Element>(plan: &Plan, mode: Mode, shape: Shape) -> Case<T> {
     Case { mode, shape, sets: fixtures, reference }
 }
 
-fn run_case<T: Element>(
+fn run_case<B: GpuRuntime, T: Element>(
     plan: &Plan,
     rank: usize,
-    stream: &CudaStream,
-    op: &mut AllReduceRmsNorm<Cuda>,
+    stream: &B::Stream,
+    op: &mut AllReduceRmsNorm<B>,
     phase: &Phase,
     case: &Case<T>,
     progress: &indicatif::ProgressBar,
@@ -329,14 +426,14 @@ fn run_case<T: Element>(
     phase.wait()?;
     let mut poisoned = vec![T::from_f32(0.0); case.shape.rows * case.shape.hidden];
     poison(&mut poisoned);
-    let weight = CudaBuffer::from_slice(stream, &case.sets[0].weight)?;
+    let weight = B::buffer_from(stream, &case.sets[0].weight)?;
     let mut sets = Vec::new();
     for fixture in &case.sets {
-        sets.push(DeviceSet {
-            input: CudaBuffer::from_slice(stream, &fixture.inputs[rank])?,
-            residual: CudaBuffer::from_slice(stream, &fixture.residual)?,
-            out: CudaBuffer::from_slice(stream, &poisoned)?,
-            residual_out: CudaBuffer::from_slice(stream, &poisoned)?,
+        sets.push(DeviceSet::<B, T> {
+            input: B::buffer_from(stream, &fixture.inputs[rank])?,
+            residual: B::buffer_from(stream, &fixture.residual)?,
+            out: B::buffer_from(stream, &poisoned)?,
+            residual_out: B::buffer_from(stream, &poisoned)?,
         });
     }
     let iters = match case.mode {
@@ -346,9 +443,9 @@ fn run_case<T: Element>(
     .max(1);
     let mut timings = Vec::new();
     for path in [UNFUSED, Path::OneStage, Path::TwoStage] {
-        sets[0].out.upload(stream, &poisoned)?;
-        sets[0].residual_out.upload(stream, &poisoned)?;
-        let call = |op: &mut AllReduceRmsNorm<Cuda>, sets: &mut [DeviceSet<T>], k: usize| -> Result<()> {
+        B::upload(&mut sets[0].out, stream, &poisoned)?;
+        B::upload(&mut sets[0].residual_out, stream, &poisoned)?;
+        let call = |op: &mut AllReduceRmsNorm<B>, sets: &mut [DeviceSet<B, T>], k: usize| -> Result<()> {
             let n = sets.len();
             let set = &mut sets[k % n];
             op.forward_on(
@@ -370,27 +467,25 @@ fn run_case<T: Element>(
         match case.mode {
             Mode::Decode => {
                 phase.wait()?;
-                stream.begin_capture()?;
+                B::begin_capture(stream)?;
                 for k in 0..iters {
                     call(op, &mut sets, k)?;
                 }
-                let graph = stream.end_capture()?;
-                graph.upload(stream)?;
-                stream.synchronize()?;
+                let graph = B::end_capture(stream)?;
+                B::synchronize(stream)?;
                 phase.wait()?;
                 for _ in 0..plan.warmup {
                     // SAFETY: the graph's tensors are `sets` and `weight`, alive past the sync below.
-                    unsafe { graph.launch(stream)? };
+                    unsafe { B::replay(&graph, stream)? };
                 }
-                stream.synchronize()?;
+                B::synchronize(stream)?;
                 for _ in 0..plan.repeats {
                     phase.wait()?;
-                    let start = stream.record_event()?;
+                    let start = B::record_event(stream)?;
                     // SAFETY: as above.
-                    unsafe { graph.launch(stream)? };
-                    let end = stream.record_event()?;
-                    end.synchronize()?;
-                    samples.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / iters as f64);
+                    unsafe { B::replay(&graph, stream)? };
+                    let end = B::record_event(stream)?;
+                    samples.push(B::elapsed(&start, &end)?.as_secs_f64() * 1e6 / iters as f64);
                 }
                 op.check(stream).with_context(|| format!("{what} {path}"))?;
                 phase.wait()?;
@@ -406,21 +501,20 @@ fn run_case<T: Element>(
                 op.check(stream).with_context(|| format!("{what} {path}"))?;
                 for _ in 0..plan.repeats {
                     phase.wait()?;
-                    let start = stream.record_event()?;
+                    let start = B::record_event(stream)?;
                     for k in 0..iters {
                         call(op, &mut sets, k)?;
                     }
-                    let end = stream.record_event()?;
-                    end.synchronize()?;
-                    samples.push(end.elapsed_since(&start)?.as_secs_f64() * 1e6 / iters as f64);
+                    let end = B::record_event(stream)?;
+                    samples.push(B::elapsed(&start, &end)?.as_secs_f64() * 1e6 / iters as f64);
                 }
                 op.check(stream).with_context(|| format!("{what} {path}"))?;
             }
         }
         let exact = match &case.reference {
             Some(reference) => {
-                let out = sets[0].out.download(stream)?;
-                let residual_out = sets[0].residual_out.download(stream)?;
+                let out = B::download(&sets[0].out, stream)?;
+                let residual_out = B::download(&sets[0].residual_out, stream)?;
                 let ok = unwritten(&out).is_empty()
                     && unwritten(&residual_out).is_empty()
                     && reference.residual_out_mismatches(&residual_out).total == 0
@@ -440,7 +534,7 @@ fn run_case<T: Element>(
         }
     }
     // Free the buffers only when no peer's kernel can be spinning.
-    stream.synchronize()?;
+    B::synchronize(stream)?;
     phase.wait()?;
     drop(sets);
     drop(weight);
