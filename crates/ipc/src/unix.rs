@@ -9,7 +9,7 @@ use crate::rendezvous::Rendezvous;
 use crate::wire::{self, Frame, Kind, HEADER_LEN};
 use crate::{Error, Result};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,8 +30,16 @@ pub struct UnixRendezvous {
 
 fn ensure_private_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        // Created 0700 in one step: two ranks creating it at once must never see it wider (a
+        // create-then-chmod let a rank see 0755 in between and refuse the directory).
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let meta = std::fs::metadata(dir)?;
     let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
