@@ -178,6 +178,11 @@ pub struct Report {
     pub prefill_iters: usize,
     /// Timed batches per path (the samples of each statistic).
     pub repeats: usize,
+    /// How the captured decode graphs get their inputs: `in place` (registered after capture, no
+    /// copy) or `staged` (copied into the staging buffer, as eager calls are). Empty in reports
+    /// written before it was recorded (they were staged).
+    #[serde(default)]
+    pub graph_inputs: String,
     /// Input sets the calls rotate through, per shape: (shape, sets).
     pub input_sets: Vec<(Shape, usize)>,
     /// Machine floors.
@@ -198,10 +203,13 @@ impl Report {
         if rows.is_empty() {
             return s;
         }
+        let how = match mode {
+            Mode::Decode if !self.graph_inputs.is_empty() => format!("{}, inputs {}", mode.how(), self.graph_inputs),
+            _ => mode.how().to_string(),
+        };
         let _ = writeln!(
             s,
             "{mode:?} ({how}), world {w} ({rpg} ranks per GPU), {dtype}: p50 µs per call [p10–p90], {iters} calls x {reps} batches",
-            how = mode.how(),
             w = self.world_size,
             rpg = self.ranks_per_gpu,
             dtype = rows[0].dtype,
@@ -347,6 +355,7 @@ mod tests {
             iters: 10,
             prefill_iters: 5,
             repeats: 3,
+            graph_inputs: "in place".into(),
             input_sets: vec![],
             floors: Floors { copy_gbs: 3000.0, graph_node_us: 1.0 },
             rows: vec![row(Some(true))],

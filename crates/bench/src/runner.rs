@@ -145,6 +145,9 @@ pub struct Plan {
     pub repeats: usize,
     /// Check every path's output against the reference.
     pub check: bool,
+    /// Decode graphs read their inputs in place (registered after capture) instead of copying
+    /// them into the staging buffer.
+    pub graph_inputs_in_place: bool,
     /// Seed of the inputs.
     pub seed: u64,
     /// The command line, for the report.
@@ -312,7 +315,11 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
                     let device = B::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
                     let stream = B::create_stream(&device)?;
                     // The environment's ARFUSE_* settings apply (e.g. ARFUSE_ONE_STAGE_MAX_BYTES).
-                    let config = Config { deadline: Duration::from_secs(20), ..Config::from_env()? };
+                    let mut config = Config { deadline: Duration::from_secs(20), ..Config::from_env()? };
+                    // One graph-input slot per captured call of every decode case and path.
+                    let decode_cases = plan.cases.iter().filter(|(mode, _)| *mode == Mode::Decode).count();
+                    config.graph_slots =
+                        config.graph_slots.max(decode_cases * paths_per_case * plan.decode_iters.max(1));
                     let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rdv, config)?;
                     phase.wait()?;
                     if rank == 0 {
@@ -320,7 +327,7 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
                         *floors.lock() = Some((measured, B::describe(&device)));
                     }
                     for (index, case) in cases.iter().enumerate() {
-                        let timings = run_case::<B, T>(plan, rank, &stream, &mut op, phase, &case, progress)?;
+                        let timings = run_case::<B, T>(plan, rank, &stream, &mut op, &mut rdv, phase, &case, progress)?;
                         let dispatched = op.plan::<T>(case.shape.rows, case.shape.hidden);
                         if result_tx.send(RankResult { case: index, rank, dispatched, timings }).is_err() {
                             bail!("the collector stopped");
@@ -392,6 +399,7 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
         iters: plan.decode_iters,
         prefill_iters: plan.prefill_iters,
         repeats: plan.repeats,
+        graph_inputs: if plan.graph_inputs_in_place { "in place" } else { "staged" }.to_string(),
         input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(*s, T::DTYPE.size()))).collect(),
         floors,
         rows,
@@ -413,11 +421,13 @@ fn prepare_case<T: Element>(plan: &Plan, mode: Mode, shape: Shape) -> Case<T> {
     Case { mode, shape, sets: fixtures, reference }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_case<B: GpuRuntime, T: Element>(
     plan: &Plan,
     rank: usize,
     stream: &B::Stream,
     op: &mut AllReduceRmsNorm<B>,
+    rendezvous: &mut ThreadRendezvous,
     phase: &Phase,
     case: &Case<T>,
     progress: &indicatif::ProgressBar,
@@ -467,11 +477,17 @@ fn run_case<B: GpuRuntime, T: Element>(
         match case.mode {
             Mode::Decode => {
                 phase.wait()?;
+                if plan.graph_inputs_in_place {
+                    op.begin_graph_capture().with_context(|| format!("{what} {path}"))?;
+                }
                 B::begin_capture(stream)?;
                 for k in 0..iters {
                     call(op, &mut sets, k)?;
                 }
                 let graph = B::end_capture(stream)?;
+                if plan.graph_inputs_in_place {
+                    op.register_graph_inputs(stream, rendezvous).with_context(|| format!("{what} {path}"))?;
+                }
                 B::synchronize(stream)?;
                 phase.wait()?;
                 for _ in 0..plan.warmup {

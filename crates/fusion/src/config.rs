@@ -7,13 +7,18 @@
 //! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
+//! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 4096 |
 
 use crate::dispatch::Policy;
+use crate::graph::DEFAULT_GRAPH_SLOTS;
 use crate::{Error, Result};
 use std::time::Duration;
 
 /// Default time a rank waits for its peers before it reports [`Error::PeerTimeout`].
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The most graph-input slots an operator may ask for (64 MiB of table).
+pub const MAX_GRAPH_SLOTS: usize = 1 << 20;
 
 /// How an operator is built and dispatches.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -26,6 +31,10 @@ pub struct Config {
     /// (docs/reliability.md). `None` in production: neither [`Config::default`] nor
     /// [`Config::from_env`] ever sets it. The one field that may differ between the ranks.
     pub fault: Option<Fault>,
+    /// Slots of the graph-input table: how many cross-rank launches this operator's graphs may
+    /// capture with their inputs read in place (see [`crate::graph`]); 64 bytes of device memory
+    /// each, allocated with the operator (none on the cpu backend). 0 disables the feature.
+    pub graph_slots: usize,
 }
 
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
@@ -42,7 +51,7 @@ pub enum Fault {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None }
+        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None, graph_slots: DEFAULT_GRAPH_SLOTS }
     }
 }
 
@@ -78,6 +87,9 @@ impl Config {
         if let Some(v) = parse("ARFUSE_DEADLINE_MS")? {
             self.deadline = Duration::from_millis(v);
         }
+        if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
+            self.graph_slots = v as usize;
+        }
         self.validate()?;
         Ok(self)
     }
@@ -90,6 +102,9 @@ impl Config {
         }
         if self.deadline.is_zero() {
             return Err(Error::Config("deadline must be positive".into()));
+        }
+        if self.graph_slots > MAX_GRAPH_SLOTS {
+            return Err(Error::Config(format!("graph_slots {} above {MAX_GRAPH_SLOTS}", self.graph_slots)));
         }
         Ok(())
     }
@@ -112,6 +127,9 @@ mod tests {
         assert!(Config::default().with_env(env(&[("ARFUSE_USE_1STAGE", "2")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "abc")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "100")])).is_err());
+        let c = Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "16")])).expect("valid");
+        assert_eq!(c.graph_slots, 16);
+        assert!(Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "99999999")])).is_err());
         let c = Config::default().with_env(env(&[])).expect("defaults");
         assert_eq!(c, Config::default());
     }

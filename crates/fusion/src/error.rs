@@ -88,6 +88,32 @@ pub enum Error {
         /// Both calls, as the kernels described them.
         detail: String,
     },
+    /// Graph capture with in-place inputs was misused (begun twice, registered without a
+    /// capture, ranks that recorded different launches, a backend without graphs, inputs that
+    /// cannot be exported).
+    #[error("graph inputs: {0}")]
+    GraphCapture(String),
+    /// The graph-input table is full: the call was refused and nothing was launched.
+    #[error(
+        "graph-input table full: the call needs {needed} slots, {free} of {capacity} are free (Config::graph_slots)"
+    )]
+    GraphSlotsExhausted {
+        /// Slots the call needs (one per cross-rank launch).
+        needed: usize,
+        /// Slots left.
+        free: usize,
+        /// The table's size.
+        capacity: usize,
+    },
+    /// A captured graph was replayed before its inputs were registered; the kernels read and wrote
+    /// nothing, and the operator is unusable afterwards.
+    #[error("rank {rank}: a captured graph ran before register_graph_inputs (barrier {barrier})")]
+    NotRegistered {
+        /// This rank.
+        rank: u32,
+        /// The epoch's barrier value.
+        barrier: u64,
+    },
     /// An earlier call failed in a way that leaves the shared buffers in an unknown state.
     #[error("operator unusable after an earlier failure ({0}); drop it and create a new group")]
     Poisoned(String),

@@ -22,6 +22,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod graph;
 pub mod operator;
 pub mod vendor;
 

@@ -2,14 +2,15 @@
 
 use crate::config::{Config, Fault};
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
+use crate::graph::GraphInputs;
 use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
 use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::params::SIGNAL_ERROR_OFFSET;
 use arfuse_kernels::{
-    Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, MAX_RANKS,
-    MAX_ROW_PACKS, PACK_BYTES,
+    Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
+    MAX_RANKS, MAX_ROW_PACKS, PACK_BYTES,
 };
 use std::marker::PhantomData;
 
@@ -107,6 +108,8 @@ pub struct AllReduceRmsNorm<B: Backend> {
     poisoned: Option<String>,
     vendor: Option<VendorFallback<B>>,
     last_path: Option<Path>,
+    /// The graph-input table (none on the cpu backend, or with `graph_slots` 0).
+    graph: Option<GraphInputs<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
@@ -137,8 +140,22 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         // Load the kernels before the last meeting of the ranks: no rank launches before all have.
         B::prepare(device)?;
+        // Allocated before the rendezvous, like the shared buffers: never while a peer's kernel spins.
+        let graph = match B::KIND {
+            BackendKind::Cpu => None,
+            _ if config.graph_slots == 0 => None,
+            _ => Some(GraphInputs::new(device, config.graph_slots)?),
+        };
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
-        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, poisoned: None, vendor: None, last_path: None })
+        Ok(AllReduceRmsNorm {
+            device: device.clone(),
+            buffers,
+            config,
+            poisoned: None,
+            vendor: None,
+            last_path: None,
+            graph,
+        })
     }
 
     /// As [`new`](Self::new), plus a communicator of the vendor collective library (NCCL/RCCL,
@@ -222,6 +239,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
         let call = self.validate(&args)?;
         let path = choose_path(&call.request, &self.config.policy);
+        self.check_graph_slots::<T>(path, &call)?;
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
@@ -243,6 +261,66 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
+    }
+
+    /// Starts recording for a graph capture whose inputs are read in place (see [`crate::graph`]).
+    ///
+    /// Call it on every rank just before capturing calls of this operator into a CUDA/HIP graph;
+    /// the calls made until [`register_graph_inputs`](Self::register_graph_inputs) must be captured,
+    /// not run (one that runs fails with [`Error::NotRegistered`] at [`check`](Self::check)). Their
+    /// inputs must stay allocated, at the same addresses, for as long as the graph is replayed
+    /// (true of a framework's graph memory pool); the other tensors are captured by address as
+    /// usual. Eager calls, and graphs captured without this, copy their input into the staging
+    /// buffer instead.
+    pub fn begin_graph_capture(&mut self) -> Result<()> {
+        match &mut self.graph {
+            Some(graph) => graph.begin(),
+            None if B::KIND == BackendKind::Cpu => {
+                Err(Error::GraphCapture("the cpu backend has no graphs to capture".into()))
+            }
+            None => Err(Error::GraphCapture("Config::graph_slots is 0".into())),
+        }
+    }
+
+    /// Ends the recording begun by [`begin_graph_capture`](Self::begin_graph_capture): every rank
+    /// (collectively, through `rendezvous`) shares where the inputs of its recorded calls live,
+    /// maps its peers' (CUDA/HIP IPC for a peer process; the pointer itself for a peer thread), and
+    /// fills its graph-input table through `stream` (finished on return). Call it after the capture
+    /// has ended and before the first replay. Returns the number of launches registered.
+    ///
+    /// Ranks must have recorded the same calls; otherwise every rank gets [`Error::GraphCapture`].
+    /// The peers' allocations stay mapped until the operator is dropped.
+    pub fn register_graph_inputs(&mut self, stream: &B::Stream, rendezvous: &mut dyn Rendezvous) -> Result<usize> {
+        let (rank, world) = (self.rank(), self.world_size());
+        let Some(graph) = &mut self.graph else {
+            return Err(Error::GraphCapture("register_graph_inputs without begin_graph_capture".into()));
+        };
+        graph.register(&self.device, stream, rendezvous, rank, world)
+    }
+
+    /// Refuses a call that would overflow the graph-input table while recording.
+    fn check_graph_slots<T: Element>(&self, path: Path, call: &Call) -> Result<()> {
+        let Some(graph) = self.graph.as_ref().filter(|g| g.is_recording()) else { return Ok(()) };
+        let needed = match path {
+            Path::OneStage | Path::TwoStage => 1,
+            Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
+                call.rows.div_ceil(self.chunk_rows(call.hidden * T::DTYPE.size()))
+            }
+            Path::Noop | Path::Unfused { all_reduce: AllReduce::Vendor, .. } => 0,
+        };
+        if needed > graph.free_slots() {
+            return Err(Error::GraphSlotsExhausted {
+                needed,
+                free: graph.free_slots(),
+                capacity: self.config.graph_slots,
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows per launch of the unfused path's custom all-reduce (a chunk fits a staging half).
+    fn chunk_rows(&self, row_bytes: usize) -> usize {
+        (self.config.policy.max_size / 2 / row_bytes.max(1)).max(1)
     }
 
     /// Waits for the stream and reports a peer failure a GPU kernel recorded in the signal area, or
@@ -272,6 +350,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                     word.barrier()
                 ),
             };
+            self.poisoned = Some(err.to_string());
+            return Err(err);
+        }
+        if word.kind() == ErrorWord::KIND_NOT_REGISTERED {
+            let err = Error::NotRegistered { rank: self.rank() as u32, barrier: word.barrier() };
             self.poisoned = Some(err.to_string());
             return Err(err);
         }
@@ -359,11 +442,15 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// Launches a kernel that crosses ranks. Its epoch (barrier values, call-descriptor slot,
     /// staging half) comes from the rank's epoch word in device memory (`barrier_base` 0), so the
-    /// same launch captured in a graph takes a fresh epoch on every replay.
+    /// same launch captured in a graph takes a fresh epoch on every replay. While recording for a
+    /// graph with in-place inputs, the launch claims a slot of the graph-input table.
     fn launch_cross(&mut self, stream: &B::Stream, kernel: KernelId, mut params: LaunchParams) -> Result<()> {
         params.barrier_base = 0;
         params.staging = self.buffers.staging_ptrs(0);
         params.staging_half_bytes = (self.config.policy.max_size / 2) as u32;
+        if let Some(graph) = self.graph.as_mut().filter(|g| g.is_recording()) {
+            params.inputs = graph.claim(params.input);
+        }
         self.launch(stream, kernel, &params)
     }
 
@@ -374,6 +461,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         res.map_err(|e| match e {
             arfuse_kernels::Error::PeerTimeout { rank, peer, .. } => {
                 let err = Error::PeerTimeout { rank, peer, deadline: self.config.deadline };
+                self.poisoned = Some(err.to_string());
+                err
+            }
+            arfuse_kernels::Error::NotRegistered { rank, barrier } => {
+                let err = Error::NotRegistered { rank, barrier };
                 self.poisoned = Some(err.to_string());
                 err
             }
@@ -458,7 +550,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         sum: DevicePtr,
     ) -> Result<()> {
         let row_bytes = call.hidden * T::DTYPE.size();
-        let chunk_rows = (self.config.policy.max_size / 2 / row_bytes).max(1);
+        let chunk_rows = self.chunk_rows(row_bytes);
         let mut row = 0;
         while row < call.rows {
             let rows = chunk_rows.min(call.rows - row);

@@ -275,3 +275,277 @@ fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory() {
         }
     }
 }
+
+/// One call of the in-place graph tests: its shape, the path forced, and where its input starts
+/// inside its allocation (bytes).
+#[derive(Clone, Copy, Debug)]
+struct GraphCase {
+    rows: usize,
+    hidden: usize,
+    path: Option<Path>,
+    input_offset: usize,
+}
+
+/// 1-stage, 2-stage, the unfused custom path, and the dispatcher's choice on an input that starts
+/// 4 KiB into its allocation (the registered address is base + offset on every peer).
+const GRAPH_CASES: [GraphCase; 4] = [
+    GraphCase { rows: 1, hidden: 4096, path: Some(Path::OneStage), input_offset: 0 },
+    GraphCase { rows: 32, hidden: 8192, path: Some(Path::TwoStage), input_offset: 0 },
+    GraphCase { rows: 16, hidden: 2880, path: Some(UNFUSED), input_offset: 0 },
+    GraphCase { rows: 64, hidden: 5120, path: None, input_offset: 4096 },
+];
+
+/// One rank's tensors of one [`GraphCase`].
+struct GraphTensors {
+    case: GraphCase,
+    /// The allocation holding the input at `case.input_offset`.
+    input: CudaBuffer<bf16>,
+    residual: CudaBuffer<bf16>,
+    weight: CudaBuffer<bf16>,
+    out: CudaBuffer<bf16>,
+    residual_out: CudaBuffer<bf16>,
+}
+
+impl GraphTensors {
+    fn new(stream: &arfuse_kernels::cuda::CudaStream, case: GraphCase) -> Self {
+        let device = stream.device();
+        let elems = case.rows * case.hidden;
+        let pad = case.input_offset / std::mem::size_of::<bf16>();
+        let zeros = |len| CudaBuffer::<bf16>::zeros(device, len).expect("alloc");
+        GraphTensors {
+            case,
+            input: zeros(pad + elems),
+            residual: zeros(elems),
+            weight: zeros(case.hidden),
+            out: zeros(elems),
+            residual_out: zeros(elems),
+        }
+    }
+
+    /// Writes this rank's share of `fixture` and poisons the outputs.
+    fn load(&mut self, stream: &arfuse_kernels::cuda::CudaStream, fixture: &Fixture<bf16>, rank: usize) {
+        let pad = self.case.input_offset / std::mem::size_of::<bf16>();
+        let mut input = vec![bf16::from_f32(7.0); pad];
+        input.extend_from_slice(&fixture.inputs[rank]);
+        self.input.upload(stream, &input).expect("input");
+        self.residual.upload(stream, &fixture.residual).expect("residual");
+        self.weight.upload(stream, &fixture.weight).expect("weight");
+        let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
+        poison(&mut poisoned);
+        self.out.upload(stream, &poisoned).expect("poison out");
+        self.residual_out.upload(stream, &poisoned).expect("poison residual_out");
+    }
+
+    /// Enqueues the case's call (captured or eager).
+    fn forward(
+        &mut self,
+        op: &mut AllReduceRmsNorm<Cuda>,
+        stream: &arfuse_kernels::cuda::CudaStream,
+        eps: f32,
+    ) -> arfuse_fusion::Result<Path> {
+        let elems = self.case.rows * self.case.hidden;
+        let at = self.input.device_ptr().add(self.case.input_offset);
+        // SAFETY: `at` is followed by `elems` elements of the input allocation, which lives (and is
+        // only written between calls) as long as `self`.
+        let input = unsafe { TensorRef::from_raw(at, elems) };
+        let args = Args {
+            input,
+            residual: TensorRef::new(&self.residual),
+            weight: TensorRef::new(&self.weight),
+            out: TensorMut::new(&mut self.out),
+            residual_out: TensorMut::new(&mut self.residual_out),
+            eps,
+        };
+        match self.case.path {
+            Some(path) => op.forward_on(stream, path, args),
+            None => op.forward(stream, args),
+        }
+    }
+}
+
+/// The fixtures of replay `replay` of every case.
+fn graph_fixtures(world: usize, replays: usize, seed: &TestSeed) -> Vec<Vec<(Fixture<bf16>, Reference<bf16>)>> {
+    (0..replays)
+        .map(|replay| {
+            GRAPH_CASES
+                .iter()
+                .enumerate()
+                .map(|(i, case)| {
+                    let problem = Problem::new(world, case.rows, case.hidden, bf16::DTYPE)
+                        .with_seed(seed.derive((replay * 100 + i) as u64));
+                    let fixture = Fixture::generate(&problem);
+                    let reference = Reference::compute(&fixture);
+                    (fixture, reference)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One rank of the in-place graph tests: captures every case into one graph with the inputs
+/// registered after capture, replays it once per fixture set with new data written into the same
+/// tensors (every output exact), then runs the last set eagerly (staging copy) and requires the
+/// same bits. Ranks meet through `rendezvous` wherever memory is allocated or freed, so that no
+/// kernel spins then. Returns the paths taken.
+fn graph_in_place_rank(
+    rank: usize,
+    world: usize,
+    rendezvous: &mut dyn Rendezvous,
+    fixtures: &[Vec<(Fixture<bf16>, Reference<bf16>)>],
+) -> Vec<Path> {
+    let meet = |rendezvous: &mut dyn Rendezvous| {
+        rendezvous.all_gather(&[]).expect("meeting of the ranks");
+    };
+    let device = Cuda::open_device(0, world).expect("device");
+    let stream = Cuda::create_stream(&device).expect("stream");
+    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let mut op = AllReduceRmsNorm::<Cuda>::new(&device, rendezvous, config).expect("operator");
+    let mut tensors: Vec<GraphTensors> = GRAPH_CASES.iter().map(|&case| GraphTensors::new(&stream, case)).collect();
+    let eps = fixtures[0][0].0.problem.eps;
+    op.begin_graph_capture().expect("begin graph capture");
+    stream.begin_capture().expect("begin capture");
+    let paths: Vec<Path> =
+        tensors.iter_mut().map(|t| t.forward(&mut op, &stream, eps).expect("captured forward")).collect();
+    let graph = stream.end_capture().expect("end capture");
+    let registered = op.register_graph_inputs(&stream, rendezvous).expect("register graph inputs");
+    assert_eq!(registered, GRAPH_CASES.len(), "one cross-rank launch per case");
+    meet(rendezvous);
+    let mut last = Vec::new();
+    for (replay, set) in fixtures.iter().enumerate() {
+        for (t, (fixture, _)) in tensors.iter_mut().zip(set) {
+            t.load(&stream, fixture, rank);
+        }
+        // SAFETY: the graph's tensors are `tensors`, alive until the end of this function.
+        unsafe { graph.launch(&stream) }.expect("replay");
+        op.check(&stream).expect("no peer failure");
+        last.clear();
+        for ((t, (fixture, reference)), path) in tensors.iter().zip(set).zip(&paths) {
+            let what = format!("rank {rank} replay {replay} {} in place on {path}", fixture.problem);
+            let out = t.out.download(&stream).expect("download");
+            let residual_out = t.residual_out.download(&stream).expect("download");
+            assert_all_written(&what, &out);
+            assert_all_written(&what, &residual_out);
+            reference.assert_residual_out_exact(&what, &residual_out);
+            reference.assert_out_within(&what, &out, 1);
+            last.push((out, residual_out));
+        }
+    }
+    // The same calls eagerly, through the staging buffer: the same bits.
+    let set = fixtures.last().expect("fixtures");
+    for ((t, (fixture, _)), (replayed_out, replayed_residual_out)) in tensors.iter_mut().zip(set).zip(&last) {
+        t.load(&stream, fixture, rank);
+        t.forward(&mut op, &stream, eps).expect("eager forward");
+        op.check(&stream).expect("no peer failure");
+        let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let what = format!("rank {rank} {}", fixture.problem);
+        assert!(same(&t.out.download(&stream).expect("download"), replayed_out), "{what}: eager out != graph out");
+        assert!(
+            same(&t.residual_out.download(&stream).expect("download"), replayed_residual_out),
+            "{what}: eager residual_out != graph residual_out"
+        );
+    }
+    meet(rendezvous);
+    drop(graph);
+    drop(tensors);
+    meet(rendezvous);
+    paths
+}
+
+/// Issue 3's graph mode: the calls of a captured graph read the users' tensors in place (inputs
+/// registered after capture, no staging copy), ranks as threads (peer pointers).
+#[test]
+fn graph_inputs_registered_after_capture_are_read_in_place() {
+    if !gpu_available("graph_inputs_registered_after_capture_are_read_in_place") {
+        return;
+    }
+    const REPLAYS: usize = 8;
+    let seed = TestSeed::new("cuda::graph_in_place");
+    for world in [2, 4] {
+        let fixtures = graph_fixtures(world, REPLAYS, &seed);
+        let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+            ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+        let paths = run_threads(world, |rank| {
+            let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+            graph_in_place_rank(rank, world, &mut rendezvous, &fixtures)
+        });
+        let paths: Vec<String> = paths[0].iter().map(|p| p.to_string()).collect();
+        println!(
+            "cuda graph, inputs in place: world {world}, {} calls [{}], {REPLAYS} replays with new inputs: exact, eager gives the same bits",
+            GRAPH_CASES.len(),
+            paths.join(", ")
+        );
+    }
+}
+
+/// The same over real CUDA IPC: two rank processes, each registering its own allocations, which
+/// the other maps with `cuIpcOpenMemHandle`.
+#[test]
+fn graph_inputs_registered_after_capture_over_ipc() {
+    const REPLAYS: usize = 4;
+    let seed = TestSeed::new("cuda::graph_in_place_ipc");
+    if let Some(me) = child() {
+        let fixtures = graph_fixtures(me.world_size, REPLAYS, &seed);
+        let mut rendezvous =
+            UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
+        let paths = graph_in_place_rank(me.rank, me.world_size, &mut rendezvous, &fixtures);
+        eprintln!("graph in place over ipc: rank {} paths {paths:?}: exact", me.rank);
+        return;
+    }
+    if !gpu_available("graph_inputs_registered_after_capture_over_ipc") {
+        return;
+    }
+    let outcomes =
+        run_processes(&test_path!(graph_inputs_registered_after_capture_over_ipc), 2, Duration::from_secs(300))
+            .expect("process harness");
+    assert_ranks_succeeded(&outcomes);
+    for outcome in &outcomes {
+        for line in outcome.stderr.lines().filter(|l| l.starts_with("graph in place")) {
+            println!("{line}");
+        }
+    }
+}
+
+/// A graph recorded for in-place inputs but replayed before `register_graph_inputs` reads nothing:
+/// every rank's kernel finds its table empty and stops before any barrier, and `check` reports
+/// `NotRegistered` (no hang, no wrong data: the outputs keep their poison).
+#[test]
+fn graph_replayed_before_registration_fails_cleanly() {
+    if !gpu_available("graph_replayed_before_registration_fails_cleanly") {
+        return;
+    }
+    let world = 2;
+    let seed = TestSeed::new("cuda::graph_unregistered");
+    let fixtures = graph_fixtures(world, 1, &seed);
+    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+    let phase = std::sync::Barrier::new(world);
+    run_threads(world, |rank| {
+        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+        let device = Cuda::open_device(0, world).expect("device");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+        let (fixture, _) = &fixtures[0][0];
+        let mut t = GraphTensors::new(&stream, GRAPH_CASES[0]);
+        t.load(&stream, fixture, rank);
+        op.begin_graph_capture().expect("begin graph capture");
+        assert!(matches!(op.begin_graph_capture(), Err(arfuse_fusion::Error::GraphCapture(_))), "begun twice");
+        stream.begin_capture().expect("begin capture");
+        t.forward(&mut op, &stream, fixture.problem.eps).expect("captured forward");
+        let graph = stream.end_capture().expect("end capture");
+        phase.wait();
+        let start = std::time::Instant::now();
+        // SAFETY: the graph's tensors are `t`'s, alive until the end of this closure.
+        unsafe { graph.launch(&stream) }.expect("replay");
+        let err = op.check(&stream).expect_err("replay before registration must fail");
+        assert!(matches!(err, arfuse_fusion::Error::NotRegistered { .. }), "rank {rank}: {err}");
+        assert!(start.elapsed() < Duration::from_secs(5), "rank {rank}: took {:?}", start.elapsed());
+        let out = t.out.download(&stream).expect("download");
+        let mut poisoned = vec![bf16::ZERO; out.len()];
+        poison(&mut poisoned);
+        assert!(out.iter().zip(&poisoned).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {rank}: out was written");
+        phase.wait();
+        drop(graph);
+        println!("rank {rank}: {err}");
+    });
+}

@@ -97,6 +97,23 @@ pub enum Error {
     /// A handle received from a peer is not valid for this backend.
     #[error("invalid IPC handle: {0}")]
     InvalidHandle(String),
+    /// A launch read an empty graph-input table (a captured graph replayed before its inputs were
+    /// registered); nothing was read or written.
+    #[error("rank {rank}: launch with barrier {barrier} found its graph-input table empty (graph replayed before its inputs were registered)")]
+    NotRegistered {
+        /// The launching rank.
+        rank: u32,
+        /// The epoch's barrier value.
+        barrier: u64,
+    },
+    /// The backend cannot do what was asked (e.g. export memory it did not allocate).
+    #[error("{backend} backend: {what} is not supported")]
+    Unsupported {
+        /// The backend.
+        backend: crate::BackendKind,
+        /// What was asked.
+        what: &'static str,
+    },
 }
 
 /// Result alias of this crate.

@@ -44,7 +44,7 @@ pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use kernel_id::{KernelId, Op};
-pub use params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
+pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 pub use source::MAX_ROW_PACKS;
 
 /// Backends by name: `api::{Cpu, Cuda, Hip}`.

@@ -74,9 +74,18 @@ pub struct LaunchParams {
     pub eps: f32,
     /// Bytes between the two staging halves (used when `barrier_base` is 0).
     pub staging_half_bytes: u32,
-    /// Reserved, zero.
-    pub reserved: [u32; 2],
+    /// 0, or (with `barrier_base` 0) the device address of `u64[MAX_RANKS]`: every rank's input
+    /// for this call in this rank's address space, registered after a graph capture
+    /// ([`GRAPH_SLOT_BYTES`] per captured launch). Cross-rank kernels then read peers' inputs in
+    /// place instead of through the staging halves (nothing is copied), and end with a barrier
+    /// (value `barrier_base + 1`) so that no rank returns, and lets its user overwrite its input,
+    /// while a peer still reads it. A table with a zero entry (not registered yet) makes the
+    /// kernel leave [`ErrorWord::KIND_NOT_REGISTERED`] and return before any barrier.
+    pub inputs: u64,
 }
+
+/// Bytes of one entry of a graph-input table (see [`LaunchParams::inputs`]).
+pub const GRAPH_SLOT_BYTES: usize = MAX_RANKS * 8;
 
 /// What a cross-rank launch publishes so that peers can check they run the same call:
 /// `[barrier_base, op | dtype << 8 | world_size << 16, rows, hidden]`.
@@ -105,7 +114,7 @@ impl std::fmt::Display for CallDescriptor {
 }
 
 /// The error word a kernel leaves in its rank's signal area when it gives up:
-/// bits 0..8 the kind (1 = peer timeout), 8..16 the peer, 16..64 the low bits of the barrier value.
+/// bits 0..8 the kind (`KIND_*`), 8..16 the peer, 16..64 the low bits of the barrier value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ErrorWord(pub u64);
 
@@ -114,10 +123,18 @@ impl ErrorWord {
     pub const KIND_PEER_TIMEOUT: u64 = 1;
     /// `peer` published a different call descriptor for barrier `barrier`.
     pub const KIND_CALL_MISMATCH: u64 = 2;
+    /// A launch with a graph-input table ran before the table was filled (a captured graph
+    /// replayed before its inputs were registered); `barrier` is the epoch's barrier value.
+    pub const KIND_NOT_REGISTERED: u64 = 3;
 
     /// Encodes a call mismatch.
     pub fn call_mismatch(peer: u32, barrier: u64) -> Self {
         ErrorWord(Self::KIND_CALL_MISMATCH | (u64::from(peer & 0xff) << 8) | (barrier << 16))
+    }
+
+    /// Encodes an empty graph-input table met at barrier value `barrier`.
+    pub fn not_registered(barrier: u64) -> Self {
+        ErrorWord(Self::KIND_NOT_REGISTERED | (barrier << 16))
     }
 
     /// Encodes a peer timeout.
@@ -154,6 +171,7 @@ mod tests {
         assert_eq!(offset_of!(LaunchParams, deadline_ns), 240);
         assert_eq!(offset_of!(LaunchParams, rows), 248);
         assert_eq!(offset_of!(LaunchParams, eps), 264);
+        assert_eq!(offset_of!(LaunchParams, inputs), 272);
         assert_eq!(size_of::<LaunchParams>(), 280);
     }
 

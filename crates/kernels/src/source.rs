@@ -175,6 +175,13 @@ mod tests {
         ] {
             assert!(src.contains(&format!("#define {name} {value}\n")), "{name} != {value} in arfuse.h");
         }
+        for (name, value) in [
+            ("ARFUSE_ERROR_PEER_TIMEOUT", crate::ErrorWord::KIND_PEER_TIMEOUT),
+            ("ARFUSE_ERROR_CALL_MISMATCH", crate::ErrorWord::KIND_CALL_MISMATCH),
+            ("ARFUSE_ERROR_NOT_REGISTERED", crate::ErrorWord::KIND_NOT_REGISTERED),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value}ull\n")), "{name} != {value} in arfuse.h");
+        }
         assert_eq!(crate::params::SIGNAL_ERROR_OFFSET, crate::MAX_BLOCKS * crate::MAX_RANKS * 8);
         assert_eq!(crate::params::SIGNAL_CALLS_OFFSET, crate::params::SIGNAL_ERROR_OFFSET + 64);
         for op in Op::ALL {

@@ -271,3 +271,19 @@ fn hidden_sizes_beyond_the_kernels_or_the_staging_half_are_refused() {
         }
     });
 }
+
+/// The cpu backend has no graphs: recording for in-place graph inputs is refused with a typed
+/// error, and the operator keeps working (the next call is exact).
+#[test]
+fn graph_capture_is_refused_on_the_cpu_backend_and_the_operator_still_works() {
+    let seed = TestSeed::new("refusals::graph_capture_cpu");
+    let fixture =
+        Fixture::<bf16>::generate(&Problem::new(2, 3, 64, arfuse_kernels::DType::Bf16).with_seed(seed.seed()));
+    let reference = arfuse_testkit::Reference::compute(&fixture);
+    run_group(2, test_config(1 << 20), |op, stream| {
+        let err = op.begin_graph_capture().expect_err("cpu has no graphs");
+        assert!(matches!(err, Error::GraphCapture(_)), "{err}");
+        let got = call(op, stream, None, &fixture).expect("a call after the refusal");
+        reference.assert_residual_out_exact(&format!("rank {} after refusal", op.rank()), &got.residual_out);
+    });
+}

@@ -50,12 +50,17 @@ pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
     let mut params = *params;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params);
+        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params)?;
         match kernel.dtype {
             DType::Bf16 => run_typed::<half::bf16>(kernel.op, &params),
             DType::F16 => run_typed::<half::f16>(kernel.op, &params),
             DType::F32 => run_typed::<f32>(kernel.op, &params),
         }?;
+        // Inputs read in place: no rank returns (and lets its caller overwrite its input) before
+        // every peer has read it. Reduce-scatter already ends with such a barrier.
+        if device_epoch && params.inputs != 0 && matches!(kernel.op, Op::FusedOneStage | Op::AllReduceOneStage) {
+            barrier(&params, 1)?;
+        }
         if device_epoch {
             end_epoch(&params);
         }

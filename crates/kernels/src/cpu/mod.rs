@@ -7,6 +7,8 @@
 pub mod kernels;
 pub mod shm;
 mod signal;
+#[cfg(test)]
+mod tests;
 
 use crate::{
     Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, KernelId, LaunchParams, Result,

@@ -125,6 +125,7 @@ typedef uint4 pack16;
 #define ARFUSE_CALL_WORDS 4
 #define ARFUSE_ERROR_PEER_TIMEOUT 1ull
 #define ARFUSE_ERROR_CALL_MISMATCH 2ull
+#define ARFUSE_ERROR_NOT_REGISTERED 3ull
 // Largest number of 16-byte packs per row (the tree lives in shared memory) and packs per thread.
 #define ARFUSE_MAX_ROW_PACKS 4096
 #define ARFUSE_MAX_PACKS_PER_THREAD 4
@@ -139,7 +140,7 @@ struct LaunchParams {
   u32 rows, hidden, rank, world_size;
   float eps;
   u32 staging_half_bytes;
-  u32 reserved[2];
+  u64 inputs;
 };
 static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout differs from params.rs");
 #if defined(ARFUSE_HIP)  // NVRTC's front end has no __builtin_offsetof; clang checks the offsets.
@@ -147,6 +148,7 @@ static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layo
 static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, rows) == 248, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, inputs) == 272, "LaunchParams layout differs from params.rs");
 #endif
 
 #endif  // ARFUSE_H

@@ -284,16 +284,36 @@ __device__ bool reduce_scatter(const LaunchParams& p) {
 // (device memory, so a captured graph takes a fresh epoch on every replay): barrier value 2e,
 // staging half e % 2; the last block to finish advances the word. Every block reads the word
 // before it counts itself done, so the word changes only after every block has read it.
-template <class Body>
+//
+// With `inputs` set (graph inputs registered after capture), every rank's input is read where the
+// user keeps it: `staging[r]` becomes `inputs[r]` (our own entry is `input`, so nothing is copied).
+// The user may overwrite that tensor as soon as our launch has finished, so a body that does not
+// end with a barrier after its last read of peers' inputs (`kEndsWithBarrier`) gets one, value
+// 2e + 1: no rank finishes before every peer has finished reading it.
+template <bool kEndsWithBarrier, class Body>
 __device__ void cross_rank(LaunchParams p, Body body) {
   const bool device_epoch = p.barrier_base == 0;
   if (device_epoch) {
     const u64 e = load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1;
     p.barrier_base = 2 * e;
-    if (e & 1)
+    if (p.inputs) {
+      bool registered = true;
+      for (u32 r = 0; r < p.world_size; ++r) {
+        p.staging[r] = ((const u64*)p.inputs)[r];
+        registered = registered && p.staging[r] != 0;
+      }
+      if (!registered) {  // replayed before the ranks registered the graph's inputs
+        if (bid_x() == 0 && tid_x() == 0)
+          store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | (p.barrier_base << 16));
+        return;
+      }
+    } else if (e & 1) {
       for (u32 r = 0; r < p.world_size; ++r) p.staging[r] += p.staging_half_bytes;
+    }
   }
-  if (!body(p) || !device_epoch) return;
+  if (!body(p)) return;
+  if (!kEndsWithBarrier && p.inputs && !barrier(p, p.barrier_base + 1, 0)) return;
+  if (!device_epoch) return;
   block_sync();
   if (tid_x() == 0) {
     fence_system();
@@ -327,14 +347,14 @@ __device__ void allgather(const LaunchParams& p) {
 // One extern "C" entry point per (op, dtype): the symbols of KernelId::symbol().
 #define ARFUSE_INSTANTIATE(dtype, E)                                                                      \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS fused_ar_rmsnorm_1stage_##dtype(LaunchParams p) {                        \
-    cross_rank(p, [](const LaunchParams& q) { return fused_1stage<E>(q); });                            \
+    cross_rank<false>(p, [](const LaunchParams& q) { return fused_1stage<E>(q); });                            \
   }                                                                                                     \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS reduce_scatter_##dtype(LaunchParams p) {                                   \
-    cross_rank(p, [](const LaunchParams& q) { return reduce_scatter<E>(q); });                          \
+    cross_rank<true>(p, [](const LaunchParams& q) { return reduce_scatter<E>(q); });                          \
   }                                                                                                     \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS scratch_add_rmsnorm_##dtype(LaunchParams p) { scratch_add_rmsnorm<E>(p); } \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS allreduce_1stage_##dtype(LaunchParams p) {                                 \
-    cross_rank(p, [](const LaunchParams& q) { return allreduce_1stage<E>(q); });                        \
+    cross_rank<false>(p, [](const LaunchParams& q) { return allreduce_1stage<E>(q); });                        \
   }                                                                                                     \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS allgather_##dtype(LaunchParams p) { allgather<E>(p); }                     \
   extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS add_rmsnorm_##dtype(LaunchParams p) { add_rmsnorm<E>(p); }

@@ -132,6 +132,10 @@ impl Backend for Hip {
         buffer.export()
     }
 
+    fn export_allocation(device: &HipDevice, ptr: DevicePtr) -> Result<(HipIpcHandle, u64)> {
+        memory::export_allocation(device, ptr)
+    }
+
     fn open_handle(device: &HipDevice, handle: &HipIpcHandle) -> Result<HipPeerMapping> {
         HipPeerMapping::open(device, handle)
     }

@@ -52,6 +52,7 @@ extern "C" {
     fn hipExtMallocWithFlags(ptr: *mut *mut c_void, bytes: usize, flags: c_uint) -> c_int;
     fn hipFree(ptr: *mut c_void) -> c_int;
     fn hipMemset(dst: *mut c_void, value: c_int, bytes: usize) -> c_int;
+    fn hipMemGetAddressRange(base: *mut *mut c_void, size: *mut usize, ptr: *mut c_void) -> c_int;
     fn hipMemcpyAsync(
         dst: *mut c_void,
         src: *const c_void,
@@ -436,6 +437,14 @@ pub(crate) mod mem {
         // SAFETY: the out-pointer is a live local.
         check("hipMalloc", unsafe { hipMalloc(&mut ptr, bytes) })?;
         Ok(ptr as u64)
+    }
+
+    /// `hipMemGetAddressRange`: the base address and size of the allocation that holds `ptr`.
+    pub(crate) fn address_range(ptr: u64) -> Result<(u64, usize)> {
+        let (mut base, mut size): (*mut c_void, usize) = (std::ptr::null_mut(), 0);
+        // SAFETY: the out-pointers are live locals; the runtime validates `ptr`.
+        check("hipMemGetAddressRange", unsafe { hipMemGetAddressRange(&mut base, &mut size, ptr as *mut c_void) })?;
+        Ok((base as u64, size))
     }
 
     /// `hipExtMallocWithFlags` on the current device.

@@ -364,7 +364,8 @@ struct LaunchParams {
     unsigned long long input, residual, weight, out, residual_out, barrier_base, deadline_ns;
     unsigned int rows, hidden, rank, world_size;
     float eps;
-    unsigned int reserved[3];
+    unsigned int staging_half_bytes;
+    unsigned long long inputs;
 };
 static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout");
 extern "C" __global__ void arfuse_probe(LaunchParams p) {
@@ -377,7 +378,7 @@ extern "C" __global__ void arfuse_probe(LaunchParams p) {
         out[8] = p.barrier_base; out[9] = p.deadline_ns;
         out[10] = p.rows | ((unsigned long long)p.hidden << 32);
         out[11] = p.rank | ((unsigned long long)p.world_size << 32);
-        out[12] = __builtin_bit_cast(unsigned int, p.eps) | ((unsigned long long)p.reserved[2] << 32);
+        out[12] = __builtin_bit_cast(unsigned int, p.eps) | (p.inputs << 32);
         out[13] = warpSize;
     }
     if (lane == 0) {
@@ -402,7 +403,7 @@ fn probe_params(out: u64) -> crate::LaunchParams {
         world_size: 6,
         eps: 1e-6,
         staging_half_bytes: 0,
-        reserved: [0, 0xabcd],
+        inputs: 0xabcd,
         ..Default::default()
     };
     p.staging[0] = 0xa0;
@@ -427,7 +428,7 @@ fn probe_expected(p: &crate::LaunchParams, wave: u64, blocks: u64) -> Vec<u64> {
         p.deadline_ns,
         u64::from(p.rows) | u64::from(p.hidden) << 32,
         u64::from(p.rank) | u64::from(p.world_size) << 32,
-        u64::from(p.eps.to_bits()) | u64::from(p.reserved[1]) << 32,
+        u64::from(p.eps.to_bits()) | p.inputs << 32,
         wave,
         blocks,
     ]

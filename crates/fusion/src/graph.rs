@@ -1,0 +1,184 @@
+//! Graph inputs read in place: the calls of a captured graph read the users' tensors where they
+//! are, without the copy into the staging buffer that eager calls make.
+//!
+//! While an operator records ([`AllReduceRmsNorm::begin_graph_capture`](crate::AllReduceRmsNorm::begin_graph_capture)),
+//! every cross-rank launch claims a *slot* of this rank's graph-input table (device memory,
+//! [`GRAPH_SLOT_BYTES`] per slot) and is launched with `LaunchParams::inputs` pointing at it; the
+//! slot stays empty, so a replay at this point fails with [`Error::NotRegistered`] instead of
+//! reading anything. After the capture,
+//! [`register_graph_inputs`](crate::AllReduceRmsNorm::register_graph_inputs) (collective) exports
+//! the allocation behind each recorded input (`cuIpcGetMemHandle`/`hipIpcGetMemHandle` of the
+//! base that `cuMemGetAddressRange` gives, plus the offset), all-gathers them through the
+//! rendezvous, maps every peer's allocation once (a peer in this process: its pointer as is) and
+//! writes each slot: `[input of rank 0, input of rank 1, ...]` in this rank's address space.
+//! Replays then read every rank's current input in place, and end with a barrier so that no rank
+//! lets its user overwrite an input a peer still reads.
+
+use crate::{Error, Result};
+use arfuse_ipc::Rendezvous;
+use arfuse_kernels::{Backend, DevicePtr, GRAPH_SLOT_BYTES, MAX_RANKS};
+use std::collections::HashMap;
+
+/// Default number of slots of the graph-input table: one per cross-rank launch captured over the
+/// operator's life (a decode graph captures one per layer and batch size). 4096 slots are 256 KiB.
+pub const DEFAULT_GRAPH_SLOTS: usize = 4096;
+
+/// This rank's graph-input table, what is recorded into it, and the peers' mapped allocations.
+pub(crate) struct GraphInputs<B: Backend> {
+    table: B::SharedBuffer,
+    capacity: usize,
+    /// Slots claimed so far (registered or pending).
+    used: usize,
+    /// `Some(first slot)` while recording: calls since then claim slots `first..used`.
+    recording: Option<usize>,
+    /// This rank's input of each slot claimed while recording, in slot order.
+    pending: Vec<u64>,
+    /// Peers' allocations mapped here, by (peer, handle bytes): their base address here.
+    mapped: HashMap<(usize, Vec<u8>), u64>,
+    /// The mappings behind `mapped`, unmapped when the operator is dropped.
+    mappings: Vec<B::PeerMapping>,
+}
+
+/// One slot as a rank announces it: where its input lies inside which allocation.
+const OFFSET_BYTES: usize = 8;
+/// The count a rank announces when it could not export its inputs (its error text follows).
+const FAILED: u64 = u64::MAX;
+
+impl<B: Backend> GraphInputs<B> {
+    /// Allocates a table of `capacity` slots (zero-filled: nothing registered).
+    pub(crate) fn new(device: &B::Device, capacity: usize) -> Result<Self> {
+        let table = B::alloc_shared(device, capacity.max(1) * GRAPH_SLOT_BYTES)?;
+        Ok(GraphInputs {
+            table,
+            capacity,
+            used: 0,
+            recording: None,
+            pending: Vec::new(),
+            mapped: HashMap::new(),
+            mappings: Vec::new(),
+        })
+    }
+
+    /// Slots left.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.capacity - self.used
+    }
+
+    /// Whether calls are being recorded.
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    pub(crate) fn begin(&mut self) -> Result<()> {
+        if self.recording.is_some() {
+            return Err(Error::GraphCapture("begin_graph_capture called twice without register_graph_inputs".into()));
+        }
+        self.recording = Some(self.used);
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Claims the next slot for a launch whose own input is `input`; returns the slot's device
+    /// address. The caller checked [`free_slots`](Self::free_slots) for the whole call.
+    pub(crate) fn claim(&mut self, input: u64) -> u64 {
+        debug_assert!(self.recording.is_some() && self.used < self.capacity);
+        let slot = self.used;
+        self.used += 1;
+        self.pending.push(input);
+        B::shared_ptr(&self.table).add(slot * GRAPH_SLOT_BYTES).0
+    }
+
+    /// Ends the recording: exchanges the recorded inputs with every peer, maps theirs, and fills
+    /// the slots through `stream` (finished on return). Returns the number of slots registered.
+    pub(crate) fn register(
+        &mut self,
+        device: &B::Device,
+        stream: &B::Stream,
+        rendezvous: &mut dyn Rendezvous,
+        rank: usize,
+        world: usize,
+    ) -> Result<usize> {
+        let Some(first) = self.recording else {
+            return Err(Error::GraphCapture("register_graph_inputs called without begin_graph_capture".into()));
+        };
+        // Announce: first slot, count, then per slot the exported handle and the offset in it. A
+        // rank that cannot export still takes part (count `FAILED`, then its error), so that its
+        // peers fail at once with its reason instead of waiting for it.
+        let handle_bytes = std::mem::size_of::<B::IpcHandle>();
+        let mut message = Vec::with_capacity(16 + self.pending.len() * (handle_bytes + OFFSET_BYTES));
+        message.extend_from_slice(&(first as u64).to_le_bytes());
+        let mut slots = Vec::with_capacity(self.pending.len() * (handle_bytes + OFFSET_BYTES));
+        let exported = self.pending.iter().try_for_each(|&input| {
+            let (handle, offset) = B::export_allocation(device, DevicePtr(input))?;
+            slots.extend_from_slice(bytemuck::bytes_of(&handle));
+            slots.extend_from_slice(&offset.to_le_bytes());
+            Ok::<(), arfuse_kernels::Error>(())
+        });
+        match &exported {
+            Ok(()) => {
+                message.extend_from_slice(&(self.pending.len() as u64).to_le_bytes());
+                message.extend_from_slice(&slots);
+            }
+            Err(e) => {
+                message.extend_from_slice(&FAILED.to_le_bytes());
+                message.extend_from_slice(e.to_string().as_bytes());
+            }
+        }
+        let gathered = rendezvous.all_gather(&message)?;
+        exported?;
+        // Every rank must have recorded the same launches: same first slot, same count.
+        for (peer, bytes) in gathered.iter().enumerate() {
+            if bytes.get(8..16) == Some(&FAILED.to_le_bytes()[..]) {
+                return Err(Error::GraphCapture(format!(
+                    "rank {peer} could not export its graph inputs: {}",
+                    String::from_utf8_lossy(&bytes[16..])
+                )));
+            }
+            if bytes.len() < 16 || bytes[..16] != message[..16] || bytes.len() != message.len() {
+                let theirs = |at: usize| {
+                    bytes.get(at..at + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+                };
+                return Err(Error::GraphCapture(format!(
+                    "rank {peer} recorded {} cross-rank launches from slot {}, this rank {} from slot {first}",
+                    theirs(8),
+                    theirs(0),
+                    self.pending.len()
+                )));
+            }
+        }
+        let stride = handle_bytes + OFFSET_BYTES;
+        let mut table = vec![0u64; self.pending.len() * MAX_RANKS];
+        for (peer, bytes) in gathered.iter().enumerate().take(world) {
+            for (slot, entry) in bytes[16..].chunks_exact(stride).enumerate() {
+                let at = slot * MAX_RANKS + peer;
+                if peer == rank {
+                    table[at] = self.pending[slot];
+                    continue;
+                }
+                let (handle, offset) = entry.split_at(handle_bytes);
+                let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
+                let base = match self.mapped.get(&(peer, handle.to_vec())) {
+                    Some(&base) => base,
+                    None => {
+                        let handle: B::IpcHandle = bytemuck::try_pod_read_unaligned(handle)
+                            .map_err(|e| Error::GraphCapture(format!("rank {peer}'s handle of slot {slot}: {e}")))?;
+                        let mapping = B::open_handle(device, &handle)?;
+                        let base = B::peer_ptr(&mapping).0;
+                        self.mappings.push(mapping);
+                        self.mapped.insert((peer, entry[..handle_bytes].to_vec()), base);
+                        base
+                    }
+                };
+                table[at] = base + offset;
+            }
+        }
+        let at = B::shared_ptr(&self.table).add(first * GRAPH_SLOT_BYTES);
+        // SAFETY: slots `first..first + pending.len()` lie inside the table (claimed below capacity).
+        unsafe { B::write(stream, at, bytemuck::cast_slice(&table))? };
+        B::synchronize(stream)?;
+        let registered = self.pending.len();
+        self.pending.clear();
+        self.recording = None;
+        Ok(registered)
+    }
+}
