@@ -7,7 +7,8 @@
 //! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
-//! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 4096 |
+//! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 32768 |
+//! | `ARFUSE_GRAPH_1STAGE_IN_PLACE` | `1`: captured 1-stage launches read inputs in place too | `0` |
 
 use crate::dispatch::Policy;
 use crate::graph::DEFAULT_GRAPH_SLOTS;
@@ -33,8 +34,13 @@ pub struct Config {
     pub fault: Option<Fault>,
     /// Slots of the graph-input table: how many cross-rank launches this operator's graphs may
     /// capture with their inputs read in place (see [`crate::graph`]); 64 bytes of device memory
-    /// each, allocated with the operator (none on the cpu backend). 0 disables the feature.
+    /// each, allocated with the operator in whole 2 MiB (none on the cpu backend). 0 disables
+    /// the feature.
     pub graph_slots: usize,
+    /// Captured 1-stage launches read their inputs in place as well (reduce-scatters always do).
+    /// Off by default: in place, a 1-stage launch needs a closing barrier that costs more than the
+    /// copy it saves (see [`crate::graph`]).
+    pub graph_one_stage_in_place: bool,
 }
 
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
@@ -51,7 +57,13 @@ pub enum Fault {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None, graph_slots: DEFAULT_GRAPH_SLOTS }
+        Config {
+            policy: Policy::default(),
+            deadline: DEFAULT_DEADLINE,
+            fault: None,
+            graph_slots: DEFAULT_GRAPH_SLOTS,
+            graph_one_stage_in_place: false,
+        }
     }
 }
 
@@ -89,6 +101,15 @@ impl Config {
         }
         if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
             self.graph_slots = v as usize;
+        }
+        if let Some(v) = parse("ARFUSE_GRAPH_1STAGE_IN_PLACE")? {
+            self.graph_one_stage_in_place = match v {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(Error::Config(format!("ARFUSE_GRAPH_1STAGE_IN_PLACE must be 0 or 1, not {other}")))
+                }
+            };
         }
         self.validate()?;
         Ok(self)

@@ -270,8 +270,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// not run (one that runs fails with [`Error::NotRegistered`] at [`check`](Self::check)). Their
     /// inputs must stay allocated, at the same addresses, for as long as the graph is replayed
     /// (true of a framework's graph memory pool); the other tensors are captured by address as
-    /// usual. Eager calls, and graphs captured without this, copy their input into the staging
-    /// buffer instead.
+    /// usual. Which launches read in place: reduce-scatters always, 1-stage launches only with
+    /// [`Config::graph_one_stage_in_place`]; the others, eager calls, and graphs captured without
+    /// this, copy their input into the staging buffer.
     pub fn begin_graph_capture(&mut self) -> Result<()> {
         match &mut self.graph {
             Some(graph) => graph.begin(),
@@ -301,21 +302,41 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Refuses a call that would overflow the graph-input table while recording.
     fn check_graph_slots<T: Element>(&self, path: Path, call: &Call) -> Result<()> {
         let Some(graph) = self.graph.as_ref().filter(|g| g.is_recording()) else { return Ok(()) };
+        let row_bytes = call.hidden * T::DTYPE.size();
         let needed = match path {
-            Path::OneStage | Path::TwoStage => 1,
+            Path::OneStage => usize::from(self.reads_in_place(Op::FusedOneStage)),
+            Path::TwoStage => usize::from(self.reads_in_place(Op::ReduceScatter)),
             Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
-                call.rows.div_ceil(self.chunk_rows(call.hidden * T::DTYPE.size()))
+                let chunk_rows = self.chunk_rows(row_bytes);
+                (0..call.rows)
+                    .step_by(chunk_rows)
+                    .filter(|&row| self.reads_in_place(self.chunk_op(chunk_rows.min(call.rows - row) * row_bytes)))
+                    .count()
             }
             Path::Noop | Path::Unfused { all_reduce: AllReduce::Vendor, .. } => 0,
         };
         if needed > graph.free_slots() {
-            return Err(Error::GraphSlotsExhausted {
-                needed,
-                free: graph.free_slots(),
-                capacity: self.config.graph_slots,
-            });
+            return Err(Error::GraphSlotsExhausted { needed, free: graph.free_slots(), capacity: graph.capacity() });
         }
         Ok(())
+    }
+
+    /// Whether a launch of `op` recorded for a graph reads its input in place (see [`crate::graph`]).
+    fn reads_in_place(&self, op: Op) -> bool {
+        match op {
+            Op::ReduceScatter => true,
+            Op::FusedOneStage | Op::AllReduceOneStage => self.config.graph_one_stage_in_place,
+            _ => false,
+        }
+    }
+
+    /// The all-reduce kernel of an unfused chunk of `bytes`.
+    fn chunk_op(&self, bytes: usize) -> Op {
+        if bytes <= self.config.policy.one_stage_max_bytes {
+            Op::AllReduceOneStage
+        } else {
+            Op::ReduceScatter
+        }
     }
 
     /// Rows per launch of the unfused path's custom all-reduce (a chunk fits a staging half).
@@ -448,7 +469,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         params.barrier_base = 0;
         params.staging = self.buffers.staging_ptrs(0);
         params.staging_half_bytes = (self.config.policy.max_size / 2) as u32;
-        if let Some(graph) = self.graph.as_mut().filter(|g| g.is_recording()) {
+        let in_place = self.reads_in_place(kernel.op);
+        if let Some(graph) = self.graph.as_mut().filter(|g| g.is_recording() && in_place) {
             params.inputs = graph.claim(params.input);
         }
         self.launch(stream, kernel, &params)
@@ -556,10 +578,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             let rows = chunk_rows.min(call.rows - row);
             let offset = (row * row_bytes) as u64;
             let chunk = LaunchParams { rows: rows as u32, input: params.input + offset, out: sum.0 + offset, ..params };
-            if rows * row_bytes <= self.config.policy.one_stage_max_bytes {
-                self.launch_cross(stream, KernelId { op: Op::AllReduceOneStage, dtype: T::DTYPE }, chunk)?;
-            } else {
-                self.launch_cross(stream, KernelId { op: Op::ReduceScatter, dtype: T::DTYPE }, chunk)?;
+            let op = self.chunk_op(rows * row_bytes);
+            self.launch_cross(stream, KernelId { op, dtype: T::DTYPE }, chunk)?;
+            if op == Op::ReduceScatter {
                 self.launch(stream, KernelId { op: Op::AllGather, dtype: T::DTYPE }, &chunk)?;
             }
             row += rows;

@@ -248,6 +248,9 @@ fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory() {
             reference.assert_residual_out_exact(&format!("rank {} cycle {n}", me.rank), &got);
             // Free only once the peer's kernel has finished reading this rank's buffer.
             rendezvous.all_gather(&[]).expect("end of cycle");
+            drop((op, input, residual, weight, out, residual_out));
+            // The free memory is the device's, so measure only once every rank has freed.
+            rendezvous.all_gather(&[]).expect("every rank freed");
         };
         cycle(0);
         let before = (open_fds(), device.memory_info().expect("memory info").0);
@@ -385,20 +388,23 @@ fn graph_fixtures(world: usize, replays: usize, seed: &TestSeed) -> Vec<Vec<(Fix
 /// One rank of the in-place graph tests: captures every case into one graph with the inputs
 /// registered after capture, replays it once per fixture set with new data written into the same
 /// tensors (every output exact), then runs the last set eagerly (staging copy) and requires the
-/// same bits. Ranks meet through `rendezvous` wherever memory is allocated or freed, so that no
-/// kernel spins then. Returns the paths taken.
+/// same bits. `one_stage_in_place`: 1-stage launches read in place too (reduce-scatters always
+/// do). Ranks meet through `rendezvous` wherever memory is allocated or freed, so that no kernel
+/// spins then. Returns the paths taken.
 fn graph_in_place_rank(
     rank: usize,
     world: usize,
     rendezvous: &mut dyn Rendezvous,
     fixtures: &[Vec<(Fixture<bf16>, Reference<bf16>)>],
+    one_stage_in_place: bool,
 ) -> Vec<Path> {
     let meet = |rendezvous: &mut dyn Rendezvous| {
         rendezvous.all_gather(&[]).expect("meeting of the ranks");
     };
     let device = Cuda::open_device(0, world).expect("device");
     let stream = Cuda::create_stream(&device).expect("stream");
-    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let config =
+        Config { deadline: Duration::from_secs(10), graph_one_stage_in_place: one_stage_in_place, ..Config::default() };
     let mut op = AllReduceRmsNorm::<Cuda>::new(&device, rendezvous, config).expect("operator");
     let mut tensors: Vec<GraphTensors> = GRAPH_CASES.iter().map(|&case| GraphTensors::new(&stream, case)).collect();
     let eps = fixtures[0][0].0.problem.eps;
@@ -408,7 +414,10 @@ fn graph_in_place_rank(
         tensors.iter_mut().map(|t| t.forward(&mut op, &stream, eps).expect("captured forward")).collect();
     let graph = stream.end_capture().expect("end capture");
     let registered = op.register_graph_inputs(&stream, rendezvous).expect("register graph inputs");
-    assert_eq!(registered, GRAPH_CASES.len(), "one cross-rank launch per case");
+    // Two reduce-scatters (2-stage cases); the 1-stage case and the unfused case's 1-stage
+    // all-reduce only when 1-stage launches read in place.
+    let expected = 2 + if one_stage_in_place { 2 } else { 0 };
+    assert_eq!(registered, expected, "launches reading in place (1-stage too: {one_stage_in_place})");
     meet(rendezvous);
     let mut last = Vec::new();
     for (replay, set) in fixtures.iter().enumerate() {
@@ -460,17 +469,17 @@ fn graph_inputs_registered_after_capture_are_read_in_place() {
     }
     const REPLAYS: usize = 8;
     let seed = TestSeed::new("cuda::graph_in_place");
-    for world in [2, 4] {
+    for (world, one_stage_in_place) in [(2, true), (2, false), (4, false)] {
         let fixtures = graph_fixtures(world, REPLAYS, &seed);
         let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
             ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
         let paths = run_threads(world, |rank| {
             let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
-            graph_in_place_rank(rank, world, &mut rendezvous, &fixtures)
+            graph_in_place_rank(rank, world, &mut rendezvous, &fixtures, one_stage_in_place)
         });
         let paths: Vec<String> = paths[0].iter().map(|p| p.to_string()).collect();
         println!(
-            "cuda graph, inputs in place: world {world}, {} calls [{}], {REPLAYS} replays with new inputs: exact, eager gives the same bits",
+            "cuda graph, inputs in place (1-stage too: {one_stage_in_place}): world {world}, {} calls [{}], {REPLAYS} replays with new inputs: exact, eager gives the same bits",
             GRAPH_CASES.len(),
             paths.join(", ")
         );
@@ -487,7 +496,7 @@ fn graph_inputs_registered_after_capture_over_ipc() {
         let fixtures = graph_fixtures(me.world_size, REPLAYS, &seed);
         let mut rendezvous =
             UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
-        let paths = graph_in_place_rank(me.rank, me.world_size, &mut rendezvous, &fixtures);
+        let paths = graph_in_place_rank(me.rank, me.world_size, &mut rendezvous, &fixtures, true);
         eprintln!("graph in place over ipc: rank {} paths {paths:?}: exact", me.rank);
         return;
     }
@@ -523,7 +532,7 @@ fn graph_replayed_before_registration_fails_cleanly() {
         let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
         let device = Cuda::open_device(0, world).expect("device");
         let stream = Cuda::create_stream(&device).expect("stream");
-        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let config = Config { deadline: Duration::from_secs(10), graph_one_stage_in_place: true, ..Config::default() };
         let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
         let (fixture, _) = &fixtures[0][0];
         let mut t = GraphTensors::new(&stream, GRAPH_CASES[0]);
