@@ -188,7 +188,7 @@ mod tests {
             for dtype in DType::ALL {
                 let symbol = KernelId { op, dtype }.symbol();
                 let (stem, suffix) = symbol.rsplit_once('_').unwrap_or_default();
-                assert!(src.contains(&format!(" {stem}_##dtype(LaunchParams p)")), "no kernel {symbol}");
+                assert!(src.contains(&format!("ARFUSE_KERNEL({stem}_##dtype)")), "no kernel {symbol}");
                 assert!(src.contains(&format!("ARFUSE_INSTANTIATE({suffix},")), "no instantiation for {suffix}");
             }
         }

@@ -32,6 +32,14 @@ typedef int i32;
 #define ARFUSE_LAUNCH_BOUNDS __launch_bounds__(1024)
 #endif
 
+// Kernel parameters read in place, never copied to local memory: NVIDIA's __grid_constant__
+// (sm_70+); AMD reads them from the kernarg segment anyway.
+#if defined(ARFUSE_HIP)
+#define ARFUSE_GRID_CONSTANT
+#else
+#define ARFUSE_GRID_CONSTANT __grid_constant__
+#endif
+
 #if defined(ARFUSE_HIP)
 // Peer pointers are marked global (address space 1) so that loads through them are
 // global_load_dwordx4, not the slower flat_ loads.

@@ -82,13 +82,26 @@ __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p
   ((ARFUSE_GLOBAL pack16*)base)[index] = p.v;
 }
 
+// ---- A launch as the kernel bodies see it. ----
+// The parameters are read where the launch put them (__grid_constant__ on NVIDIA, the kernarg
+// segment on AMD): a by-value copy would sit in every thread's local memory (280 bytes, because
+// peers' pointers are indexed by a run-time rank), which a 1024-thread block pays for on every
+// call. What a launch resolves at run time (its epoch's barrier value, every rank's input for this
+// call) is computed once per block into shared memory by `cross_rank`.
+struct Launch {
+  const LaunchParams& p;
+  u64 barrier_base;
+  const u64* staging;  // every rank's input for this call: __shared__ u64[ARFUSE_MAX_RANKS]
+  bool copy;           // our input is not staging[rank]: copy it there first
+};
+
 // Sum over ranks of pack `index` of every rank's staging, in rank order, -0.0 read as +0.0,
 // rounded to storage.
 template <class E>
-__device__ __forceinline__ Pack<E> sum_ranks(const LaunchParams& p, u64 index) {
+__device__ __forceinline__ Pack<E> sum_ranks(const Launch& l, u64 index) {
   float acc[Pack<E>::N];
-  for (u32 r = 0; r < p.world_size; ++r) {
-    Pack<E> x = load_pack<E>(p.staging[r], index);
+  for (u32 r = 0; r < l.p.world_size; ++r) {
+    Pack<E> x = load_pack<E>(l.staging[r], index);
 #pragma unroll
     for (int i = 0; i < Pack<E>::N; ++i) {
       u32 b = x.e[i];
@@ -116,7 +129,7 @@ __device__ __forceinline__ u64* call_word(u64 signal, u32 parity, u32 slot, u32 
 // Every thread's writes before it are visible to peers after they pass the barrier. Returns false
 // (in every thread of the block) when a peer did not arrive within the deadline: the error word
 // is set and the block must return.
-__device__ bool barrier(const LaunchParams& p, u64 value, const u64* descriptor) {
+__device__ bool barrier(const LaunchParams& p, u64 barrier_base, u64 value, const u64* descriptor) {
   __shared__ int abort_block;
   const u32 t = tid_x();
   if (t == 0) abort_block = 0;
@@ -124,7 +137,7 @@ __device__ bool barrier(const LaunchParams& p, u64 value, const u64* descriptor)
   // barrier (fences are cumulative), so only those threads fence: a system-scope fence in every
   // thread of a 1024-thread block costs microseconds.
   block_sync();
-  const u32 parity = (u32)((p.barrier_base / 2) & 1);
+  const u32 parity = (u32)((barrier_base / 2) & 1);
   if (t < p.world_size) {
     fence_system();
     if (descriptor && bid_x() == 0) {
@@ -148,7 +161,7 @@ __device__ bool barrier(const LaunchParams& p, u64 value, const u64* descriptor)
         same = same && load_relaxed_sys(call_word(p.signals[p.rank], parity, t, w)) == descriptor[w];
       if (!same) {
         store_relaxed_sys(error_word(p.signals[p.rank]),
-                          ARFUSE_ERROR_CALL_MISMATCH | ((u64)(t & 0xff) << 8) | (p.barrier_base << 16));
+                          ARFUSE_ERROR_CALL_MISMATCH | ((u64)(t & 0xff) << 8) | (barrier_base << 16));
         abort_block = 1;
       }
     }
@@ -158,17 +171,17 @@ __device__ bool barrier(const LaunchParams& p, u64 value, const u64* descriptor)
 }
 
 template <class E>
-__device__ __forceinline__ void make_descriptor(const LaunchParams& p, u64 op, u64* d) {
-  d[0] = p.barrier_base;
-  d[1] = op | (E::kCode << 8) | ((u64)p.world_size << 16);
-  d[2] = p.rows;
-  d[3] = p.hidden;
+__device__ __forceinline__ void make_descriptor(const Launch& l, u64 op, u64* d) {
+  d[0] = l.barrier_base;
+  d[1] = op | (E::kCode << 8) | ((u64)l.p.world_size << 16);
+  d[2] = l.p.rows;
+  d[3] = l.p.hidden;
 }
 
 // ---- The row routine: add residual, RMSNorm; the same code on every path. ----
 // `source(k)` gives the rounded all-reduced sum of pack k of the row.
 template <class E, class Source>
-__device__ void norm_row(const LaunchParams& p, u32 row, Source source) {
+__device__ __forceinline__ void norm_row(const LaunchParams& p, u32 row, Source source) {
   constexpr int N = Pack<E>::N;
   __shared__ float partial[ARFUSE_MAX_ROW_PACKS];
   const u32 n_packs = p.hidden / N;
@@ -220,31 +233,32 @@ __device__ void norm_row(const LaunchParams& p, u32 row, Source source) {
 
 // ---- Kernels. ----
 template <class E>
-__device__ bool fused_1stage(const LaunchParams& p) {
+__device__ __forceinline__ bool fused_1stage(const Launch& l) {
+  const LaunchParams& p = l.p;
   const u32 n_packs = p.hidden / Pack<E>::N;
-  const bool copy = p.input != p.staging[p.rank];
-  for (u32 row = bid_x(); row < p.rows && copy; row += gdim_x())
+  for (u32 row = bid_x(); row < p.rows && l.copy; row += gdim_x())
     for (u32 j = tid_x(); j < n_packs; j += bdim_x())
-      store_pack<E>(p.staging[p.rank], (u64)row * n_packs + j, load_pack<E>(p.input, (u64)row * n_packs + j));
+      store_pack<E>(l.staging[p.rank], (u64)row * n_packs + j, load_pack<E>(p.input, (u64)row * n_packs + j));
   u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(p, 0, d);
-  if (!barrier(p, p.barrier_base, d)) return false;
+  make_descriptor<E>(l, 0, d);
+  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return sum_ranks<E>(p, k); });
+    norm_row<E>(p, row, [&](u64 k) { return sum_ranks<E>(l, k); });
   return true;
 }
 
 template <class E>
-__device__ bool allreduce_1stage(const LaunchParams& p) {
+__device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
+  const LaunchParams& p = l.p;
   const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
   const u64 stride = (u64)gdim_x() * bdim_x();
-  if (p.input != p.staging[p.rank])
+  if (l.copy)
     for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride)
-      store_pack<E>(p.staging[p.rank], k, load_pack<E>(p.input, k));
+      store_pack<E>(l.staging[p.rank], k, load_pack<E>(p.input, k));
   u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(p, 3, d);
-  if (!barrier(p, p.barrier_base, d)) return false;
-  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) store_pack<E>(p.out, k, sum_ranks<E>(p, k));
+  make_descriptor<E>(l, 3, d);
+  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
+  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) store_pack<E>(p.out, k, sum_ranks<E>(l, k));
   return true;
 }
 
@@ -256,28 +270,29 @@ __device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start
 }
 
 template <class E>
-__device__ bool reduce_scatter(const LaunchParams& p) {
+__device__ __forceinline__ bool reduce_scatter(const Launch& l) {
+  const LaunchParams& p = l.p;
   const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
   const u64 stride = (u64)gdim_x() * bdim_x();
   const u64 first = (u64)bid_x() * bdim_x() + tid_x();
-  if (p.input != p.staging[p.rank]) {
+  if (l.copy) {
     // Block b copies what every rank's block b will read: its share of each rank's chunk.
     for (u32 r = 0; r < p.world_size; ++r) {
       u64 start, end;
       chunk_of(r, p.world_size, packs, &start, &end);
-      for (u64 k = start + first; k < end; k += stride) store_pack<E>(p.staging[p.rank], k, load_pack<E>(p.input, k));
+      for (u64 k = start + first; k < end; k += stride) store_pack<E>(l.staging[p.rank], k, load_pack<E>(p.input, k));
     }
   }
   u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(p, 1, d);
-  if (!barrier(p, p.barrier_base, d)) return false;
+  make_descriptor<E>(l, 1, d);
+  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
   u64 start, end;
   chunk_of(p.rank, p.world_size, packs, &start, &end);
   for (u64 k = start + first; k < end; k += stride) {
-    Pack<E> s = sum_ranks<E>(p, k);
+    Pack<E> s = sum_ranks<E>(l, k);
     for (u32 r = 0; r < p.world_size; ++r) store_pack<E>(p.scratch[r], k, s);
   }
-  return barrier(p, p.barrier_base + 1, 0);
+  return barrier(p, l.barrier_base, l.barrier_base + 1, 0);
 }
 
 // Runs a cross-rank kernel body. With barrier_base 0 the epoch comes from the rank's epoch word
@@ -286,78 +301,81 @@ __device__ bool reduce_scatter(const LaunchParams& p) {
 // before it counts itself done, so the word changes only after every block has read it.
 //
 // With `inputs` set (graph inputs registered after capture), every rank's input is read where the
-// user keeps it: `staging[r]` becomes `inputs[r]` (our own entry is `input`, so nothing is copied).
+// user keeps it: rank r's input is `inputs[r]` (our own entry is `input`, so nothing is copied).
 // The user may overwrite that tensor as soon as our launch has finished, so a body that does not
 // end with a barrier after its last read of peers' inputs (`kEndsWithBarrier`) gets one, value
 // 2e + 1: no rank finishes before every peer has finished reading it.
 template <bool kEndsWithBarrier, class Body>
-__device__ void cross_rank(LaunchParams p, Body body) {
+__device__ __forceinline__ void cross_rank(const LaunchParams& p, Body body) {
   const bool device_epoch = p.barrier_base == 0;
-  if (device_epoch) {
-    const u64 e = load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1;
-    p.barrier_base = 2 * e;
-    if (p.inputs) {
-      bool registered = true;
-      for (u32 r = 0; r < p.world_size; ++r) {
-        p.staging[r] = ((const u64*)p.inputs)[r];
-        registered = registered && p.staging[r] != 0;
-      }
-      if (!registered) {  // replayed before the ranks registered the graph's inputs
-        if (bid_x() == 0 && tid_x() == 0)
-          store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | (p.barrier_base << 16));
-        return;
-      }
-    } else if (e & 1) {
-      for (u32 r = 0; r < p.world_size; ++r) p.staging[r] += p.staging_half_bytes;
-    }
+  const bool in_place = device_epoch && p.inputs != 0;
+  const u64 base = device_epoch ? 2 * (load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1) : p.barrier_base;
+  const u64 half = device_epoch && ((base / 2) & 1) ? p.staging_half_bytes : 0;
+  __shared__ u64 staging[ARFUSE_MAX_RANKS];
+  __shared__ int registered;
+  const u32 t = tid_x();
+  if (t == 0) registered = 1;
+  block_sync();
+  if (t < p.world_size) {
+    staging[t] = in_place ? ((const u64*)p.inputs)[t] : p.staging[t] + half;
+    if (staging[t] == 0) registered = 0;
   }
-  if (!body(p)) return;
-  if (!kEndsWithBarrier && p.inputs && !barrier(p, p.barrier_base + 1, 0)) return;
+  block_sync();
+  const Launch l = {p, base, staging, p.input != staging[p.rank]};
+  if (!registered) {  // replayed before the ranks registered the graph's inputs
+    if (bid_x() == 0 && t == 0)
+      store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | (base << 16));
+    return;
+  }
+  if (!body(l)) return;
+  if (!kEndsWithBarrier && in_place && !barrier(p, base, base + 1, 0)) return;
   if (!device_epoch) return;
   block_sync();
-  if (tid_x() == 0) {
+  if (t == 0) {
     fence_system();
     if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
       store_relaxed_sys(done_word(p.signals[p.rank]), 0);
-      store_relaxed_sys(epoch_word(p.signals[p.rank]), p.barrier_base / 2);
+      store_relaxed_sys(epoch_word(p.signals[p.rank]), base / 2);
     }
   }
 }
 
 template <class E>
-__device__ void scratch_add_rmsnorm(const LaunchParams& p) {
+__device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   const u64 scratch = p.scratch[p.rank];
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
     norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); });
 }
 
 template <class E>
-__device__ void add_rmsnorm(const LaunchParams& p) {
+__device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
     norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); });
 }
 
 template <class E>
-__device__ void allgather(const LaunchParams& p) {
+__device__ __forceinline__ void allgather(const LaunchParams& p) {
   const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
   for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += (u64)gdim_x() * bdim_x())
     store_pack<E>(p.out, k, load_pack<E>(p.scratch[p.rank], k));
 }
 
-// One extern "C" entry point per (op, dtype): the symbols of KernelId::symbol().
-#define ARFUSE_INSTANTIATE(dtype, E)                                                                      \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS fused_ar_rmsnorm_1stage_##dtype(LaunchParams p) {                        \
-    cross_rank<false>(p, [](const LaunchParams& q) { return fused_1stage<E>(q); });                            \
-  }                                                                                                     \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS reduce_scatter_##dtype(LaunchParams p) {                                   \
-    cross_rank<true>(p, [](const LaunchParams& q) { return reduce_scatter<E>(q); });                          \
-  }                                                                                                     \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS scratch_add_rmsnorm_##dtype(LaunchParams p) { scratch_add_rmsnorm<E>(p); } \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS allreduce_1stage_##dtype(LaunchParams p) {                                 \
-    cross_rank<false>(p, [](const LaunchParams& q) { return allreduce_1stage<E>(q); });                        \
-  }                                                                                                     \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS allgather_##dtype(LaunchParams p) { allgather<E>(p); }                     \
-  extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS add_rmsnorm_##dtype(LaunchParams p) { add_rmsnorm<E>(p); }
+// One extern "C" entry point per (op, dtype): the symbols of KernelId::symbol(). The parameters
+// are never copied (see `Launch`).
+#define ARFUSE_KERNEL(name) extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS name(const ARFUSE_GRID_CONSTANT LaunchParams p)
+#define ARFUSE_INSTANTIATE(dtype, E)                                                                  \
+  ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype) {                                                    \
+    cross_rank<false>(p, [](const Launch& l) { return fused_1stage<E>(l); });                         \
+  }                                                                                                   \
+  ARFUSE_KERNEL(reduce_scatter_##dtype) {                                                             \
+    cross_rank<true>(p, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
+  }                                                                                                   \
+  ARFUSE_KERNEL(scratch_add_rmsnorm_##dtype) { scratch_add_rmsnorm<E>(p); }                           \
+  ARFUSE_KERNEL(allreduce_1stage_##dtype) {                                                           \
+    cross_rank<false>(p, [](const Launch& l) { return allreduce_1stage<E>(l); });                     \
+  }                                                                                                   \
+  ARFUSE_KERNEL(allgather_##dtype) { allgather<E>(p); }                                               \
+  ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }
 
 ARFUSE_INSTANTIATE(bf16, Bf16)
 ARFUSE_INSTANTIATE(f16, F16)
