@@ -62,6 +62,16 @@ enum Command {
         #[arg(long, default_value = "bundle")]
         out: PathBuf,
     },
+    /// Measure the 1-stage/2-stage crossover on this host and write the dispatcher's table
+    /// (`arfuse-bench --tune-out`; use it with `ARFUSE_TUNE_FILE`). Arguments go to arfuse-bench.
+    Tune {
+        /// The table to write or update.
+        #[arg(long, default_value = "target/arfuse-tune.txt")]
+        out: PathBuf,
+        /// Arguments passed to `arfuse-bench` (e.g. `--world 4`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the fused-vs-unfused tables (arguments passed to `arfuse-bench`).
     Bench {
         /// Arguments passed to `arfuse-bench`.
@@ -101,6 +111,10 @@ fn main() -> Result<()> {
         Command::Kernels { check: _, report, emit } => {
             let emit = emit.map(|dir| std::env::current_dir().unwrap_or_default().join(dir));
             kernels::run(&sh, &project_root(), &kernels::Options { report, emit })?;
+        }
+        Command::Tune { out, args } => {
+            let out = std::env::current_dir().unwrap_or_default().join(out);
+            cmd!(sh, "cargo run --release -p arfuse-bench --bin arfuse-bench -- --tune-out {out} {args...}").run()?;
         }
         Command::Bench { args } => {
             cmd!(sh, "cargo run --release -p arfuse-bench --bin arfuse-bench -- {args...}").run()?;

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write (or update, for this world size) the dispatcher's tune table here: the 1-stage
+    /// threshold this run measured (what `cargo xtask tune` runs; read with `ARFUSE_TUNE_FILE`).
+    #[arg(long)]
+    pub tune_out: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -107,9 +111,45 @@ pub fn main(args: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     print!("{}", report.render());
+    if let Some(path) = &args.tune_out {
+        write_tune_table(&report, path)?;
+    }
     if report.rows.iter().any(|r| r.paths.iter().any(|p| p.exact == Some(false))) {
         bail!("some outputs differ from the reference (marked NO)");
     }
+    Ok(())
+}
+
+/// Writes the 1-stage threshold `report` measured into the tune table at `path`, keeping the other
+/// world sizes' lines of a table already there. Shapes with a wrong output do not count.
+fn write_tune_table(report: &crate::report::Report, path: &std::path::Path) -> Result<()> {
+    use arfuse_fusion::tune::{one_stage_crossover, TuneTable};
+    let elem = if report.rows.first().is_some_and(|r| r.dtype == "f32") { 4 } else { 2 };
+    let points: Vec<(u64, f64, f64)> = report
+        .rows
+        .iter()
+        .filter(|r| r.paths.iter().all(|p| p.exact != Some(false)))
+        .filter_map(|r| {
+            let bytes = (r.shape.rows * r.shape.hidden * elem) as u64;
+            Some((bytes, r.path("fused-1stage")?.stats.p50, r.path("fused-2stage")?.stats.p50))
+        })
+        .collect();
+    let Some(threshold) = one_stage_crossover(&points) else {
+        eprintln!("tune: 2-stage was faster at every payload measured; the table is left as it is");
+        return Ok(());
+    };
+    let mut table = if path.exists() { TuneTable::load(path)? } else { TuneTable::default() };
+    table.one_stage_max_bytes.retain(|&(world, _)| world != report.world_size);
+    table.one_stage_max_bytes.push((report.world_size, threshold as usize));
+    table.one_stage_max_bytes.sort_unstable();
+    table.source = format!("arfuse tune table: {}, {}, {}", report.device, report.date, report.command);
+    std::fs::write(path, table.render()).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "tune: world {}: 1-stage up to {threshold} bytes per rank (measured over {} shapes) -> {}",
+        report.world_size,
+        points.len(),
+        path.display()
+    );
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
 //! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 32768 |
+//! | `ARFUSE_TUNE_FILE` | a measured table of 1-stage thresholds per world size ([`crate::tune`]) | none |
 //! | `ARFUSE_GRAPH_1STAGE_IN_PLACE` | `1`: captured 1-stage launches read inputs in place too | `0` |
 
 use crate::dispatch::Policy;
@@ -99,6 +100,9 @@ impl Config {
         if let Some(v) = parse("ARFUSE_DEADLINE_MS")? {
             self.deadline = Duration::from_millis(v);
         }
+        if let Some(path) = lookup("ARFUSE_TUNE_FILE").filter(|p| !p.trim().is_empty()) {
+            self.policy.apply(&crate::TuneTable::load(std::path::Path::new(path.trim()))?);
+        }
         if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
             self.graph_slots = v as usize;
         }
@@ -148,6 +152,7 @@ mod tests {
         assert!(Config::default().with_env(env(&[("ARFUSE_USE_1STAGE", "2")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "abc")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "100")])).is_err());
+        assert!(Config::default().with_env(env(&[("ARFUSE_TUNE_FILE", "/nonexistent/arfuse-tune")])).is_err());
         let c = Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "16")])).expect("valid");
         assert_eq!(c.graph_slots, 16);
         assert!(Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "99999999")])).is_err());

@@ -9,7 +9,8 @@
 //! 3. Fusion disabled, or `bytes > max_size / 2`, or a hidden size beyond the fused kernels:
 //!    the unfused path (our custom all-reduce — in row chunks that fit the staging area when the
 //!    tensor is larger — or the vendor library for sizes beyond the buffers where one is available).
-//! 4. Otherwise fused: 1-stage iff `bytes <= one_stage_max_bytes` (inclusive), unless the
+//! 4. Otherwise fused: 1-stage iff `bytes <= one_stage_max_bytes` (inclusive; the measured
+//!    threshold of the world size where a tune table gives one, see [`crate::tune`]), unless the
 //!    override says otherwise; a hidden size the 1-stage kernel cannot take goes 2-stage.
 //!
 //! A hidden size that is not a multiple of the 16-byte pack is not a path decision: the operator
@@ -46,8 +47,12 @@ pub struct Policy {
     pub enabled: bool,
     /// Size of the staging area per rank; fused iff `bytes <= max_size / 2`.
     pub max_size: usize,
-    /// 1-stage iff `bytes <= one_stage_max_bytes`.
+    /// 1-stage iff `bytes <= one_stage_max_bytes` (unless a measured threshold for the world
+    /// size replaces it, below).
     pub one_stage_max_bytes: usize,
+    /// Measured 1-stage thresholds by world size (index = world size; 0 = not measured, use
+    /// `one_stage_max_bytes`), from a [`crate::TuneTable`].
+    pub one_stage_max_bytes_by_world: [usize; MAX_RANKS + 1],
     /// `Some(true)`: always 1-stage (where the kernel can); `Some(false)`: always 2-stage.
     pub force_one_stage: Option<bool>,
     /// Largest hidden size the 1-stage kernel takes.
@@ -77,12 +82,32 @@ impl Default for Policy {
             enabled: true,
             max_size: DEFAULT_MAX_SIZE,
             one_stage_max_bytes: DEFAULT_ONE_STAGE_MAX_BYTES,
+            one_stage_max_bytes_by_world: [0; MAX_RANKS + 1],
             force_one_stage: None,
             one_stage_max_hidden: DEFAULT_MAX_HIDDEN,
             fused_max_hidden: DEFAULT_MAX_HIDDEN,
             peer_access: true,
             single_host: true,
             vendor_available: false,
+        }
+    }
+}
+
+impl Policy {
+    /// The 1-stage threshold for `world_size` ranks: the measured one if the tune table has it.
+    pub fn one_stage_max_bytes_for(&self, world_size: usize) -> usize {
+        match self.one_stage_max_bytes_by_world.get(world_size) {
+            Some(&measured) if measured > 0 => measured,
+            _ => self.one_stage_max_bytes,
+        }
+    }
+
+    /// Takes the thresholds of `table` (world sizes it lacks keep theirs).
+    pub fn apply(&mut self, table: &crate::TuneTable) {
+        for &(world, bytes) in &table.one_stage_max_bytes {
+            if let Some(slot) = self.one_stage_max_bytes_by_world.get_mut(world) {
+                *slot = bytes.max(1);
+            }
         }
     }
 }
@@ -181,7 +206,8 @@ pub fn choose_path(req: &Request, policy: &Policy) -> Path {
         return custom(FallbackReason::HiddenUnsupported);
     }
     let one_stage_fits = req.hidden <= policy.one_stage_max_hidden;
-    let wants_one_stage = policy.force_one_stage.unwrap_or(bytes <= policy.one_stage_max_bytes as u64);
+    let wants_one_stage =
+        policy.force_one_stage.unwrap_or(bytes <= policy.one_stage_max_bytes_for(req.world_size) as u64);
     if wants_one_stage && one_stage_fits {
         Path::OneStage
     } else {

@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod error;
 pub mod graph;
 pub mod operator;
+pub mod tune;
 pub mod vendor;
 
 pub use arfuse_ipc as ipc;
@@ -32,3 +33,4 @@ pub use config::{Config, Fault};
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
 pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};
+pub use tune::TuneTable;

@@ -332,7 +332,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// The all-reduce kernel of an unfused chunk of `bytes`.
     fn chunk_op(&self, bytes: usize) -> Op {
-        if bytes <= self.config.policy.one_stage_max_bytes {
+        if bytes <= self.config.policy.one_stage_max_bytes_for(self.world_size()) {
             Op::AllReduceOneStage
         } else {
             Op::ReduceScatter

@@ -193,3 +193,22 @@ fn path_names_say_which_all_reduce_ran() {
     assert_eq!(Path::TwoStage.to_string(), "fused-2stage");
     assert_eq!(Path::Noop.to_string(), "noop");
 }
+
+#[test]
+fn a_measured_threshold_replaces_the_default_for_its_world_size_only() {
+    let mut policy = Policy::default();
+    let table = crate::TuneTable { source: "test".into(), one_stage_max_bytes: vec![(4, 4 << 20)] };
+    policy.apply(&table);
+    // 4 MiB at world 4: 1-stage up to and including it, 2-stage one pack more.
+    let at = req(512, 4096);
+    assert_eq!(at.bytes(), 4 << 20);
+    assert_eq!(choose_path(&at, &policy), Path::OneStage);
+    assert_eq!(choose_path(&Request { rows: 513, ..at }, &policy), Path::TwoStage);
+    // World 2 has no measurement: the default 128 KiB applies.
+    let world2 = Request { world_size: 2, ..req(16, 4096) };
+    assert_eq!(choose_path(&world2, &policy), Path::OneStage);
+    assert_eq!(choose_path(&Request { rows: 17, ..world2 }, &policy), Path::TwoStage);
+    // The override still wins over a measurement.
+    let forced = Policy { force_one_stage: Some(false), ..policy };
+    assert_eq!(choose_path(&at, &forced), Path::TwoStage);
+}
