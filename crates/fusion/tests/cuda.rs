@@ -558,3 +558,108 @@ fn graph_replayed_before_registration_fails_cleanly() {
         println!("rank {rank}: {err}");
     });
 }
+
+/// How the faulty rank of [`a_dead_rank_process_makes_its_peer_time_out_not_hang`] dies.
+const KILL_SCENARIOS: [&str; 2] = ["sigkill-between-calls", "abort-between-stages"];
+
+/// A rank process that dies on the GPU — SIGKILLed between two calls, or aborting between the two
+/// stages of a 2-stage call (its reduce-scatter enqueued, perhaps running) — makes the survivor's
+/// kernel give up at its deadline: `check` reports `PeerTimeout` naming the dead rank within the
+/// deadline plus a margin, no call returns wrong data, and the survivor drops its operator and
+/// exits cleanly. Two processes on one GPU over real CUDA IPC.
+#[test]
+fn a_dead_rank_process_makes_its_peer_time_out_not_hang() {
+    use arfuse_testkit::{run_processes_with, ProcessOptions};
+    use std::os::unix::process::ExitStatusExt;
+    const DEADLINE: Duration = Duration::from_secs(2);
+    const MARGIN: Duration = Duration::from_secs(5);
+    const GOOD_CALLS: usize = 3;
+    if let Some(me) = child() {
+        let scenario = std::env::var("ARFUSE_TEST_KILL").expect("scenario");
+        let device = Cuda::open_device(0, me.world_size).expect("device");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        let seed = TestSeed::new("cuda::dead_rank");
+        let fixture =
+            Fixture::<bf16>::generate(&Problem::new(me.world_size, 8, 4096, bf16::DTYPE).with_seed(seed.seed()));
+        let reference = Reference::compute(&fixture);
+        let mut config = Config { deadline: DEADLINE, ..Config::default() };
+        if me.rank == 1 && scenario == "abort-between-stages" {
+            config.fault = Some(arfuse_fusion::Fault::AbortBetweenStages);
+        }
+        let mut rendezvous =
+            UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
+        let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+        let input = CudaBuffer::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
+        let residual = CudaBuffer::from_slice(&stream, &fixture.residual).expect("residual");
+        let weight = CudaBuffer::from_slice(&stream, &fixture.weight).expect("weight");
+        let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
+        poison(&mut poisoned);
+        let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
+        let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
+        // Good calls on 1-stage; the calls that meet the fault on 2-stage.
+        let mut call = |op: &mut AllReduceRmsNorm<Cuda>, path: Path| -> arfuse_fusion::Result<Vec<bf16>> {
+            residual_out.upload(&stream, &poisoned).expect("poison");
+            op.forward_on(
+                &stream,
+                path,
+                Args {
+                    input: TensorRef::new(&input),
+                    residual: TensorRef::new(&residual),
+                    weight: TensorRef::new(&weight),
+                    out: TensorMut::new(&mut out),
+                    residual_out: TensorMut::new(&mut residual_out),
+                    eps: fixture.problem.eps,
+                },
+            )?;
+            op.check(&stream)?;
+            Ok(residual_out.download(&stream).expect("download"))
+        };
+        for n in 0..GOOD_CALLS {
+            let got = call(&mut op, Path::OneStage).unwrap_or_else(|e| panic!("good call {n}: {e}"));
+            reference.assert_residual_out_exact(&format!("rank {} good call {n}", me.rank), &got);
+        }
+        // Nobody is inside a call now: the fault comes next.
+        rendezvous.all_gather(&[]).expect("before the fault");
+        if me.rank == 1 && scenario == "sigkill-between-calls" {
+            // SAFETY: sends a signal to this process; no memory is touched.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        for n in 0..3 {
+            let start = std::time::Instant::now();
+            match call(&mut op, Path::TwoStage) {
+                Ok(got) => {
+                    reference.assert_residual_out_exact(&format!("rank {} call {n} after the fault", me.rank), &got)
+                }
+                Err(e) => {
+                    let took = start.elapsed();
+                    eprintln!("dead rank: {scenario}: rank {} call {n} after the fault: {e} after {took:?}", me.rank);
+                    assert!(matches!(e, arfuse_fusion::Error::PeerTimeout { peer: 1, .. }), "rank {}: {e}", me.rank);
+                    assert!(took < DEADLINE + MARGIN, "rank {}: took {took:?}", me.rank);
+                    drop(op);
+                    return;
+                }
+            }
+        }
+        panic!("rank {}: three calls after the peer died, and no error", me.rank);
+    }
+    if !gpu_available("a_dead_rank_process_makes_its_peer_time_out_not_hang") {
+        return;
+    }
+    for scenario in KILL_SCENARIOS {
+        let options = ProcessOptions::new(2, Duration::from_secs(120)).env("ARFUSE_TEST_KILL", scenario);
+        let outcomes = run_processes_with(&test_path!(a_dead_rank_process_makes_its_peer_time_out_not_hang), &options)
+            .expect("process harness");
+        let signal = if scenario == "sigkill-between-calls" { libc::SIGKILL } else { libc::SIGABRT };
+        for outcome in &outcomes {
+            if outcome.rank == 1 {
+                assert_eq!(outcome.status.signal(), Some(signal), "{outcome}");
+            } else {
+                assert!(outcome.succeeded(), "{outcome}");
+            }
+            assert!(!outcome.timed_out, "{outcome}");
+            for line in outcome.stderr.lines().filter(|l| l.starts_with("dead rank:")) {
+                println!("{line}");
+            }
+        }
+    }
+}
