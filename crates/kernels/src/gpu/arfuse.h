@@ -60,6 +60,9 @@ __device__ __forceinline__ void block_sync() {
   __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "workgroup");
 }
 __device__ __forceinline__ void fence_system() { __builtin_amdgcn_fence(__ATOMIC_SEQ_CST, ""); }
+// Before a signalling thread's system-scope release store, after a block barrier: a full system
+// fence, so that every wave's writes of the block reach memory first.
+__device__ __forceinline__ void fence_before_release_sys() { fence_system(); }
 __device__ __forceinline__ void store_release_sys(u64* p, u64 v) {
   __hip_atomic_store(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_SYSTEM);
 }
@@ -90,6 +93,11 @@ __device__ __forceinline__ u32 bdim_x() { return blockDim.x; }
 __device__ __forceinline__ u32 gdim_x() { return gridDim.x; }
 __device__ __forceinline__ void block_sync() { __syncthreads(); }
 __device__ __forceinline__ void fence_system() { __threadfence_system(); }
+// Before a signalling thread's system-scope release store, after a block barrier: nothing. In the
+// PTX memory model bar.sync orders the block's writes before the signalling thread's, and
+// st.release.sys is cumulative over them (what vLLM's custom all-reduce relies on as well); the
+// extra fence.sc.sys cost a round trip on every barrier.
+__device__ __forceinline__ void fence_before_release_sys() {}
 __device__ __forceinline__ void store_release_sys(u64* p, u64 v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }

@@ -133,13 +133,13 @@ __device__ bool barrier(const LaunchParams& p, u64 barrier_base, u64 value, cons
   __shared__ int abort_block;
   const u32 t = tid_x();
   if (t == 0) abort_block = 0;
-  // The block's writes are ordered before the signalling threads' system-scope fence by the block
-  // barrier (fences are cumulative), so only those threads fence: a system-scope fence in every
-  // thread of a 1024-thread block costs microseconds.
+  // The block's writes are ordered before the signalling threads' release by the block barrier
+  // (releases and fences are cumulative), so only those threads release: a system-scope fence in
+  // every thread of a 1024-thread block costs microseconds.
   block_sync();
   const u32 parity = (u32)((barrier_base / 2) & 1);
   if (t < p.world_size) {
-    fence_system();
+    fence_before_release_sys();
     if (descriptor && bid_x() == 0) {
       for (u32 w = 0; w < ARFUSE_CALL_WORDS; ++w)
         store_relaxed_sys(call_word(p.signals[t], parity, p.rank, w), descriptor[w]);
@@ -330,9 +330,10 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, Body body) {
   if (!body(l)) return;
   if (!kEndsWithBarrier && in_place && !barrier(p, base, base + 1, 0)) return;
   if (!device_epoch) return;
+  // Only this rank's later launches read the epoch word (stream order makes our writes visible
+  // to them), and each block read it before its acq_rel increment: no system fence needed.
   block_sync();
   if (t == 0) {
-    fence_system();
     if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
       store_relaxed_sys(done_word(p.signals[p.rank]), 0);
       store_relaxed_sys(epoch_word(p.signals[p.rank]), base / 2);
