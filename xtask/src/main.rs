@@ -141,6 +141,30 @@ fn hip_available() -> bool {
     Path::new(&hip_path()).join("include/hip/hip_runtime_api.h").exists()
 }
 
+/// A ROCm installation (not just Debian's HIP headers): `ROCM_PATH` set, or `/opt/rocm`.
+fn rocm_host() -> bool {
+    std::env::var_os("ROCM_PATH").is_some() || Path::new("/opt/rocm/include/hip/hip_runtime_api.h").exists()
+}
+
+/// `HIP_VERSION_MAJOR` of the headers under `hip_path()`.
+fn hip_version_major() -> Option<u32> {
+    parse_hip_version_major(&std::fs::read_to_string(Path::new(&hip_path()).join("include/hip/hip_version.h")).ok()?)
+}
+
+fn parse_hip_version_major(header: &str) -> Option<u32> {
+    header.lines().find_map(|line| line.strip_prefix("#define HIP_VERSION_MAJOR")?.trim().parse().ok())
+}
+
+/// The cargo feature that builds the hip backend here: `hip-bindgen` (bindings generated from the
+/// host's own headers) from HIP 6 on, whose ABI differs from the 5.4 bindings `hip-runtime-sys`
+/// ships; `hip` for HIP 5.
+fn hip_feature() -> &'static str {
+    match hip_version_major() {
+        Some(major) if major >= 6 => "hip-bindgen",
+        _ => "hip",
+    }
+}
+
 fn test(sh: &Shell, require: &[String], hip: bool) -> Result<()> {
     // Snapshots are checked, never written, by the test command.
     let _insta = sh.push_env("INSTA_UPDATE", "no");
@@ -150,12 +174,18 @@ fn test(sh: &Shell, require: &[String], hip: bool) -> Result<()> {
     let _req_c = sh.push_env("ARFUSE_REQUIRE_COMPILERS", &required);
     eprintln!("$ cargo test --workspace (ARFUSE_REQUIRE_BACKENDS={required:?})");
     cmd!(sh, "cargo test --workspace --all-targets").run().context("workspace tests")?;
+    // On a ROCm host the hip backend's tests run without being asked for.
+    let hip = hip || (rocm_host() && hip_available());
     if hip {
         if !hip_available() {
             bail!("--hip given but no include/hip/hip_runtime_api.h under {}", hip_path());
         }
         let _env = sh.push_env("HIP_PATH", hip_path());
-        cmd!(sh, "cargo test -p arfuse-kernels --no-default-features --features hip").run().context("hip feature")?;
+        let feature = hip_feature();
+        eprintln!("$ hip backend: HIP {:?} under {} -> feature {feature}", hip_version_major(), hip_path());
+        cmd!(sh, "cargo test -p arfuse-kernels --no-default-features --features {feature}")
+            .run()
+            .context("hip feature")?;
     }
     cmd!(sh, "cargo test -p xtask").run().context("tidy")?;
     Ok(())
@@ -221,4 +251,15 @@ fn test_executables(messages: &str) -> Result<Vec<(String, PathBuf)>> {
         bail!("cargo listed no test executables");
     }
     Ok(tests)
+}
+
+#[cfg(test)]
+mod hip_version_tests {
+    #[test]
+    fn the_major_version_is_read_from_hip_version_h() {
+        let rocm6 = "// Auto-generated\n#define HIP_VERSION_MAJOR 6\n#define HIP_VERSION_MINOR 4\n";
+        assert_eq!(super::parse_hip_version_major(rocm6), Some(6));
+        assert_eq!(super::parse_hip_version_major("#define HIP_VERSION_MAJORX 6\n"), None);
+        assert_eq!(super::parse_hip_version_major(""), None);
+    }
 }
