@@ -56,6 +56,8 @@ pub(crate) struct GraphInputs<B: Backend> {
 const OFFSET_BYTES: usize = 8;
 /// The count a rank announces when it could not export its inputs (its error text follows).
 const FAILED: u64 = u64::MAX;
+/// Bytes of slots a rank sends per rendezvous round: eight ranks' parts fit one 1 MiB frame.
+const ROUND_BYTES: usize = 64 << 10;
 
 impl<B: Backend> GraphInputs<B> {
     /// Allocates a table of at least `slots` slots (zero-filled: nothing registered), rounded up
@@ -122,40 +124,38 @@ impl<B: Backend> GraphInputs<B> {
         let Some(first) = self.recording else {
             return Err(Error::GraphCapture("register_graph_inputs called without begin_graph_capture".into()));
         };
-        // Announce: first slot, count, then per slot the exported handle and the offset in it. A
-        // rank that cannot export still takes part (count `FAILED`, then its error), so that its
-        // peers fail at once with its reason instead of waiting for it.
+        // Round 0: first slot and count (or `FAILED` and the error: a rank that cannot export
+        // still takes part, so that its peers fail at once with its reason instead of waiting for
+        // it). Then rounds of at most `ROUND_BYTES` per rank: per slot the exported handle and the
+        // offset in it (a rendezvous frame holds every rank's part, at most 1 MiB).
         let handle_bytes = std::mem::size_of::<B::IpcHandle>();
-        let mut message = Vec::with_capacity(16 + self.pending.len() * (handle_bytes + OFFSET_BYTES));
-        message.extend_from_slice(&(first as u64).to_le_bytes());
-        let mut slots = Vec::with_capacity(self.pending.len() * (handle_bytes + OFFSET_BYTES));
+        let stride = handle_bytes + OFFSET_BYTES;
+        let mut slots = Vec::with_capacity(self.pending.len() * stride);
         let exported = self.pending.iter().try_for_each(|&input| {
             let (handle, offset) = B::export_allocation(device, DevicePtr(input))?;
             slots.extend_from_slice(bytemuck::bytes_of(&handle));
             slots.extend_from_slice(&offset.to_le_bytes());
             Ok::<(), arfuse_kernels::Error>(())
         });
+        let mut header = (first as u64).to_le_bytes().to_vec();
         match &exported {
-            Ok(()) => {
-                message.extend_from_slice(&(self.pending.len() as u64).to_le_bytes());
-                message.extend_from_slice(&slots);
-            }
+            Ok(()) => header.extend_from_slice(&(self.pending.len() as u64).to_le_bytes()),
             Err(e) => {
-                message.extend_from_slice(&FAILED.to_le_bytes());
-                message.extend_from_slice(e.to_string().as_bytes());
+                header.extend_from_slice(&FAILED.to_le_bytes());
+                header.extend_from_slice(e.to_string().as_bytes());
             }
         }
-        let gathered = rendezvous.all_gather(&message)?;
+        let headers = rendezvous.all_gather(&header)?;
         exported?;
         // Every rank must have recorded the same launches: same first slot, same count.
-        for (peer, bytes) in gathered.iter().enumerate() {
+        for (peer, bytes) in headers.iter().enumerate() {
             if bytes.get(8..16) == Some(&FAILED.to_le_bytes()[..]) {
                 return Err(Error::GraphCapture(format!(
                     "rank {peer} could not export its graph inputs: {}",
                     String::from_utf8_lossy(&bytes[16..])
                 )));
             }
-            if bytes.len() < 16 || bytes[..16] != message[..16] || bytes.len() != message.len() {
+            if bytes[..] != header[..] {
                 let theirs = |at: usize| {
                     bytes.get(at..at + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
                 };
@@ -167,30 +167,42 @@ impl<B: Backend> GraphInputs<B> {
                 )));
             }
         }
-        let stride = handle_bytes + OFFSET_BYTES;
+        let per_round = (ROUND_BYTES / stride).max(1);
         let mut table = vec![0u64; self.pending.len() * MAX_RANKS];
-        for (peer, bytes) in gathered.iter().enumerate().take(world) {
-            for (slot, entry) in bytes[16..].chunks_exact(stride).enumerate() {
-                let at = slot * MAX_RANKS + peer;
-                if peer == rank {
-                    table[at] = self.pending[slot];
-                    continue;
+        for (round, ours) in slots.chunks(per_round * stride).enumerate() {
+            let gathered = rendezvous.all_gather(ours)?;
+            for (peer, bytes) in gathered.iter().enumerate().take(world) {
+                if bytes.len() != ours.len() {
+                    return Err(Error::GraphCapture(format!(
+                        "rank {peer} sent {} bytes of graph inputs in round {round}, this rank {}",
+                        bytes.len(),
+                        ours.len()
+                    )));
                 }
-                let (handle, offset) = entry.split_at(handle_bytes);
-                let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
-                let base = match self.mapped.get(&(peer, handle.to_vec())) {
-                    Some(&base) => base,
-                    None => {
-                        let handle: B::IpcHandle = bytemuck::try_pod_read_unaligned(handle)
-                            .map_err(|e| Error::GraphCapture(format!("rank {peer}'s handle of slot {slot}: {e}")))?;
-                        let mapping = B::open_handle(device, &handle)?;
-                        let base = B::peer_ptr(&mapping).0;
-                        self.mappings.push(mapping);
-                        self.mapped.insert((peer, entry[..handle_bytes].to_vec()), base);
-                        base
+                for (i, entry) in bytes.chunks_exact(stride).enumerate() {
+                    let slot = round * per_round + i;
+                    let at = slot * MAX_RANKS + peer;
+                    if peer == rank {
+                        table[at] = self.pending[slot];
+                        continue;
                     }
-                };
-                table[at] = base + offset;
+                    let (handle, offset) = entry.split_at(handle_bytes);
+                    let offset = u64::from_le_bytes(offset.try_into().unwrap_or_default());
+                    let base = match self.mapped.get(&(peer, handle.to_vec())) {
+                        Some(&base) => base,
+                        None => {
+                            let parsed: B::IpcHandle = bytemuck::try_pod_read_unaligned(handle).map_err(|e| {
+                                Error::GraphCapture(format!("rank {peer}'s handle of slot {slot}: {e}"))
+                            })?;
+                            let mapping = B::open_handle(device, &parsed)?;
+                            let base = B::peer_ptr(&mapping).0;
+                            self.mappings.push(mapping);
+                            self.mapped.insert((peer, handle.to_vec()), base);
+                            base
+                        }
+                    };
+                    table[at] = base + offset;
+                }
             }
         }
         let at = B::shared_ptr(&self.table).add(first * GRAPH_SLOT_BYTES);

@@ -663,3 +663,49 @@ fn a_dead_rank_process_makes_its_peer_time_out_not_hang() {
         }
     }
 }
+
+/// A registration larger than one rendezvous round (64 KiB of handles per rank): 700 captured
+/// 2-stage calls in one graph register in two rounds, and the replay is exact.
+#[test]
+fn many_graph_inputs_register_in_several_rounds() {
+    if !gpu_available("many_graph_inputs_register_in_several_rounds") {
+        return;
+    }
+    const CALLS: usize = 700;
+    let world = 2;
+    let seed = TestSeed::new("cuda::graph_rounds");
+    let fixture = Fixture::<bf16>::generate(&Problem::new(world, 4, 4096, bf16::DTYPE).with_seed(seed.seed()));
+    let reference = Reference::compute(&fixture);
+    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
+        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
+    run_threads(world, |rank| {
+        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+        let device = Cuda::open_device(0, world).expect("device");
+        let stream = Cuda::create_stream(&device).expect("stream");
+        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+        let case = GraphCase { rows: 4, hidden: 4096, path: Some(Path::TwoStage), input_offset: 0 };
+        let mut t = GraphTensors::new(&stream, case);
+        t.load(&stream, &fixture, rank);
+        op.begin_graph_capture().expect("begin graph capture");
+        stream.begin_capture().expect("begin capture");
+        for _ in 0..CALLS {
+            t.forward(&mut op, &stream, fixture.problem.eps).expect("captured forward");
+        }
+        let graph = stream.end_capture().expect("end capture");
+        let registered = op.register_graph_inputs(&stream, &mut rendezvous).expect("register");
+        assert_eq!(registered, CALLS);
+        rendezvous.all_gather(&[]).expect("meet");
+        // SAFETY: the graph's tensors are `t`'s, alive until the end of this closure.
+        unsafe { graph.launch(&stream) }.expect("replay");
+        op.check(&stream).expect("no peer failure");
+        let what = format!("rank {rank} after {CALLS} captured calls");
+        let got = t.residual_out.download(&stream).expect("download");
+        assert_all_written(&what, &got);
+        reference.assert_residual_out_exact(&what, &got);
+        reference.assert_out_within(&what, &t.out.download(&stream).expect("download"), 1);
+        rendezvous.all_gather(&[]).expect("meet");
+        drop(graph);
+    });
+    println!("cuda graph: {CALLS} captured 2-stage calls registered in two rounds, replay exact");
+}
