@@ -9,11 +9,10 @@ use arfuse_kernels::api::Cuda;
 use arfuse_kernels::cuda::CudaBuffer;
 use arfuse_kernels::{Backend, Element};
 use arfuse_testkit::{
-    assert_all_written, assert_ranks_succeeded, child, poison, run_processes, run_threads, test_path, Fixture, Problem,
-    Reference, TestSeed,
+    assert_all_written, assert_ranks_succeeded, child, poison, run_processes, run_threads_each, test_path, Fixture,
+    Problem, Reference, TestSeed,
 };
 use half::{bf16, f16};
-use std::sync::Mutex;
 use std::time::Duration;
 
 fn gpu_available(test: &str) -> bool {
@@ -45,14 +44,11 @@ fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed) {
             (fixture, reference)
         })
         .collect();
-    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
     let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
     // Ranks allocate and free device memory only while no kernel spins (a free can wait for the
     // device to go idle): every case starts and ends at this barrier.
     let phase = std::sync::Barrier::new(world);
-    run_threads(world, |rank| {
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = Cuda::open_device(0, world).expect("device");
         let stream = Cuda::create_stream(&device).expect("stream");
         let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
@@ -139,58 +135,56 @@ fn one_captured_graph_replayed_many_times_stays_exact() {
                 (fixture, reference)
             })
             .collect();
-        let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-            ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
         let phase = std::sync::Barrier::new(world);
         let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
-        let paths = run_threads(world, |rank| {
-            let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
-            let device = Cuda::open_device(0, world).expect("device");
-            let stream = Cuda::create_stream(&device).expect("stream");
-            let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
-            let first = &cases[0].0;
-            let mut input = CudaBuffer::from_slice(&stream, &first.inputs[rank]).expect("input");
-            let mut residual = CudaBuffer::from_slice(&stream, &first.residual).expect("residual");
-            let mut weight = CudaBuffer::from_slice(&stream, &first.weight).expect("weight");
-            let mut poisoned = vec![bf16::from_f32(0.0); first.residual.len()];
-            poison(&mut poisoned);
-            let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
-            let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
-            stream.begin_capture().expect("begin capture");
-            let path = op
-                .forward(
-                    &stream,
-                    Args {
-                        input: TensorRef::new(&input),
-                        residual: TensorRef::new(&residual),
-                        weight: TensorRef::new(&weight),
-                        out: TensorMut::new(&mut out),
-                        residual_out: TensorMut::new(&mut residual_out),
-                        eps: first.problem.eps,
-                    },
-                )
-                .expect("captured forward");
-            let graph = stream.end_capture().expect("end capture");
-            phase.wait();
-            for (i, (fixture, reference)) in cases.iter().enumerate() {
-                input.upload(&stream, &fixture.inputs[rank]).expect("input");
-                residual.upload(&stream, &fixture.residual).expect("residual");
-                weight.upload(&stream, &fixture.weight).expect("weight");
-                out.upload(&stream, &poisoned).expect("poison");
-                residual_out.upload(&stream, &poisoned).expect("poison");
-                // SAFETY: the graph's tensors are the buffers above, alive until the end of this closure.
-                unsafe { graph.launch(&stream) }.expect("replay");
-                op.check(&stream).expect("no peer failure");
-                let what = format!("rank {rank} replay {i} of {path} {rows}x{hidden}");
-                let got_out = out.download(&stream).expect("download");
-                let got_residual_out = residual_out.download(&stream).expect("download");
-                assert_all_written(&what, &got_out);
-                reference.assert_residual_out_exact(&what, &got_residual_out);
-                reference.assert_out_within(&what, &got_out, 1);
-            }
-            phase.wait();
-            path
-        });
+        let paths =
+            run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
+                let device = Cuda::open_device(0, world).expect("device");
+                let stream = Cuda::create_stream(&device).expect("stream");
+                let mut op = AllReduceRmsNorm::<Cuda>::new(&device, &mut rendezvous, config).expect("operator");
+                let first = &cases[0].0;
+                let mut input = CudaBuffer::from_slice(&stream, &first.inputs[rank]).expect("input");
+                let mut residual = CudaBuffer::from_slice(&stream, &first.residual).expect("residual");
+                let mut weight = CudaBuffer::from_slice(&stream, &first.weight).expect("weight");
+                let mut poisoned = vec![bf16::from_f32(0.0); first.residual.len()];
+                poison(&mut poisoned);
+                let mut out = CudaBuffer::from_slice(&stream, &poisoned).expect("out");
+                let mut residual_out = CudaBuffer::from_slice(&stream, &poisoned).expect("residual_out");
+                stream.begin_capture().expect("begin capture");
+                let path = op
+                    .forward(
+                        &stream,
+                        Args {
+                            input: TensorRef::new(&input),
+                            residual: TensorRef::new(&residual),
+                            weight: TensorRef::new(&weight),
+                            out: TensorMut::new(&mut out),
+                            residual_out: TensorMut::new(&mut residual_out),
+                            eps: first.problem.eps,
+                        },
+                    )
+                    .expect("captured forward");
+                let graph = stream.end_capture().expect("end capture");
+                phase.wait();
+                for (i, (fixture, reference)) in cases.iter().enumerate() {
+                    input.upload(&stream, &fixture.inputs[rank]).expect("input");
+                    residual.upload(&stream, &fixture.residual).expect("residual");
+                    weight.upload(&stream, &fixture.weight).expect("weight");
+                    out.upload(&stream, &poisoned).expect("poison");
+                    residual_out.upload(&stream, &poisoned).expect("poison");
+                    // SAFETY: the graph's tensors are the buffers above, alive until the end of this closure.
+                    unsafe { graph.launch(&stream) }.expect("replay");
+                    op.check(&stream).expect("no peer failure");
+                    let what = format!("rank {rank} replay {i} of {path} {rows}x{hidden}");
+                    let got_out = out.download(&stream).expect("download");
+                    let got_residual_out = residual_out.download(&stream).expect("download");
+                    assert_all_written(&what, &got_out);
+                    reference.assert_residual_out_exact(&what, &got_residual_out);
+                    reference.assert_out_within(&what, &got_out, 1);
+                }
+                phase.wait();
+                path
+            });
         println!("cuda graph: {rows}x{hidden} bf16 world {world} on {}: one capture, {REPLAYS} replays with new inputs, exact", paths[0]);
     }
 }
@@ -471,12 +465,10 @@ fn graph_inputs_registered_after_capture_are_read_in_place() {
     let seed = TestSeed::new("cuda::graph_in_place");
     for (world, one_stage_in_place) in [(2, true), (2, false), (4, false)] {
         let fixtures = graph_fixtures(world, REPLAYS, &seed);
-        let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-            ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
-        let paths = run_threads(world, |rank| {
-            let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
-            graph_in_place_rank(rank, world, &mut rendezvous, &fixtures, one_stage_in_place)
-        });
+        let paths =
+            run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
+                graph_in_place_rank(rank, world, &mut rendezvous, &fixtures, one_stage_in_place)
+            });
         let paths: Vec<String> = paths[0].iter().map(|p| p.to_string()).collect();
         println!(
             "cuda graph, inputs in place (1-stage too: {one_stage_in_place}): world {world}, {} calls [{}], {REPLAYS} replays with new inputs: exact, eager gives the same bits",
@@ -525,11 +517,8 @@ fn graph_replayed_before_registration_fails_cleanly() {
     let world = 2;
     let seed = TestSeed::new("cuda::graph_unregistered");
     let fixtures = graph_fixtures(world, 1, &seed);
-    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
     let phase = std::sync::Barrier::new(world);
-    run_threads(world, |rank| {
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = Cuda::open_device(0, world).expect("device");
         let stream = Cuda::create_stream(&device).expect("stream");
         let config = Config { deadline: Duration::from_secs(10), graph_one_stage_in_place: true, ..Config::default() };
@@ -676,10 +665,7 @@ fn many_graph_inputs_register_in_several_rounds() {
     let seed = TestSeed::new("cuda::graph_rounds");
     let fixture = Fixture::<bf16>::generate(&Problem::new(world, 4, 4096, bf16::DTYPE).with_seed(seed.seed()));
     let reference = Reference::compute(&fixture);
-    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
-    run_threads(world, |rank| {
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = Cuda::open_device(0, world).expect("device");
         let stream = Cuda::create_stream(&device).expect("stream");
         let config = Config { deadline: Duration::from_secs(10), ..Config::default() };

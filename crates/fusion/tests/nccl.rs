@@ -16,9 +16,8 @@ use arfuse_kernels::collective::{CollectiveBackend, Library, Vendor};
 use arfuse_kernels::cuda::CudaBuffer;
 use arfuse_kernels::{Backend, Element};
 use arfuse_testkit::reference::add_residual_element;
-use arfuse_testkit::{assert_all_written, poison, run_threads, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{assert_all_written, poison, run_threads_each, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// The vendor path, forced (the reason is informational).
@@ -224,10 +223,7 @@ fn nccl_vendor_path_world_2_matches_the_reference() {
         return;
     }
     let cases = cases(world, &TestSeed::new("nccl::vendor_world_2"));
-    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-        ThreadRendezvous::group(world, Duration::from_secs(60)).into_iter().map(|r| Mutex::new(Some(r))).collect();
-    run_threads(world, |rank| {
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("rendezvous");
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = Cuda::open_device(rank, 1).expect("device");
         let mut op = AllReduceRmsNorm::<Cuda>::with_collective(&device, &mut rendezvous, config()).expect("operator");
         let stream = Cuda::create_stream(&device).expect("stream");

@@ -66,13 +66,25 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// if a thread cannot be started. A rank that waits forever for a panicked peer keeps this
 /// from returning: use [`run_threads_timeout`] where that can happen.
 pub fn run_threads<R: Send>(world_size: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    run_threads_each(vec![(); world_size], |rank, ()| f(rank))
+}
+
+/// As [`run_threads`], with one rank per element of `owned`, each moved into its rank's thread
+/// (e.g. the endpoints of `ThreadRendezvous::group`): runs `f(rank, owned[rank])`.
+///
+/// # Panics
+/// As [`run_threads`].
+pub fn run_threads_each<T: Send, R: Send>(owned: Vec<T>, f: impl Fn(usize, T) -> R + Sync) -> Vec<R> {
     let f = &f;
+    let world_size = owned.len();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..world_size)
-            .map(|rank| {
+        let handles: Vec<_> = owned
+            .into_iter()
+            .enumerate()
+            .map(|(rank, item)| {
                 std::thread::Builder::new()
                     .name(format!("rank-{rank}"))
-                    .spawn_scoped(scope, move || f(rank))
+                    .spawn_scoped(scope, move || f(rank, item))
                     .unwrap_or_else(|e| panic!("starting the thread of rank {rank}: {e}"))
             })
             .collect();

@@ -40,7 +40,7 @@ pub use error::HarnessError;
 pub use fixtures::{Fixture, Problem};
 pub use harness::{
     assert_ranks_succeeded, check_ranks, child, fresh_private_dir, run_processes, run_processes_with, run_threads,
-    run_threads_timeout, ChildOutcome, ChildRank, PrivateDir, ProcessOptions,
+    run_threads_each, run_threads_timeout, ChildOutcome, ChildRank, PrivateDir, ProcessOptions,
 };
 pub use poison::{assert_all_written, is_poison, poison, poison_bits, unwritten, unwritten_ranges};
 pub use reference::{Mismatch, Mismatches, Reference};

@@ -92,14 +92,9 @@ fn ranks_with_different_path_overrides_get_a_mismatch() {
     let fixture =
         Fixture::<bf16>::generate(&Problem::new(2, 4, 4096, arfuse_kernels::DType::Bf16).with_seed(seed.seed()));
     // As if ARFUSE_USE_1STAGE were 1 on rank 0 and 0 on rank 1.
-    let slots: Vec<std::sync::Mutex<Option<arfuse_ipc::ThreadRendezvous>>> =
-        arfuse_ipc::ThreadRendezvous::group(2, Duration::from_secs(30))
-            .into_iter()
-            .map(|r| std::sync::Mutex::new(Some(r)))
-            .collect();
-    let errors = arfuse_testkit::run_threads(2, |rank| {
+    let group = arfuse_ipc::ThreadRendezvous::group(2, Duration::from_secs(30));
+    let errors = arfuse_testkit::run_threads_each(group, |rank, mut rendezvous| {
         use arfuse_kernels::Backend;
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("one rendezvous per rank");
         let device = arfuse_kernels::api::Cpu::open_device(0, 1).expect("cpu");
         let stream = arfuse_kernels::api::Cpu::create_stream(&device).expect("stream");
         let mut config = short_deadline();

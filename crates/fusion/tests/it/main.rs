@@ -14,8 +14,7 @@ use arfuse_ipc::ThreadRendezvous;
 use arfuse_kernels::api::Cpu;
 use arfuse_kernels::cpu::CpuStream;
 use arfuse_kernels::{Backend, Element};
-use arfuse_testkit::{poison, run_threads, Fixture};
-use std::sync::Mutex;
+use arfuse_testkit::{poison, run_threads_each, Fixture};
 use std::time::Duration;
 
 /// The unfused path, forced.
@@ -37,10 +36,7 @@ pub(crate) fn run_group<R: Send>(
     config: Config,
     body: impl Fn(&mut AllReduceRmsNorm<Cpu>, &CpuStream) -> R + Sync,
 ) -> Vec<R> {
-    let slots: Vec<Mutex<Option<ThreadRendezvous>>> =
-        ThreadRendezvous::group(world, Duration::from_secs(30)).into_iter().map(|r| Mutex::new(Some(r))).collect();
-    run_threads(world, |rank| {
-        let mut rendezvous = slots[rank].lock().expect("slot").take().expect("one rendezvous per rank");
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(30)), |_, mut rendezvous| {
         let device = Cpu::open_device(0, 1).expect("cpu device");
         let stream = Cpu::create_stream(&device).expect("cpu stream");
         let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config).expect("operator");
