@@ -124,12 +124,12 @@ pub fn main(args: BenchArgs) -> Result<()> {
 /// world sizes' lines of a table already there. Shapes with a wrong output do not count.
 fn write_tune_table(report: &crate::report::Report, path: &std::path::Path) -> Result<()> {
     use arfuse_fusion::tune::{one_stage_crossover, TuneTable};
-    let elem = if report.rows.first().is_some_and(|r| r.dtype == "f32") { 4 } else { 2 };
     let points: Vec<(u64, f64, f64)> = report
         .rows
         .iter()
         .filter(|r| r.paths.iter().all(|p| p.exact != Some(false)))
         .filter_map(|r| {
+            let elem = arfuse_kernels::DType::ALL.into_iter().find(|d| d.name() == r.dtype)?.size();
             let bytes = (r.shape.rows * r.shape.hidden * elem) as u64;
             Some((bytes, r.path("fused-1stage")?.stats.p50, r.path("fused-2stage")?.stats.p50))
         })

@@ -81,12 +81,16 @@ impl Config {
                 .map(|v| v.trim().parse::<u64>().map_err(|e| Error::Config(format!("{name}={v:?}: {e}"))))
                 .transpose()
         };
-        if let Some(v) = parse("ARFUSE_USE_1STAGE")? {
-            self.policy.force_one_stage = match v {
-                0 => Some(false),
-                1 => Some(true),
-                other => return Err(Error::Config(format!("ARFUSE_USE_1STAGE must be 0 or 1, not {other}"))),
-            };
+        let parse_switch = |name: &str| -> Result<Option<bool>> {
+            match parse(name)? {
+                None => Ok(None),
+                Some(0) => Ok(Some(false)),
+                Some(1) => Ok(Some(true)),
+                Some(other) => Err(Error::Config(format!("{name} must be 0 or 1, not {other}"))),
+            }
+        };
+        if let Some(on) = parse_switch("ARFUSE_USE_1STAGE")? {
+            self.policy.force_one_stage = Some(on);
         }
         if let Some(v) = parse("ARFUSE_ONE_STAGE_MAX_BYTES")? {
             self.policy.one_stage_max_bytes = v as usize;
@@ -106,14 +110,8 @@ impl Config {
         if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
             self.graph_slots = v as usize;
         }
-        if let Some(v) = parse("ARFUSE_GRAPH_1STAGE_IN_PLACE")? {
-            self.graph_one_stage_in_place = match v {
-                0 => false,
-                1 => true,
-                other => {
-                    return Err(Error::Config(format!("ARFUSE_GRAPH_1STAGE_IN_PLACE must be 0 or 1, not {other}")))
-                }
-            };
+        if let Some(on) = parse_switch("ARFUSE_GRAPH_1STAGE_IN_PLACE")? {
+            self.graph_one_stage_in_place = on;
         }
         self.validate()?;
         Ok(self)

@@ -307,11 +307,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             Path::OneStage => usize::from(self.reads_in_place(Op::FusedOneStage)),
             Path::TwoStage => usize::from(self.reads_in_place(Op::ReduceScatter)),
             Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
-                let chunk_rows = self.chunk_rows(row_bytes);
-                (0..call.rows)
-                    .step_by(chunk_rows)
-                    .filter(|&row| self.reads_in_place(self.chunk_op(chunk_rows.min(call.rows - row) * row_bytes)))
-                    .count()
+                self.chunks(call.rows, row_bytes).filter(|&(_, _, op)| self.reads_in_place(op)).count()
             }
             Path::Noop | Path::Unfused { all_reduce: AllReduce::Vendor, .. } => 0,
         };
@@ -330,18 +326,17 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
     }
 
-    /// The all-reduce kernel of an unfused chunk of `bytes`.
-    fn chunk_op(&self, bytes: usize) -> Op {
-        if bytes <= self.config.policy.one_stage_max_bytes_for(self.world_size()) {
-            Op::AllReduceOneStage
-        } else {
-            Op::ReduceScatter
-        }
-    }
-
-    /// Rows per launch of the unfused path's custom all-reduce (a chunk fits a staging half).
-    fn chunk_rows(&self, row_bytes: usize) -> usize {
-        (self.config.policy.max_size / 2 / row_bytes.max(1)).max(1)
+    /// The launches of the unfused path's custom all-reduce over `rows` rows of `row_bytes`: in
+    /// chunks that fit a staging half, each `(first row, rows, all-reduce kernel)` — 1-stage up to
+    /// the policy's threshold, else reduce-scatter (then all-gather).
+    fn chunks(&self, rows: usize, row_bytes: usize) -> impl Iterator<Item = (usize, usize, Op)> {
+        let chunk_rows = (self.config.policy.max_size / 2 / row_bytes.max(1)).max(1);
+        let one_stage_max = self.config.policy.one_stage_max_bytes_for(self.world_size());
+        (0..rows).step_by(chunk_rows).map(move |row| {
+            let n = chunk_rows.min(rows - row);
+            let op = if n * row_bytes <= one_stage_max { Op::AllReduceOneStage } else { Op::ReduceScatter };
+            (row, n, op)
+        })
     }
 
     /// Waits for the stream and reports a peer failure a GPU kernel recorded in the signal area, or
@@ -572,18 +567,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         sum: DevicePtr,
     ) -> Result<()> {
         let row_bytes = call.hidden * T::DTYPE.size();
-        let chunk_rows = self.chunk_rows(row_bytes);
-        let mut row = 0;
-        while row < call.rows {
-            let rows = chunk_rows.min(call.rows - row);
+        for (row, rows, op) in self.chunks(call.rows, row_bytes) {
             let offset = (row * row_bytes) as u64;
             let chunk = LaunchParams { rows: rows as u32, input: params.input + offset, out: sum.0 + offset, ..params };
-            let op = self.chunk_op(rows * row_bytes);
             self.launch_cross(stream, KernelId { op, dtype: T::DTYPE }, chunk)?;
             if op == Op::ReduceScatter {
                 self.launch(stream, KernelId { op: Op::AllGather, dtype: T::DTYPE }, &chunk)?;
             }
-            row += rows;
         }
         Ok(())
     }
