@@ -52,6 +52,26 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The shared-memory filesystem has no room for a segment: reserving its memory at creation
+    /// failed with `ENOSPC` or `EFBIG`. Nothing was left behind (the segment was removed).
+    ///
+    /// The memory is reserved when the segment is created so that a short filesystem is this
+    /// error, not a `SIGBUS` at the first touch of a page that cannot be backed.
+    #[error(
+        "shared memory too small: reserving a segment of {requested} bytes in {path} failed ({source}); {path} has {} free",
+        free_bytes(*.available)
+    )]
+    ShmTooSmall {
+        /// Bytes the segment needs.
+        requested: u64,
+        /// Bytes the filesystem had free for this user when it refused, where known.
+        available: Option<u64>,
+        /// The shared-memory filesystem, `/dev/shm`.
+        path: &'static str,
+        /// The refusal (`ENOSPC` or `EFBIG`).
+        #[source]
+        source: std::io::Error,
+    },
     /// A peer did not reach a barrier within the deadline.
     #[error("rank {rank}: peer rank {peer} did not reach barrier {barrier} within {deadline_ms} ms")]
     PeerTimeout {
@@ -114,6 +134,14 @@ pub enum Error {
         /// What was asked.
         what: &'static str,
     },
+}
+
+/// `n bytes`, or `an unknown number of bytes`.
+fn free_bytes(available: Option<u64>) -> String {
+    match available {
+        Some(n) => format!("{n} bytes"),
+        None => "an unknown number of bytes".to_owned(),
+    }
 }
 
 /// Result alias of this crate.
