@@ -59,6 +59,23 @@ pub enum Error {
         /// The value given.
         eps: f32,
     },
+    /// Two tensors of a call overlap in a way the operator does not allow; nothing was launched.
+    /// The only overlaps allowed are `residual_out == residual` and `out == input`, each the
+    /// identical range (same address, same length).
+    #[error(
+        "{a} and {b} {}: the only overlaps allowed are residual_out == residual (residual updated \
+         in place) and out == input (out written over the input), each the identical range; any \
+         other overlap of input, residual, weight, out and residual_out is refused",
+        if *.identical { "are the same memory" } else { "partly overlap" }
+    )]
+    Aliasing {
+        /// The first tensor of the pair (in the order input, residual, weight, out, residual_out).
+        a: &'static str,
+        /// The second.
+        b: &'static str,
+        /// Whether the two are the identical range (else they overlap partly).
+        identical: bool,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
