@@ -12,6 +12,34 @@
 //! same tree in shared memory and finish it with shuffles, so `out` does not depend on the path or
 //! on which other tokens are in the batch. No operation is contracted into a fused multiply-add
 //! (NVRTC `--fmad=false`, clang `-ffp-contract=off`).
+//!
+//! ## Domain
+//!
+//! `var` is computed in f32, as Hugging Face's `LlamaRMSNorm` does, and the contract keeps that:
+//! `out` follows RMSNorm while `v = fl(fl(ss / n) + eps)` is finite and nonzero, where
+//! `ss = row_sum_squares(residual_out)` and `n` is the hidden size. At the two edges the steps
+//! above give exactly the following (`residual_out` never depends on `ss`, so it is unaffected;
+//! `x` is an element of the row's `residual_out`, `w` its weight, `⊕` the sign's xor):
+//!
+//! - **Overflow, `v = +inf`**: `ss` is `+inf` when any `|x| >= 2^64 ≈ 1.8e19` (its square
+//!   overflows), when the squares add up past `f32::MAX ≈ 3.4e38` (at hidden 4096, an RMS above
+//!   ≈ 2.9e17), or when an `x` is ±inf. Then `inv = 1 / sqrt(+inf) = +0` and `out` is a zero of
+//!   sign `sign(w) ⊕ sign(x)` where `x` and `w` are finite, NaN where either is ±inf
+//!   (`inf · 0`). The f64 reference gives ≈ `±w` there.
+//! - **Underflow with `eps = 0`, `v = +0`**: `fl(ss / n) = 0` exactly when `ss <= n · 2^-150`,
+//!   in particular when every square underflows (every `|x| <= 2^-75 ≈ 2.6e-23`, an all-zero row
+//!   included). Then `inv = 1 / sqrt(+0) = +inf` and `out` is an infinity of sign
+//!   `sign(w) ⊕ sign(x)` where `x` and `w` are nonzero, NaN where either is ±0 (`0 · inf`).
+//!   Any `eps > 0` removes this edge (`v >= eps`). Short of it, squares in f32's subnormal range
+//!   (`|x| < 2^-63`, with eps 0 or an eps below them) lose precision: a row whose every `x` is
+//!   `1.1171875 · 2^-74` has squares `2^-148` (not `1.248 · 2^-148`) and gives
+//!   `out = round(1.1171875 · w)`, not `w`.
+//! - A NaN anywhere in the row's `residual_out` makes `ss`, `inv` and every `out` of the row NaN.
+//!
+//! f16 values reach the overflow edge only through ±inf in `residual_out` (`|x| <= 65504`) and
+//! the underflow edge only with an all-zero row (the squares of f16 subnormals are normal f32s).
+//! Which NaN comes out is the platform's (payload and sign are not part of the contract); zeros and
+//! infinities, signs included, are.
 
 use crate::Element;
 
@@ -107,6 +135,142 @@ mod tests {
         let sq: Vec<f32> = row.iter().map(|v| v * v).collect();
         let expected = (sq[0] + sq[2]) + sq[1];
         assert_eq!(row_sum_squares(&row, 1).to_bits(), expected.to_bits());
+    }
+
+    /// One bf16 row through [`add_rmsnorm_row`] with a zero residual (so `residual_out == sum`).
+    fn bf16_row(sum: &[bf16], weight: &[bf16], eps: f32) -> (Vec<bf16>, Vec<bf16>) {
+        let zeros = vec![bf16::ZERO; sum.len()];
+        let mut residual_out = vec![bf16::from_bits(0x7fc1); sum.len()];
+        let mut out = vec![bf16::from_bits(0x7fc1); sum.len()];
+        add_rmsnorm_row(sum, &zeros, weight, eps, &mut residual_out, &mut out);
+        (residual_out, out)
+    }
+
+    /// 64 elements (8 packs) of magnitude `m`, signs `+ - + + - ...` (every square the same, so
+    /// the sum of squares does not depend on the reduction tree).
+    fn row_of(m: f32) -> Vec<bf16> {
+        (0..64).map(|i| bf16::from_f32(if i % 3 == 1 { -m } else { m })).collect()
+    }
+
+    /// Weights with both signs, a zero of each sign, and an infinity.
+    fn weights() -> Vec<bf16> {
+        (0..64)
+            .map(|i| match i {
+                5 => bf16::ZERO,
+                6 => bf16::NEG_ZERO,
+                7 => bf16::INFINITY,
+                _ => bf16::from_f32(if i % 4 == 2 { -1.5 } else { 0.75 }),
+            })
+            .collect()
+    }
+
+    /// A zero, infinity or NaN of the sign `sign(a) xor sign(b)`: the expected `out` at an edge.
+    fn signed(a: bf16, b: bf16, magnitude: bf16) -> u16 {
+        magnitude.to_bits() | ((a.to_bits() ^ b.to_bits()) & 0x8000)
+    }
+
+    #[test]
+    fn overflowing_sum_of_squares_gives_signed_zeros() {
+        let w = weights();
+        // Each square overflows (|x| >= 2^64), and, with no square overflowing, the squares sum
+        // past f32::MAX (64 x 2^124 = 2^130; every partial is exact, so any tree overflows).
+        for m in [3.0e38f32, 2f32.powi(64), 2f32.powi(62)] {
+            let sum = row_of(m);
+            assert_eq!(row_sum_squares(&sum, 8), f32::INFINITY, "m = {m:e}");
+            assert_eq!(inv_rms(f32::INFINITY, 64, 1e-6).to_bits(), 0);
+            let (residual_out, out) = bf16_row(&sum, &w, 1e-6);
+            for i in 0..64 {
+                assert_eq!(residual_out[i].to_bits(), sum[i].to_bits(), "m = {m:e}, residual_out[{i}]");
+                if w[i].is_infinite() {
+                    assert!(out[i].is_nan(), "m = {m:e}, out[{i}] = {} (inf x 0)", out[i]);
+                } else {
+                    assert_eq!(out[i].to_bits(), signed(sum[i], w[i], bf16::ZERO), "m = {m:e}, out[{i}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn infinite_residual_out_gives_nan_there_and_signed_zeros_elsewhere() {
+        // sum + residual = 2 x bf16::MAX overflows to +inf in elements 0..8; the rest are finite.
+        let sum: Vec<bf16> = (0..64).map(|i| if i < 8 { bf16::MAX } else { bf16::from_f32(-2.0) }).collect();
+        let residual: Vec<bf16> = (0..64).map(|i| if i < 8 { bf16::MAX } else { bf16::ZERO }).collect();
+        let w = vec![bf16::from_f32(0.5); 64];
+        let mut residual_out = vec![bf16::ZERO; 64];
+        let mut out = vec![bf16::ZERO; 64];
+        add_rmsnorm_row(&sum, &residual, &w, 1e-6, &mut residual_out, &mut out);
+        for i in 0..64 {
+            if i < 8 {
+                assert_eq!(residual_out[i].to_bits(), bf16::INFINITY.to_bits(), "residual_out[{i}]");
+                assert!(out[i].is_nan(), "out[{i}] = {}", out[i]);
+            } else {
+                assert_eq!(residual_out[i].to_bits(), bf16::from_f32(-2.0).to_bits(), "residual_out[{i}]");
+                assert_eq!(out[i].to_bits(), bf16::NEG_ZERO.to_bits(), "out[{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_in_the_row_makes_every_out_nan() {
+        let mut sum = row_of(1.0);
+        sum[17] = bf16::NAN;
+        let (residual_out, out) = bf16_row(&sum, &[bf16::ONE; 64], 1e-6);
+        assert!(residual_out[17].is_nan());
+        assert_eq!(residual_out.iter().filter(|v| v.is_nan()).count(), 1, "residual_out is per element");
+        assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+    }
+
+    #[test]
+    fn underflowing_sum_of_squares_with_eps_zero_gives_signed_infinities() {
+        let w = weights();
+        // 2^-75: the square is 2^-150, half the least subnormal, which rounds (to even) to 0.
+        // 2^-80 underflows further; an exact zero row is the degenerate case of the same edge.
+        for m in [2f32.powi(-75), 2f32.powi(-80), 0.0] {
+            let mut sum = row_of(m);
+            sum[9] = bf16::ZERO; // an exact zero in the row: 0 x inf
+            assert_eq!(row_sum_squares(&sum, 8).to_bits(), 0, "m = {m:e}");
+            assert_eq!(inv_rms(0.0, 64, 0.0), f32::INFINITY);
+            let (residual_out, out) = bf16_row(&sum, &w, 0.0);
+            for i in 0..64 {
+                // -0.0 + 0.0 is +0.0: a zero x is +0 in residual_out.
+                let x = if sum[i].to_f32() == 0.0 { 0 } else { sum[i].to_bits() };
+                assert_eq!(residual_out[i].to_bits(), x, "m = {m:e}, residual_out[{i}]");
+                if sum[i].to_f32() == 0.0 || w[i].to_f32() == 0.0 {
+                    assert!(out[i].is_nan(), "m = {m:e}, out[{i}] = {} (0 x inf)", out[i]);
+                } else {
+                    assert_eq!(out[i].to_bits(), signed(sum[i], w[i], bf16::INFINITY), "m = {m:e}, out[{i}]");
+                }
+            }
+            // Any eps > 0 removes the edge: eps = 2^-148 gives inv = 2^74 exactly, so a row of
+            // 2^-75 normalises to 0.5 and out = 0.5 w.
+            if m == 2f32.powi(-75) {
+                let (_, out) = bf16_row(&sum, &w, 2f32.powi(-148));
+                for i in (0..64).filter(|&i| i != 9 && !w[i].is_infinite()) {
+                    let want = bf16::from_f32(w[i].to_f32() * if sum[i].to_f32() < 0.0 { -0.5 } else { 0.5 });
+                    assert_eq!(out[i].to_bits(), want.to_bits(), "eps 2^-148, out[{i}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn subnormal_squares_lose_precision_but_stay_finite() {
+        let w: Vec<bf16> = (0..64).map(|i| bf16::from_f32(if i % 2 == 0 { 1.0 } else { -0.5 })).collect();
+        // Every element equal, so x / rms = 1 exactly and out = w in exact arithmetic.
+        // (2^-74)^2 = 2^-148 is exact: out = w.
+        // (1.1171875 x 2^-74)^2 = 1.248 x 2^-148 = 2.496 x 2^-149 rounds to 2^-148: var = 2^-148,
+        // inv = 2^74 still, and out = 1.1171875 w (exact in bf16 for these weights), not w.
+        for (m, scale) in [(2f32.powi(-74), 1.0f32), (1.1171875 * 2f32.powi(-74), 1.1171875)] {
+            let sum = vec![bf16::from_f32(m); 64];
+            assert_eq!(sum[0].to_f32(), m, "m = {m:e} is a bf16");
+            assert_eq!(row_sum_squares(&sum, 8).to_bits(), 2f32.powi(-142).to_bits(), "m = {m:e}");
+            let (_, out) = bf16_row(&sum, &w, 0.0);
+            for (i, o) in out.iter().enumerate() {
+                let want = w[i].to_f32() * scale;
+                assert_eq!(bf16::from_f32(want).to_f32(), want, "{want} is a bf16");
+                assert_eq!(o.to_bits(), bf16::from_f32(want).to_bits(), "m = {m:e}, out[{i}]");
+            }
+        }
     }
 
     #[test]
