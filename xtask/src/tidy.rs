@@ -74,4 +74,59 @@ mod tests {
             }
         }
     }
+
+    /// `major.minor.patch` → comparable numbers (a missing patch is 0).
+    fn version(text: &str) -> [u64; 3] {
+        let mut parts = text.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+        [parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0)]
+    }
+
+    /// The declared `rust-version` is true: no package Cargo.lock resolves (default features, every
+    /// platform, dev-dependencies included) needs a newer Rust than the workspace says it needs.
+    /// No other toolchain can be installed where CI runs, so this stands in for an MSRV build.
+    #[test]
+    fn rust_version_covers_every_dependency() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let output = std::process::Command::new(cargo)
+            .args(["metadata", "--format-version", "1"])
+            .current_dir(super::super::project_root())
+            .output()
+            .expect("cargo metadata runs");
+        assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
+        let meta: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+        let ids = |value: &serde_json::Value| -> std::collections::HashSet<String> {
+            value.as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        };
+        let members = ids(&meta["workspace_members"]);
+        let resolved: std::collections::HashSet<String> = meta["resolve"]["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|node| node["id"].as_str().map(str::to_owned))
+            .collect();
+        let packages = meta["packages"].as_array().expect("cargo metadata lists packages");
+        let needed = packages
+            .iter()
+            .filter(|p| p["id"].as_str().is_some_and(|id| resolved.contains(id) && !members.contains(id)))
+            .filter_map(|p| {
+                Some((
+                    version(p["rust_version"].as_str()?),
+                    format!("{} {}", p["name"].as_str()?, p["version"].as_str()?),
+                ))
+            })
+            .max()
+            .expect("some dependency declares a rust-version");
+        for member in packages.iter().filter(|p| p["id"].as_str().is_some_and(|id| members.contains(id))) {
+            let declared = member["rust_version"].as_str().unwrap_or("none");
+            assert!(
+                version(declared) >= needed.0,
+                "{} declares rust-version {declared}, but {} needs {}.{}.{}: raise [workspace.package] rust-version",
+                member["name"].as_str().unwrap_or("a member"),
+                needed.1,
+                needed.0[0],
+                needed.0[1],
+                needed.0[2],
+            );
+        }
+    }
 }

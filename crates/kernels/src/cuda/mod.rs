@@ -1,5 +1,7 @@
-//! The `cuda` backend: NVIDIA GPUs through the CUDA driver API and NVRTC, both loaded at run time
-//! by `cudarc` (`dynamic-loading`), so the crate builds on machines without CUDA.
+//! The `cuda` backend: NVIDIA GPUs through the CUDA driver API and NVRTC, by `cudarc`. With the
+//! default features cudarc loads both at run time (`cuda-dynamic-loading`), so the crate builds on
+//! machines without CUDA; an engine with its own cudarc picks the linking and CUDA version through
+//! the pass-through features (`cuda-dynamic-linking`, `cuda-12080`, ...; see the crate's Cargo.toml).
 //!
 //! | concept | here |
 //! |---|---|

@@ -43,17 +43,77 @@ fn check(call: &'static str, status: sys::CUresult) -> Result<()> {
 /// Whether the driver library (`libcuda`) can be loaded. Probed once per process.
 pub(crate) fn driver_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: `is_culib_present` only dlopens (and closes again) the candidate library names,
-    // which runs the library's initialisers; libcuda is made to be loaded this way.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    *PRESENT.get_or_init(|| linkage::present("cuda"))
 }
 
-/// The file names cudarc tries for a library stem (`cuda`, `nvrtc`), for error messages.
+/// The file names tried for a library stem (`cuda`, `nvrtc`), for error messages.
 pub(crate) fn library_candidates(stem: &str) -> String {
-    let mut names = cudarc::get_lib_name_candidates(stem);
+    let mut names = linkage::candidates(stem);
     let mut seen = std::collections::HashSet::new();
     names.retain(|name| seen.insert(name.clone()));
     names.join(", ")
+}
+
+/// How cudarc reaches libcuda and libnvrtc, as far as our pass-through features say (cudarc's own
+/// features are invisible to this crate, and `is_culib_present` exists only with its
+/// `dynamic-loading`).
+mod linkage {
+    /// `cuda-dynamic-loading`: cudarc's own probe, over the names cudarc will open.
+    #[cfg(feature = "cuda-dynamic-loading")]
+    pub(super) fn present(stem: &str) -> bool {
+        // SAFETY: `is_culib_present` only dlopens (and closes again) the candidate library names,
+        // which runs the library's initialisers; libcuda and libnvrtc are made to be loaded this way.
+        unsafe {
+            match stem {
+                "cuda" => cudarc::driver::sys::is_culib_present(),
+                _ => cudarc::nvrtc::sys::is_culib_present(),
+            }
+        }
+    }
+
+    /// The names cudarc tries.
+    #[cfg(feature = "cuda-dynamic-loading")]
+    pub(super) fn candidates(stem: &str) -> Vec<String> {
+        cudarc::get_lib_name_candidates(stem)
+    }
+
+    /// `cuda-dynamic-linking`: both libraries are linked at build time, so a process that runs has them.
+    #[cfg(all(feature = "cuda-dynamic-linking", not(feature = "cuda-dynamic-loading")))]
+    pub(super) fn present(_stem: &str) -> bool {
+        true
+    }
+
+    /// The library cudarc linked.
+    #[cfg(all(feature = "cuda-dynamic-linking", not(feature = "cuda-dynamic-loading")))]
+    pub(super) fn candidates(stem: &str) -> Vec<String> {
+        use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+        vec![format!("{DLL_PREFIX}{stem}{DLL_SUFFIX} (linked at build time)")]
+    }
+
+    /// Neither feature: the linking is chosen elsewhere (the engine's cudarc, or cudarc's
+    /// `fallback-dynamic-loading`). Probe the usual names ourselves; a linked library is already
+    /// in the process under one of them, so it is found too.
+    #[cfg(not(any(feature = "cuda-dynamic-loading", feature = "cuda-dynamic-linking")))]
+    pub(super) fn present(stem: &str) -> bool {
+        candidates(stem).iter().any(|name| {
+            // SAFETY: as for cudarc's probe: dlopen (closed again on drop) runs the library's
+            // initialisers; libcuda and libnvrtc are made to be loaded this way.
+            unsafe { libloading::Library::new(name) }.is_ok()
+        })
+    }
+
+    /// Names cudarc tries too (all of them in its list for a CUDA 13 build; all but `.so.13` for
+    /// CUDA 12), so that what this finds, cudarc finds as well.
+    #[cfg(not(any(feature = "cuda-dynamic-loading", feature = "cuda-dynamic-linking")))]
+    pub(super) fn candidates(stem: &str) -> Vec<String> {
+        use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+        let stem = if cfg!(windows) && stem == "cuda" { "nvcuda" } else { stem };
+        let mut names = vec![format!("{DLL_PREFIX}{stem}{DLL_SUFFIX}")];
+        if !cfg!(windows) {
+            names.extend(["1", "13", "12"].map(|major| format!("{DLL_PREFIX}{stem}{DLL_SUFFIX}.{major}")));
+        }
+        names
+    }
 }
 
 /// `cuInit(0)`, once per process (later calls return the first status again).
@@ -396,8 +456,7 @@ pub(crate) mod nvrtc {
     /// `libnvrtc.so.13`). Probed once per process.
     pub(crate) fn present() -> bool {
         static PRESENT: OnceLock<bool> = OnceLock::new();
-        // SAFETY: as for `driver_present`: dlopen of the candidate names runs their initialisers.
-        *PRESENT.get_or_init(|| unsafe { nv::is_culib_present() })
+        *PRESENT.get_or_init(|| super::linkage::present("nvrtc"))
     }
 
     fn nvrtc_error(call: &'static str, status: nv::nvrtcResult) -> Error {
