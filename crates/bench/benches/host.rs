@@ -44,6 +44,9 @@ impl Backend for Null {
     fn shared_ptr(buffer: &Box<[u8]>) -> DevicePtr {
         DevicePtr(buffer.as_ptr() as u64)
     }
+    fn shared_len(buffer: &Box<[u8]>) -> usize {
+        buffer.len()
+    }
     fn export_handle(buffer: &Box<[u8]>) -> Result<u64> {
         Ok(buffer.as_ptr() as u64)
     }

@@ -399,10 +399,10 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
         iters: plan.decode_iters,
         prefill_iters: plan.prefill_iters,
         repeats: plan.repeats,
-        graph_inputs: match (plan.graph_inputs_in_place, Config::from_env().map(|c| c.graph_one_stage_in_place)) {
-            (false, _) => "staged".to_string(),
-            (true, Ok(true)) => "in place".to_string(),
-            (true, _) => "in place for 2-stage, staged for 1-stage".to_string(),
+        graph_inputs: if plan.graph_inputs_in_place {
+            "1-stage pushed, 2-stage read in place".to_string()
+        } else {
+            "1-stage pushed, 2-stage staged".to_string()
         },
         input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(*s, T::DTYPE.size()))).collect(),
         floors,

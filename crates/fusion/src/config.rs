@@ -9,7 +9,7 @@
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
 //! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 32768 |
 //! | `ARFUSE_TUNE_FILE` | a measured table of 1-stage thresholds per world size ([`crate::tune`]) | none |
-//! | `ARFUSE_GRAPH_1STAGE_IN_PLACE` | `1`: captured 1-stage launches read inputs in place too | `0` |
+//! | `ARFUSE_PUSH_SLOT_BYTES` | bytes of each push receive slot (the largest 1-stage call); 0: the 1-stage threshold | 0 |
 
 use crate::dispatch::Policy;
 use crate::graph::DEFAULT_GRAPH_SLOTS;
@@ -38,10 +38,6 @@ pub struct Config {
     /// each, allocated with the operator in whole 2 MiB (none on the cpu backend). 0 disables
     /// the feature.
     pub graph_slots: usize,
-    /// Captured 1-stage launches read their inputs in place as well (reduce-scatters always do).
-    /// Off by default: in place, a 1-stage launch needs a closing barrier that costs more than the
-    /// copy it saves (see [`crate::graph`]).
-    pub graph_one_stage_in_place: bool,
 }
 
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
@@ -58,13 +54,7 @@ pub enum Fault {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            policy: Policy::default(),
-            deadline: DEFAULT_DEADLINE,
-            fault: None,
-            graph_slots: DEFAULT_GRAPH_SLOTS,
-            graph_one_stage_in_place: false,
-        }
+        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None, graph_slots: DEFAULT_GRAPH_SLOTS }
     }
 }
 
@@ -110,8 +100,8 @@ impl Config {
         if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
             self.graph_slots = v as usize;
         }
-        if let Some(on) = parse_switch("ARFUSE_GRAPH_1STAGE_IN_PLACE")? {
-            self.graph_one_stage_in_place = on;
+        if let Some(v) = parse("ARFUSE_PUSH_SLOT_BYTES")? {
+            self.policy.push_slot_bytes = v as usize;
         }
         self.validate()?;
         Ok(self)
@@ -125,6 +115,14 @@ impl Config {
         }
         if self.deadline.is_zero() {
             return Err(Error::Config("deadline must be positive".into()));
+        }
+        let slot = self.policy.push_slot_bytes;
+        if slot % arfuse_kernels::PACK_BYTES != 0 || slot > max / 2 {
+            return Err(Error::Config(format!(
+                "push_slot_bytes {slot} must be a multiple of {} bytes, at most max_size / 2 = {}",
+                arfuse_kernels::PACK_BYTES,
+                max / 2
+            )));
         }
         if self.graph_slots > MAX_GRAPH_SLOTS {
             return Err(Error::Config(format!("graph_slots {} above {MAX_GRAPH_SLOTS}", self.graph_slots)));

@@ -17,7 +17,7 @@
 //! refuses it with [`crate::Error::HiddenNotMultipleOfPack`] before dispatch, on every path
 //! (the add+RMSNorm kernel of the unfused path uses the same packs).
 
-use arfuse_kernels::{DType, MAX_RANKS};
+use arfuse_kernels::{DType, MAX_RANKS, PACK_BYTES};
 use std::fmt;
 
 /// What a call asks for, as the dispatcher sees it.
@@ -55,6 +55,11 @@ pub struct Policy {
     pub one_stage_max_bytes_by_world: [usize; MAX_RANKS + 1],
     /// `Some(true)`: always 1-stage (where the kernel can); `Some(false)`: always 2-stage.
     pub force_one_stage: Option<bool>,
+    /// Bytes of each receive slot of the push protocol (one per peer, three rotations), which is
+    /// the largest input a 1-stage call can carry. 0 (the default): the 1-stage threshold of the
+    /// group's world size ([`Policy::push_slot_bytes_for`]). A rank allocates
+    /// `3 x world x push slot` bytes for them.
+    pub push_slot_bytes: usize,
     /// Largest hidden size the 1-stage kernel takes.
     pub one_stage_max_hidden: usize,
     /// Largest hidden size the fused kernels take.
@@ -84,6 +89,7 @@ impl Default for Policy {
             one_stage_max_bytes: DEFAULT_ONE_STAGE_MAX_BYTES,
             one_stage_max_bytes_by_world: [0; MAX_RANKS + 1],
             force_one_stage: None,
+            push_slot_bytes: 0,
             one_stage_max_hidden: DEFAULT_MAX_HIDDEN,
             fused_max_hidden: DEFAULT_MAX_HIDDEN,
             peer_access: true,
@@ -100,6 +106,14 @@ impl Policy {
             Some(&measured) if measured > 0 => measured,
             _ => self.one_stage_max_bytes,
         }
+    }
+
+    /// The receive slot of the push protocol for `world_size` ranks: [`Policy::push_slot_bytes`],
+    /// or the 1-stage threshold, in whole 16-byte packs, never above `max_size / 2`.
+    pub fn push_slot_bytes_for(&self, world_size: usize) -> usize {
+        let wanted =
+            if self.push_slot_bytes > 0 { self.push_slot_bytes } else { self.one_stage_max_bytes_for(world_size) };
+        wanted.clamp(PACK_BYTES, (self.max_size / 2).max(PACK_BYTES)).next_multiple_of(PACK_BYTES)
     }
 
     /// Takes the thresholds of `table` (world sizes it lacks keep theirs).
@@ -141,7 +155,8 @@ pub enum FallbackReason {
 /// The path a call takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {
-    /// Nothing to do (empty tensor).
+    /// No data to move (empty tensor): the call still exchanges its header with the peers, so it
+    /// counts as a call on every rank (a peer with a real call reports a mismatch).
     Noop,
     /// Fused, one stage.
     OneStage,
@@ -205,7 +220,8 @@ pub fn choose_path(req: &Request, policy: &Policy) -> Path {
     if req.hidden > policy.fused_max_hidden {
         return custom(FallbackReason::HiddenUnsupported);
     }
-    let one_stage_fits = req.hidden <= policy.one_stage_max_hidden;
+    let one_stage_fits =
+        req.hidden <= policy.one_stage_max_hidden && bytes <= policy.push_slot_bytes_for(req.world_size) as u64;
     let wants_one_stage =
         policy.force_one_stage.unwrap_or(bytes <= policy.one_stage_max_bytes_for(req.world_size) as u64);
     if wants_one_stage && one_stage_fits {

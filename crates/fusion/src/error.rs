@@ -257,12 +257,14 @@ mod tests {
         if std::env::var_os(CHILD).is_some() {
             let device = Cpu::open_device(0, 1).expect("cpu device");
             let mut group = arfuse_ipc::ThreadRendezvous::group(1, std::time::Duration::from_secs(5));
-            // Default max_size 128 MiB: 64 KiB + 192 MiB per rank.
-            let err =
-                AllReduceRmsNorm::<Cpu>::new(&device, &mut group[0], Config::default()).expect_err("192 MiB in 64 MiB");
+            // Default max_size 128 MiB: 64 KiB + 192 MiB per rank, and the push region.
+            let config = Config::default();
+            let push = arfuse_kernels::params::push_region_bytes(1, config.policy.push_slot_bytes_for(1));
+            let err = AllReduceRmsNorm::<Cpu>::new(&device, &mut group[0], config).expect_err("192 MiB in 64 MiB");
+            let expected = (65_536 + 3 * (64 << 20) + push) as u64;
             assert!(
-                matches!(err, Error::SharedMemoryTooSmall { requested, .. } if requested == 65_536 + 3 * (64 << 20)),
-                "{err:?}"
+                matches!(err, Error::SharedMemoryTooSmall { requested, .. } if requested == expected),
+                "{err:?}, expected {expected} bytes"
             );
             assert!(err.to_string().contains("ARFUSE_MAX_SIZE"), "{err}");
             assert_eq!(std::fs::read_dir("/dev/shm").expect("read /dev/shm").count(), 0, "a segment was left behind");

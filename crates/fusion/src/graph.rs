@@ -14,12 +14,11 @@
 //! Replays then read every rank's current input in place, and end with a barrier so that no rank
 //! lets its user overwrite an input a peer still reads.
 //!
-//! Which launches read in place: every reduce-scatter (2-stage), whose closing barrier is there
-//! anyway, so skipping the copy is a pure gain; 1-stage launches only with
-//! [`Config::graph_one_stage_in_place`](crate::Config::graph_one_stage_in_place), because their
-//! copy (at most `one_stage_max_bytes`, 128 KiB) costs less than the barrier reading in place adds.
-//! Measured on the H100 (P = 2 on one GPU, 100 captured calls, 2026-11-25): 1×4096 bf16 fused
-//! 1-stage 14.0 µs in place vs 12.7 µs staged; 16×8192 2-stage 17.5 µs in place vs 18.7 µs staged.
+//! Which launches read in place: the reduce-scatters (2-stage paths), whose closing barrier is
+//! there anyway, so skipping the copy is a pure gain (measured on the H100, P = 2 on one GPU, 100
+//! captured calls, 2026-11-25: 16×8192 2-stage 17.5 µs in place vs 18.7 µs staged). The 1-stage
+//! kernels push their input into the peers' receive slots: no peer reads a user tensor, so their
+//! graphs need nothing registered and replay correctly without this.
 
 use crate::{Error, Result};
 use arfuse_ipc::Rendezvous;

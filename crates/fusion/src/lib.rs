@@ -19,8 +19,7 @@
 //! vendor path ([`AllReduce::Vendor`]) is the exception: its sum is the library's, in the library's
 //! order; everything after the sum follows the contract (see [`vendor`]).
 
-// Called by the operator's validation (operator.rs, being rewritten); until then only its tests use it.
-#[allow(dead_code)]
+// Which tensors may overlap; called by the operator's validation.
 pub(crate) mod alias;
 pub mod config;
 pub mod dispatch;

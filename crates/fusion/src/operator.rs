@@ -1,5 +1,6 @@
 //! The operator users call: [`AllReduceRmsNorm`], one per rank, created collectively.
 
+use crate::alias::{self, Span, Spans};
 use crate::config::{Config, Fault};
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
 use crate::graph::GraphInputs;
@@ -7,7 +8,7 @@ use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
 use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator};
-use arfuse_kernels::params::SIGNAL_ERROR_OFFSET;
+use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{
     Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
     MAX_RANKS, MAX_ROW_PACKS, PACK_BYTES,
@@ -146,7 +147,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             _ if config.graph_slots == 0 => None,
             _ => Some(GraphInputs::new(device, config.graph_slots)?),
         };
-        let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size)?;
+        let push_slot_bytes = config.policy.push_slot_bytes_for(world_size);
+        let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size, push_slot_bytes)?;
         Ok(AllReduceRmsNorm {
             device: device.clone(),
             buffers,
@@ -236,8 +238,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     }
 
     /// Runs one call on the path the dispatcher picks; returns that path.
+    ///
+    /// A call this rank refuses (bad input: a typed error) reads and writes none of the caller's
+    /// tensors, but still takes part in the group's count of calls: it sends its peers a header
+    /// saying it refused, so that a peer that made the call gets [`Error::CallMismatch`] instead
+    /// of pairing it with this rank's next call. (A poisoned operator sends nothing.)
     pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
-        let call = self.validate(&args)?;
+        let call = self.validate(&args).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         let path = choose_path(&call.request, &self.config.policy);
         self.check_graph_slots::<T>(path, &call)?;
         self.run(stream, path, call, &args)?;
@@ -248,15 +255,27 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Runs one call on `path` (tests and benchmarks compare paths on the same input). A fused path
     /// must fit (`bytes <= max_size / 2`); every rank must force the same path.
     pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
-        let call = self.validate(&args)?;
+        let call = self.validate(&args).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         if matches!(path, Path::OneStage | Path::TwoStage)
             && call.request.bytes() > (self.config.policy.max_size / 2) as u64
         {
-            return Err(Error::Config(format!(
+            let err = Error::Config(format!(
                 "{path} forced for {} bytes, above max_size / 2 = {}",
                 call.request.bytes(),
                 self.config.policy.max_size / 2
-            )));
+            ));
+            self.refuse::<T>(stream, &args, &err);
+            return Err(err);
+        }
+        let push_slot = self.buffers.push_slot_bytes() as u64;
+        if path == Path::OneStage && call.request.bytes() > push_slot {
+            let err = Error::Config(format!(
+                "{path} forced for {} bytes, above the push protocol's receive slot of {push_slot} bytes \
+                 (Policy::push_slot_bytes)",
+                call.request.bytes()
+            ));
+            self.refuse::<T>(stream, &args, &err);
+            return Err(err);
         }
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
@@ -270,9 +289,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// not run (one that runs fails with [`Error::NotRegistered`] at [`check`](Self::check)). Their
     /// inputs must stay allocated, at the same addresses, for as long as the graph is replayed
     /// (true of a framework's graph memory pool); the other tensors are captured by address as
-    /// usual. Which launches read in place: reduce-scatters always, 1-stage launches only with
-    /// [`Config::graph_one_stage_in_place`]; the others, eager calls, and graphs captured without
-    /// this, copy their input into the staging buffer.
+    /// usual. Only the reduce-scatters of 2-stage calls read in place (the 1-stage kernels push
+    /// their input, so a graph of 1-stage calls needs no registration at all); eager calls and
+    /// graphs captured without this copy a 2-stage input into the staging buffer.
     pub fn begin_graph_capture(&mut self) -> Result<()> {
         match &mut self.graph {
             Some(graph) => graph.begin(),
@@ -319,11 +338,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// Whether a launch of `op` recorded for a graph reads its input in place (see [`crate::graph`]).
     fn reads_in_place(&self, op: Op) -> bool {
-        match op {
-            Op::ReduceScatter => true,
-            Op::FusedOneStage | Op::AllReduceOneStage => self.config.graph_one_stage_in_place,
-            _ => false,
-        }
+        // The 1-stage kernels push their input: peers never read it, so nothing to register.
+        op == Op::ReduceScatter
     }
 
     /// The launches of the unfused path's custom all-reduce over `rows` rows of `row_bytes`: in
@@ -417,6 +433,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if !args.eps.is_finite() || args.eps < 0.0 {
             return Err(Error::BadEps { eps: args.eps });
         }
+        let size = T::DTYPE.size();
+        alias::check(&Spans {
+            input: Span::elems(args.input.ptr.0, args.input.len, size),
+            residual: Span::elems(args.residual.ptr.0, args.residual.len, size),
+            weight: Span::elems(args.weight.ptr.0, args.weight.len, size),
+            out: Span::elems(args.out.ptr.0, args.out.len, size),
+            residual_out: Span::elems(args.residual_out.ptr.0, args.residual_out.len, size),
+        })?;
         for (what, ptr) in [
             ("input", args.input.ptr),
             ("residual", args.residual.ptr),
@@ -441,6 +465,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         LaunchParams {
             signals: self.buffers.signal_ptrs(),
             scratch: self.buffers.scratch_ptrs(),
+            push: self.buffers.push_ptrs(),
+            push_slot_bytes: self.buffers.push_slot_bytes() as u32,
             input: args.input.ptr.0,
             residual: args.residual.ptr.0,
             weight: args.weight.ptr.0,
@@ -502,7 +528,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let kernel = |op| KernelId { op, dtype: T::DTYPE };
         let params = self.params(&call, args);
         match path {
-            Path::Noop => Ok(()),
+            // No data: the header exchange alone (1-stage kernel, zero rows) keeps the ranks in step.
+            Path::Noop => self.launch_cross(stream, kernel(Op::FusedOneStage), LaunchParams { rows: 0, ..params }),
             Path::OneStage => self.launch_cross(stream, kernel(Op::FusedOneStage), params),
             Path::TwoStage => {
                 self.launch_cross(stream, kernel(Op::ReduceScatter), params)?;
@@ -547,6 +574,29 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
             }
         }
+    }
+
+    /// Takes part in the group's call as a refusal (see [`forward`](Self::forward)): a header-only
+    /// launch whose header says this rank refused. Touches none of the caller's tensors. Nothing is
+    /// sent by a poisoned operator (its peers fail on their own), and a failure to send poisons it.
+    fn refuse<T: Element>(&mut self, stream: &B::Stream, args: &Args<'_, B, T>, why: &Error) {
+        if self.poisoned.is_some() || matches!(why, Error::Poisoned(_)) {
+            return;
+        }
+        let params = LaunchParams {
+            signals: self.buffers.signal_ptrs(),
+            push: self.buffers.push_ptrs(),
+            push_slot_bytes: self.buffers.push_slot_bytes() as u32,
+            rank: self.rank() as u32,
+            world_size: self.world_size() as u32,
+            deadline_ns: self.config.deadline.as_nanos().min(u64::MAX as u128) as u64,
+            eps: args.eps,
+            flags: FLAG_REFUSED,
+            ..LaunchParams::default()
+        };
+        // The error of this launch (a peer that made the call, seen as a mismatch on the CPU
+        // backend) poisons the operator; the caller gets the refusal itself.
+        let _ = self.launch_cross(stream, KernelId { op: Op::FusedOneStage, dtype: T::DTYPE }, params);
     }
 
     /// Fires [`Config::fault`] (tests only), once.

@@ -8,9 +8,15 @@
 //! | `SIGNAL_BYTES` | `max_size / 2` | staging half 0 (inputs of even epochs) |
 //! | `SIGNAL_BYTES + max_size / 2` | `max_size / 2` | staging half 1 (odd epochs) |
 //! | `SIGNAL_BYTES + max_size` | `max_size / 2` | scratch of the 2-stage paths |
+//! | `SIGNAL_BYTES + 3 * max_size / 2` | `push_region_bytes(world, push_slot_bytes)` | push region: call headers of every cross-rank launch, the 1-stage kernels' receive slots |
+//!
+//! The push region (`arfuse_kernels::params::push_region_bytes`) holds three rotations, each a
+//! header per sender and a data slot of `push_slot_bytes` per sender. Every 32-bit word of it is
+//! armed with `PUSH_SENTINEL` here, before any peer can map it; readers re-arm what they read.
 
 use crate::rendezvous::Rendezvous;
 use crate::{Error, Result};
+use arfuse_kernels::params::{push_region_bytes, PUSH_SENTINEL};
 use arfuse_kernels::{Backend, BackendKind, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 
 /// Offset of staging half `parity`.
@@ -23,9 +29,14 @@ pub fn scratch_offset(max_size: usize) -> usize {
     SIGNAL_BYTES + max_size
 }
 
-/// Total bytes of one rank's buffer.
-pub fn buffer_bytes(max_size: usize) -> usize {
+/// Offset of the push region.
+pub fn push_offset(max_size: usize) -> usize {
     SIGNAL_BYTES + max_size + max_size / 2
+}
+
+/// Total bytes of one rank's buffer in a group of `world` ranks with push slots of `push_slot_bytes`.
+pub fn buffer_bytes(max_size: usize, world: usize, push_slot_bytes: usize) -> usize {
+    push_offset(max_size) + push_region_bytes(world, push_slot_bytes)
 }
 
 /// What every rank announces about itself (the handle follows it).
@@ -35,6 +46,7 @@ struct Announce {
     rank: u64,
     world: u64,
     max_size: u64,
+    push_slot_bytes: u64,
     backend: u64,
     pid: u64,
 }
@@ -52,6 +64,7 @@ pub struct SharedBuffers<B: Backend> {
     rank: usize,
     world: usize,
     max_size: usize,
+    push_slot_bytes: usize,
     /// Base address of every rank's buffer in this process (ours included).
     bases: Vec<u64>,
     /// Peers' mappings (dropped before our own buffer).
@@ -73,8 +86,14 @@ impl<B: Backend> std::fmt::Debug for SharedBuffers<B> {
 impl<B: Backend> SharedBuffers<B> {
     /// Allocates this rank's buffer, exchanges handles through `rendezvous`, maps every peer's
     /// buffer, and waits until every rank has mapped every other (two rounds). `max_size` must
-    /// be a positive multiple of `2 * PACK_BYTES`.
-    pub fn create(device: &B::Device, rendezvous: &mut dyn Rendezvous, max_size: usize) -> Result<Self> {
+    /// be a positive multiple of `2 * PACK_BYTES`; `push_slot_bytes` (the largest input a 1-stage
+    /// call carries) a positive multiple of `PACK_BYTES`.
+    pub fn create(
+        device: &B::Device,
+        rendezvous: &mut dyn Rendezvous,
+        max_size: usize,
+        push_slot_bytes: usize,
+    ) -> Result<Self> {
         let rank = rendezvous.rank();
         let world = rendezvous.world_size();
         if world == 0 || world > MAX_RANKS {
@@ -86,12 +105,20 @@ impl<B: Backend> SharedBuffers<B> {
                 2 * PACK_BYTES
             )));
         }
-        let own = B::alloc_shared(device, buffer_bytes(max_size))?;
+        if push_slot_bytes == 0 || push_slot_bytes % PACK_BYTES != 0 || push_slot_bytes > u32::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "push slots of {push_slot_bytes} bytes (a positive multiple of {PACK_BYTES} below 4 GiB)"
+            )));
+        }
+        let own = B::alloc_shared(device, buffer_bytes(max_size, world, push_slot_bytes))?;
+        // Armed before any peer can map it (its handle is not sent yet).
+        B::fill_shared(device, &own, push_offset(max_size), push_region_bytes(world, push_slot_bytes), PUSH_SENTINEL)?;
         let handle = B::export_handle(&own)?;
         let ours = Announce {
             rank: rank as u64,
             world: world as u64,
             max_size: max_size as u64,
+            push_slot_bytes: push_slot_bytes as u64,
             backend: backend_code(B::KIND),
             pid: u64::from(std::process::id()),
         };
@@ -99,6 +126,9 @@ impl<B: Backend> SharedBuffers<B> {
         message.extend_from_slice(bytemuck::bytes_of(&handle));
         let gathered = rendezvous.all_gather(&message)?;
         let head = std::mem::size_of::<Announce>();
+        if gathered.len() != world {
+            return Err(Error::Protocol(format!("the rendezvous returned {} parts for {world} ranks", gathered.len())));
+        }
         let mut bases = Vec::with_capacity(world);
         let mut peers = Vec::with_capacity(world);
         for (peer, bytes) in gathered.iter().enumerate() {
@@ -114,6 +144,7 @@ impl<B: Backend> SharedBuffers<B> {
             for (what, a, b) in [
                 ("world size", ours.world, theirs.world),
                 ("max_size", ours.max_size, theirs.max_size),
+                ("push slot bytes", ours.push_slot_bytes, theirs.push_slot_bytes),
                 ("backend", ours.backend, theirs.backend),
             ] {
                 if a != b {
@@ -136,7 +167,7 @@ impl<B: Backend> SharedBuffers<B> {
         // Everyone has mapped everyone: names and handles may now be forgotten.
         rendezvous.all_gather(&[])?;
         B::peers_attached(&own)?;
-        Ok(SharedBuffers { rank, world, max_size, bases, _peers: peers, own })
+        Ok(SharedBuffers { rank, world, max_size, push_slot_bytes, bases, _peers: peers, own })
     }
 
     /// This rank.
@@ -176,6 +207,14 @@ impl<B: Backend> SharedBuffers<B> {
     pub fn scratch_ptrs(&self) -> [u64; MAX_RANKS] {
         self.ptrs(scratch_offset(self.max_size))
     }
+    /// Every rank's push region.
+    pub fn push_ptrs(&self) -> [u64; MAX_RANKS] {
+        self.ptrs(push_offset(self.max_size))
+    }
+    /// Bytes of one data slot of the push region: the largest input of a 1-stage call.
+    pub fn push_slot_bytes(&self) -> usize {
+        self.push_slot_bytes
+    }
     /// Our own signal area.
     pub fn own_signal_ptr(&self) -> u64 {
         self.bases[self.rank]
@@ -204,7 +243,7 @@ mod tests {
                 for mut rv in group {
                     s.spawn(move || {
                         let device = Cpu::open_device(0, 1).expect("cpu");
-                        SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 12).expect("buffers");
+                        SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 12, 1 << 10).expect("buffers");
                     });
                 }
             });
@@ -222,7 +261,7 @@ mod tests {
                     s.spawn(move || {
                         let device = Cpu::open_device(0, 1).expect("cpu");
                         let size = if rv.rank() == 0 { 1 << 12 } else { 1 << 13 };
-                        SharedBuffers::<Cpu>::create(&device, &mut rv, size).map(|_| ())
+                        SharedBuffers::<Cpu>::create(&device, &mut rv, size, 1 << 10).map(|_| ())
                     })
                 })
                 .collect();

@@ -14,7 +14,7 @@ fn peers_see_each_others_staging() {
             s.spawn(move || {
                 let device = Cpu::open_device(0, 1).expect("cpu");
                 let stream = Cpu::create_stream(&device).expect("stream");
-                let bufs = SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 16).expect("buffers");
+                let bufs = SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 16, 1 << 10).expect("buffers");
                 let me = bufs.rank() as u8;
                 // SAFETY: our staging half 1 is live and at least 16 bytes long.
                 unsafe { Cpu::write(&stream, DevicePtr(bufs.staging_ptrs(1)[bufs.rank()]), &[me + 1; 16]) }

@@ -13,7 +13,7 @@ fn three_processes_share_buffers() {
             UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(30)).expect("connect");
         let device = Cpu::open_device(0, 1).expect("cpu");
         let stream = Cpu::create_stream(&device).expect("stream");
-        let bufs = SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 16).expect("buffers");
+        let bufs = SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 16, 1 << 10).expect("buffers");
         let pattern = [me.rank as u8 + 7; 32];
         // SAFETY: our scratch is live and at least 32 bytes long.
         unsafe { Cpu::write(&stream, DevicePtr(bufs.scratch_ptrs()[me.rank]), &pattern) }.expect("write");

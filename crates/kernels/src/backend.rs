@@ -99,6 +99,30 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn alloc_shared(device: &Self::Device, bytes: usize) -> Result<Self::SharedBuffer>;
     /// The address of a shared buffer in this rank's address space.
     fn shared_ptr(buffer: &Self::SharedBuffer) -> DevicePtr;
+    /// The size of a shared buffer in bytes.
+    fn shared_len(buffer: &Self::SharedBuffer) -> usize;
+    /// Fills `bytes` of `buffer` from byte `offset` on with `pattern` (little-endian, repeated),
+    /// through a stream of its own, finished on return (how a rank arms its push region before any
+    /// peer maps it). A range outside the buffer, or not in whole 32-bit words, is
+    /// [`crate::Error::OutOfRange`].
+    fn fill_shared(
+        device: &Self::Device,
+        buffer: &Self::SharedBuffer,
+        offset: usize,
+        bytes: usize,
+        pattern: u32,
+    ) -> Result<()> {
+        let len = Self::shared_len(buffer);
+        if offset.checked_add(bytes).is_none_or(|end| end > len) || offset % 4 != 0 || bytes % 4 != 0 {
+            return Err(crate::Error::OutOfRange { what: "fill_shared", offset, bytes, len });
+        }
+        let words: Vec<u8> = pattern.to_le_bytes().repeat(bytes / 4);
+        let stream = Self::create_stream(device)?;
+        // SAFETY: `offset..offset + bytes` lies inside `buffer` (checked above), which is live
+        // device memory of this backend; the stream is synchronised before the buffer can go.
+        unsafe { Self::write(&stream, Self::shared_ptr(buffer).add(offset), &words)? };
+        Self::synchronize(&stream)
+    }
     /// The handle peers use to map `buffer`.
     fn export_handle(buffer: &Self::SharedBuffer) -> Result<Self::IpcHandle>;
     /// The handle peers use to map the allocation that holds `ptr` (memory this rank's user

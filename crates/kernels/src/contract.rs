@@ -7,10 +7,13 @@
 //!    `out = round(f32(weight) * f32(round(f32(residual_out) * inv)))`.
 //!
 //! The row reduction uses one fixed tree, independent of how a kernel is launched: each 16-byte
-//! pack's squares are summed left to right, then the pack partials are added pairwise
-//! (`a[i] += a[i + s]` for `s` = half the next power of two, down to 1). The GPU kernels build the
-//! same tree in shared memory and finish it with shuffles, so `out` does not depend on the path or
-//! on which other tokens are in the batch. No operation is contracted into a fused multiply-add
+//! pack's squares are summed left to right; the pack partials of each group of
+//! [`TREE_GROUP`] consecutive packs are added pairwise (`a[i] += a[i + s]`, `s` = 16, 8, 4, 2, 1,
+//! packs past the row's end counting as `+0.0`); the group sums (at most [`TREE_GROUPS`]) are
+//! added pairwise the same way (`s` = 64 down to 1). Adding `+0.0` to a sum of squares (never
+//! `-0.0`) changes nothing, so the padding is exact. The GPU kernels compute the first level with a
+//! 32-lane butterfly of shuffles (which groups lanes the same way on 32- and 64-wide warps) and the
+//! second in one warp, so `out` does not depend on the path, the launch or the batch. No operation is contracted into a fused multiply-add
 //! (NVRTC `--fmad=false`, clang `-ffp-contract=off`).
 //!
 //! ## Domain
@@ -64,11 +67,27 @@ pub fn add_residual<T: Element>(sum: T, residual: T) -> T {
     T::from_f32(sum.to_f32() + residual.to_f32())
 }
 
+/// Packs per group of the first level of the sum-of-squares tree.
+pub const TREE_GROUP: usize = 32;
+/// Group slots of the second level (`MAX_ROW_PACKS / TREE_GROUP`).
+pub const TREE_GROUPS: usize = crate::source::MAX_ROW_PACKS / TREE_GROUP;
+
+/// `a[0]` after `a[i] += a[i + s]` for `s` = `a.len() / 2` down to 1 (`a.len()` a power of two).
+fn pairwise(a: &mut [f32]) -> f32 {
+    let mut stride = a.len() / 2;
+    while stride >= 1 {
+        for i in 0..stride {
+            a[i] += a[i + stride];
+        }
+        stride /= 2;
+    }
+    a[0]
+}
+
 /// Sum of squares of one row by the canonical tree (see the module docs). `pack` is the number
 /// of elements per 16-byte pack for the row's dtype.
 pub fn row_sum_squares<T: Element>(row: &[T], pack: usize) -> f32 {
-    let n_packs = row.len().div_ceil(pack);
-    let mut partials: Vec<f32> = row
+    let pack_sums: Vec<f32> = row
         .chunks(pack)
         .map(|p| {
             let mut acc = 0.0f32;
@@ -80,16 +99,14 @@ pub fn row_sum_squares<T: Element>(row: &[T], pack: usize) -> f32 {
             acc
         })
         .collect();
-    let mut stride = n_packs.next_power_of_two() / 2;
-    while stride >= 1 {
-        for i in 0..stride {
-            if i + stride < n_packs {
-                partials[i] += partials[i + stride];
-            }
-        }
-        stride /= 2;
+    let mut groups = [0.0f32; TREE_GROUPS];
+    for (slot, packs) in groups.iter_mut().zip(pack_sums.chunks(TREE_GROUP)) {
+        let mut lanes = [0.0f32; TREE_GROUP];
+        lanes[..packs.len()].copy_from_slice(packs);
+        *slot = pairwise(&mut lanes);
     }
-    partials.first().copied().unwrap_or(0.0)
+    debug_assert!(pack_sums.len() <= TREE_GROUP * TREE_GROUPS, "row longer than MAX_ROW_PACKS packs");
+    pairwise(&mut groups)
 }
 
 /// `1 / sqrt(sum_squares / n + eps)` in f32 with IEEE-rounded sqrt and division.
@@ -130,7 +147,8 @@ mod tests {
 
     #[test]
     fn tree_matches_hand_computed_order() {
-        // 3 packs of 1 element: tree over next_pow2(3) = 4 slots: stride 2: a0 += a2; stride 1: a0 += a1.
+        // 3 packs of 1 element in one group of 32 slots (the rest +0.0): s = 2 gives a0 + a2,
+        // s = 1 adds a1; the other levels add +0.0.
         let row = [1.0f32, 1e8, -1e8 + 3.0];
         let sq: Vec<f32> = row.iter().map(|v| v * v).collect();
         let expected = (sq[0] + sq[2]) + sq[1];
@@ -271,6 +289,21 @@ mod tests {
                 assert_eq!(o.to_bits(), bf16::from_f32(want).to_bits(), "m = {m:e}, out[{i}]");
             }
         }
+    }
+
+    #[test]
+    fn groups_are_reduced_before_the_group_sums() {
+        // 49 packs of 1 element: squares a0 = 1, a16 = a48 = 2^-24, the rest 0. The tree is
+        // (a0 + a16) + (a32 + a48) = (1 + 2^-24) + 2^-24 = 1 (each addition a tie to even); a flat
+        // pairwise tree over 64 slots would give (a0 + a32) + (a16 + a48) = 1 + 2^-23.
+        let tiny = f32::powi(2.0, -12);
+        let mut row = vec![0.0f32; 49];
+        row[0] = 1.0;
+        row[16] = tiny;
+        row[48] = tiny;
+        assert_eq!(row_sum_squares(&row, 1).to_bits(), 1.0f32.to_bits());
+        let flat = (1.0f32 + 0.0) + (tiny * tiny + tiny * tiny);
+        assert_eq!(flat.to_bits(), (1.0f32 + f32::powi(2.0, -23)).to_bits());
     }
 
     #[test]

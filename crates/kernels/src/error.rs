@@ -126,6 +126,18 @@ pub enum Error {
         /// The epoch's barrier value.
         barrier: u64,
     },
+    /// A byte range outside a buffer (or not in whole 32-bit words) was asked for.
+    #[error("{what}: {bytes} bytes at offset {offset} do not fit a buffer of {len} bytes in whole 32-bit words")]
+    OutOfRange {
+        /// The operation.
+        what: &'static str,
+        /// Start of the range.
+        offset: usize,
+        /// Length of the range.
+        bytes: usize,
+        /// Size of the buffer.
+        len: usize,
+    },
     /// The backend cannot do what was asked (e.g. export memory it did not allocate).
     #[error("{backend} backend: {what} is not supported")]
     Unsupported {

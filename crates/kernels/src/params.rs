@@ -20,17 +20,50 @@ pub const SIGNAL_ERROR_OFFSET: usize = MAX_BLOCKS * MAX_RANKS * 8;
 pub const SIGNAL_EPOCH_OFFSET: usize = SIGNAL_ERROR_OFFSET + 8;
 /// Byte offset of the count of blocks that finished the current launch (the last one advances the epoch).
 pub const SIGNAL_DONE_OFFSET: usize = SIGNAL_ERROR_OFFSET + 16;
-/// Byte offset of the call descriptors: `u64 calls[2][MAX_RANKS][CALL_WORDS]`. Before its first
-/// barrier, a cross-rank launch of epoch `e` (`barrier_base = 2e`) publishes its [`CallDescriptor`]
-/// into `calls[e % 2][rank]` of every peer's area; after the barrier each rank compares its peers'
-/// descriptors with its own. Two slots, because a fast peer may already publish epoch `e + 1`
-/// while a slow rank still reads epoch `e`; it cannot reach `e + 2` before the slow rank arrives.
-pub const SIGNAL_CALLS_OFFSET: usize = SIGNAL_ERROR_OFFSET + 64;
-/// Words per call descriptor.
-pub const CALL_WORDS: usize = 4;
+/// Byte offset of the CPU backend's doorbell (`u32`): a sender bumps a rank's doorbell after its
+/// stores into that rank's buffers and wakes the futex waiters on it (GPU kernels never touch it).
+pub const SIGNAL_DOORBELL_OFFSET: usize = SIGNAL_ERROR_OFFSET + 24;
 /// Total size of a signal area, rounded up to 64 KiB.
 pub const SIGNAL_BYTES: usize = 64 * 1024;
-const _: () = assert!(SIGNAL_CALLS_OFFSET + 2 * MAX_RANKS * CALL_WORDS * 8 <= SIGNAL_BYTES);
+const _: () = assert!(SIGNAL_DOORBELL_OFFSET + 8 <= SIGNAL_BYTES);
+
+/// Rotations of the push region: call `e` uses rotation `e % PUSH_ROTATIONS`.
+pub const PUSH_ROTATIONS: usize = 3;
+/// Bytes of a rotation's header area: one 16-byte [`CallHeader`] per sender, padded.
+pub const PUSH_HEADER_BYTES: usize = 256;
+const _: () = assert!(MAX_RANKS * 16 <= PUSH_HEADER_BYTES);
+/// The 32-bit word every slot of the push region holds until its data arrives: `-0.0` in f32, and
+/// `(-0.0, +0.0)` as two bf16/f16 elements (high half first). Senders map every `-0.0` element to
+/// `+0.0` (the numerics contract reads `-0.0` as `+0.0` anyway), so no data word of any dtype, and
+/// no header word (bit 31 is always clear there), equals it.
+pub const PUSH_SENTINEL: u32 = 0x8000_0000;
+/// [`LaunchParams::flags`] bit: this rank refused the call (a local validation error). It takes
+/// part with a header that says so and moves no data, so that its peers report
+/// [`ErrorWord::KIND_CALL_MISMATCH`] instead of pairing their call with this rank's next one.
+pub const FLAG_REFUSED: u32 = 1;
+/// The op code a refused call's header carries.
+pub const OP_CODE_REFUSED: u32 = 15;
+
+/// Bytes of one rank's push region for `world` ranks and data slots of `slot_bytes`:
+/// `PUSH_ROTATIONS x [headers: PUSH_HEADER_BYTES][data: world x slot_bytes]`.
+///
+/// Rotation `r` of rank `o`'s region starts at `push[o] + r * (PUSH_HEADER_BYTES + world *
+/// slot_bytes)`; the header sender `s` writes there is at `+ 16 * s`, its data at
+/// `+ PUSH_HEADER_BYTES + s * slot_bytes` (element `i` of the call's `[rows, hidden]` tensor at
+/// byte `i * dtype size` of the slot).
+pub const fn push_region_bytes(world: usize, slot_bytes: usize) -> usize {
+    PUSH_ROTATIONS * (PUSH_HEADER_BYTES + world * slot_bytes)
+}
+
+/// Byte offset, in a push region, of the header `sender` writes for rotation `rotation`.
+pub const fn push_header_offset(world: usize, slot_bytes: usize, rotation: usize, sender: usize) -> usize {
+    rotation * (PUSH_HEADER_BYTES + world * slot_bytes) + 16 * sender
+}
+
+/// Byte offset, in a push region, of the data slot `sender` writes for rotation `rotation`.
+pub const fn push_slot_offset(world: usize, slot_bytes: usize, rotation: usize, sender: usize) -> usize {
+    rotation * (PUSH_HEADER_BYTES + world * slot_bytes) + PUSH_HEADER_BYTES + sender * slot_bytes
+}
 
 /// Parameters of one kernel launch (all pointers are device addresses of the launching rank's
 /// device, or host addresses on the CPU backend).
@@ -82,34 +115,65 @@ pub struct LaunchParams {
     /// while a peer still reads it. A table with a zero entry (not registered yet) makes the
     /// kernel leave [`ErrorWord::KIND_NOT_REGISTERED`] and return before any barrier.
     pub inputs: u64,
+    /// Each rank's push region (see [`push_region_bytes`]): every cross-rank launch writes its
+    /// [`CallHeader`] there, and the 1-stage kernels push their input into it.
+    pub push: [u64; MAX_RANKS],
+    /// Bytes of one data slot of the push region: the largest input a 1-stage launch may carry.
+    pub push_slot_bytes: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// Bytes of one entry of a graph-input table (see [`LaunchParams::inputs`]).
 pub const GRAPH_SLOT_BYTES: usize = MAX_RANKS * 8;
 
-/// What a cross-rank launch publishes so that peers can check they run the same call:
-/// `[barrier_base, op | dtype << 8 | world_size << 16, rows, hidden]`.
+/// What every cross-rank launch of epoch `e` writes into header slot `rank` of rotation
+/// `e % PUSH_ROTATIONS` of every peer's push region, and checks against what each peer wrote into
+/// its own: four 32-bit words, bit 31 clear in each (so none is [`PUSH_SENTINEL`]):
+/// `[e, op | dtype << 4 | world << 8 | sender << 12, rows, hidden]` (each masked to 31 bits).
+/// A refused call carries [`OP_CODE_REFUSED`] and zeros for the shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CallDescriptor(pub [u64; CALL_WORDS]);
+pub struct CallHeader(pub [u32; 4]);
 
-impl CallDescriptor {
-    /// The descriptor of launching `op_code` (the index of the op in [`crate::Op::ALL`]) with `params`.
-    pub fn new(op_code: u64, dtype: crate::DType, params: &LaunchParams) -> Self {
-        CallDescriptor([
-            params.barrier_base,
-            op_code | (dtype as u64) << 8 | u64::from(params.world_size) << 16,
-            u64::from(params.rows),
-            u64::from(params.hidden),
+impl CallHeader {
+    const MASK: u64 = 0x7fff_ffff;
+
+    /// The header of a launch of `op_code` (the index of the op in [`crate::Op::ALL`]) at `epoch`,
+    /// sent by `params.rank`.
+    pub fn new(epoch: u64, op_code: u64, dtype: crate::DType, params: &LaunchParams) -> Self {
+        Self::from_sender(epoch, op_code, dtype, params, params.rank)
+    }
+
+    /// The header `sender` must have written for the same call (what a receiver compares with).
+    pub fn from_sender(epoch: u64, op_code: u64, dtype: crate::DType, params: &LaunchParams, sender: u32) -> Self {
+        let refused = params.flags & FLAG_REFUSED != 0;
+        let op = if refused { u64::from(OP_CODE_REFUSED) } else { op_code & 0xf };
+        let (rows, hidden) = if refused { (0, 0) } else { (u64::from(params.rows), u64::from(params.hidden)) };
+        let code = op | (dtype as u64 & 0xf) << 4 | (u64::from(params.world_size) & 0xf) << 8 | u64::from(sender) << 12;
+        CallHeader([
+            (epoch & Self::MASK) as u32,
+            (code & Self::MASK) as u32,
+            (rows & Self::MASK) as u32,
+            (hidden & Self::MASK) as u32,
         ])
+    }
+
+    /// Whether every word has arrived (none is still the sentinel).
+    pub fn arrived(words: [u32; 4]) -> bool {
+        !words.contains(&PUSH_SENTINEL)
     }
 }
 
-impl std::fmt::Display for CallDescriptor {
+impl std::fmt::Display for CallHeader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [barrier, code, rows, hidden] = self.0;
-        let op = crate::Op::ALL.get((code & 0xff) as usize).map(|op| op.stem()).unwrap_or("?");
-        let dtype = crate::DType::ALL.get(((code >> 8) & 0xff) as usize).map(|d| d.name()).unwrap_or("?");
-        write!(f, "call #{} {op} {rows}x{hidden} {dtype} world {}", barrier / 2, code >> 16)
+        let [epoch, code, rows, hidden] = self.0;
+        let op = code & 0xf;
+        if op == OP_CODE_REFUSED {
+            return write!(f, "call #{epoch} refused by rank {}", (code >> 12) & 0xf);
+        }
+        let op = crate::Op::ALL.get(op as usize).map(|op| op.stem()).unwrap_or("?");
+        let dtype = crate::DType::ALL.get(((code >> 4) & 0xf) as usize).map(|d| d.name()).unwrap_or("?");
+        write!(f, "call #{epoch} {op} {rows}x{hidden} {dtype} world {}", (code >> 8) & 0xf)
     }
 }
 
@@ -121,7 +185,7 @@ pub struct ErrorWord(pub u64);
 impl ErrorWord {
     /// A spin on `peer`'s flag for barrier `barrier` ran past its deadline.
     pub const KIND_PEER_TIMEOUT: u64 = 1;
-    /// `peer` published a different call descriptor for barrier `barrier`.
+    /// `peer`'s [`CallHeader`] for the call at barrier value `barrier` differs from ours.
     pub const KIND_CALL_MISMATCH: u64 = 2;
     /// A launch with a graph-input table ran before the table was filled (a captured graph
     /// replayed before its inputs were registered); `barrier` is the epoch's barrier value.
@@ -172,7 +236,10 @@ mod tests {
         assert_eq!(offset_of!(LaunchParams, rows), 248);
         assert_eq!(offset_of!(LaunchParams, eps), 264);
         assert_eq!(offset_of!(LaunchParams, inputs), 272);
-        assert_eq!(size_of::<LaunchParams>(), 280);
+        assert_eq!(offset_of!(LaunchParams, push), 280);
+        assert_eq!(offset_of!(LaunchParams, push_slot_bytes), 344);
+        assert_eq!(offset_of!(LaunchParams, flags), 348);
+        assert_eq!(size_of::<LaunchParams>(), 352);
     }
 
     #[test]

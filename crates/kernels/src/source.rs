@@ -99,7 +99,10 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
     let elems = u64::from(rows) * u64::from(params.hidden);
     let packs = elems / kernel.dtype.pack_elems() as u64;
     if packs == 0 {
-        return LaunchConfig { grid: 0, block: warp, shared_bytes: 0 };
+        // A cross-rank call with nothing to move still exchanges its call header (it counts as a
+        // call on every rank); a local kernel has nothing to do.
+        let grid = u32::from(kernel.op.crosses_ranks());
+        return LaunchConfig { grid, block: warp, shared_bytes: 0 };
     }
     let row_packs = params.hidden / kernel.dtype.pack_elems() as u32;
     let row_threads = row_packs.next_multiple_of(warp).clamp(warp, 1024);
@@ -150,6 +153,8 @@ mod tests {
             }
         }
         let empty = launch_config(KernelId { op: Op::FusedOneStage, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
+        assert_eq!(empty.grid, 1, "a zero-row call still exchanges its header");
+        let empty = launch_config(KernelId { op: Op::AddRmsNorm, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
         assert_eq!(empty.grid, 0);
     }
 
@@ -169,7 +174,8 @@ mod tests {
         for (name, value) in [
             ("ARFUSE_MAX_RANKS", crate::MAX_RANKS),
             ("ARFUSE_MAX_BLOCKS", crate::MAX_BLOCKS),
-            ("ARFUSE_CALL_WORDS", crate::params::CALL_WORDS),
+            ("ARFUSE_PUSH_ROTATIONS", crate::params::PUSH_ROTATIONS),
+            ("ARFUSE_PUSH_HEADER_BYTES", crate::params::PUSH_HEADER_BYTES),
             ("ARFUSE_MAX_ROW_PACKS", MAX_ROW_PACKS),
             ("ARFUSE_MAX_PACKS_PER_THREAD", MAX_PACKS_PER_THREAD),
         ] {
@@ -183,7 +189,9 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {value}ull\n")), "{name} != {value} in arfuse.h");
         }
         assert_eq!(crate::params::SIGNAL_ERROR_OFFSET, crate::MAX_BLOCKS * crate::MAX_RANKS * 8);
-        assert_eq!(crate::params::SIGNAL_CALLS_OFFSET, crate::params::SIGNAL_ERROR_OFFSET + 64);
+        assert!(src.contains(&format!("#define ARFUSE_PUSH_SENTINEL {:#x}u\n", crate::params::PUSH_SENTINEL)));
+        assert!(src.contains(&format!("#define ARFUSE_FLAG_REFUSED {}u\n", crate::params::FLAG_REFUSED)));
+        assert!(src.contains(&format!("#define ARFUSE_OP_CODE_REFUSED {}u\n", crate::params::OP_CODE_REFUSED)));
         for op in Op::ALL {
             for dtype in DType::ALL {
                 let symbol = KernelId { op, dtype }.symbol();

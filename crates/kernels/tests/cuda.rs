@@ -76,8 +76,12 @@ struct Layout {
 }
 
 impl Layout {
-    fn bytes(self) -> usize {
-        SIGNAL_BYTES + 3 * self.half
+    /// Signal area, staging halves, scratch, then the push region for `world` ranks (slots of `half`).
+    fn bytes(self, world: usize) -> usize {
+        SIGNAL_BYTES + 3 * self.half + arfuse_kernels::params::push_region_bytes(world, self.half)
+    }
+    fn push(self, base: u64) -> u64 {
+        base + (SIGNAL_BYTES + 3 * self.half) as u64
     }
     fn staging(self, base: u64, parity: u64) -> u64 {
         base + (SIGNAL_BYTES + parity as usize * self.half) as u64
@@ -85,6 +89,13 @@ impl Layout {
     fn scratch(self, base: u64) -> u64 {
         base + (SIGNAL_BYTES + 2 * self.half) as u64
     }
+}
+
+/// Fills the push region of `shared` with the sentinel, as `arfuse_ipc` does before peers map it.
+fn arm_push_region(device: &CudaDevice, shared: &CudaShared, layout: Layout, world: usize) {
+    let at = SIGNAL_BYTES + 3 * layout.half;
+    let bytes = arfuse_kernels::params::push_region_bytes(world, layout.half);
+    Cuda::fill_shared(device, shared, at, bytes, arfuse_kernels::params::PUSH_SENTINEL).expect("arm push region");
 }
 
 /// One rank's local tensors (raw bytes; the dtype is the case's).
@@ -135,12 +146,14 @@ impl Rank {
             rank: self.rank as u32,
             world_size: self.world as u32,
             eps: EPS,
+            push_slot_bytes: self.layout.half as u32,
             ..LaunchParams::default()
         };
         for peer in 0..self.world {
             p.staging[peer] = self.layout.staging(self.bases[peer], parity);
             p.scratch[peer] = self.layout.scratch(self.bases[peer]);
             p.signals[peer] = self.bases[peer];
+            p.push[peer] = self.layout.push(self.bases[peer]);
         }
         p
     }
@@ -208,7 +221,8 @@ fn open_group(world: usize, layout: Layout, capacity: usize) -> Vec<Rank> {
                     // Compile/load before any rank spins (a first load may synchronise the context).
                     device.load_kernels().expect("load kernels");
                     let stream = Cuda::create_stream(&device).expect("create stream");
-                    let shared = Cuda::alloc_shared(&device, layout.bytes()).expect("alloc shared");
+                    let shared = Cuda::alloc_shared(&device, layout.bytes(world)).expect("alloc shared");
+                    arm_push_region(&device, &shared, layout, world);
                     let buffer = || CudaBuffer::<u8>::zeros(&device, capacity).expect("alloc local");
                     let local = Local {
                         input: buffer(),
@@ -342,6 +356,9 @@ fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<Outputs<T>> 
     let mut staging = vec![vec![zero; elems]; world];
     let mut scratch = vec![vec![zero; elems]; world];
     let mut signals = vec![vec![0u64; SIGNAL_BYTES / 8]; world];
+    let slot_bytes = elems * std::mem::size_of::<T>();
+    let push_words = arfuse_kernels::params::push_region_bytes(world, slot_bytes) / 4;
+    let mut push = vec![vec![arfuse_kernels::params::PUSH_SENTINEL; push_words]; world];
     let mut outputs = vec![Outputs { out: vec![zero; elems], residual_out: vec![zero; elems] }; world];
     let mut template = LaunchParams {
         residual: inputs.residual.as_ptr() as u64,
@@ -352,9 +369,11 @@ fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<Outputs<T>> 
         hidden: inputs.hidden as u32,
         world_size: world as u32,
         eps: EPS,
+        push_slot_bytes: slot_bytes as u32,
         ..LaunchParams::default()
     };
     for peer in 0..world {
+        template.push[peer] = push[peer].as_mut_ptr() as u64;
         template.staging[peer] = staging[peer].as_mut_ptr() as u64;
         template.scratch[peer] = scratch[peer].as_mut_ptr() as u64;
         template.signals[peer] = signals[peer].as_mut_ptr() as u64;
@@ -384,7 +403,7 @@ fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<Outputs<T>> 
             });
         }
     });
-    drop((staging, scratch, signals));
+    drop((staging, scratch, signals, push));
     outputs
 }
 
@@ -945,7 +964,8 @@ fn ipc_rank(rank: usize, send: &mut dyn FnMut(&str), receive: &mut dyn FnMut(&st
     let device = Cuda::open_device(0, WORLD).map_err(|e| e.to_string())?;
     device.load_kernels().map_err(|e| e.to_string())?;
     let stream = Cuda::create_stream(&device).map_err(|e| e.to_string())?;
-    let shared = Cuda::alloc_shared(&device, layout.bytes()).map_err(|e| e.to_string())?;
+    let shared = Cuda::alloc_shared(&device, layout.bytes(WORLD)).map_err(|e| e.to_string())?;
+    arm_push_region(&device, &shared, layout, WORLD);
     let buffer = || CudaBuffer::<u8>::zeros(&device, elems * 2).expect("alloc local");
     let local = Local { input: buffer(), residual: buffer(), weight: buffer(), out: buffer(), residual_out: buffer() };
     let handle = Cuda::export_handle(&shared).map_err(|e| e.to_string())?;

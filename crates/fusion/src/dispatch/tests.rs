@@ -52,10 +52,15 @@ fn exactly_128_kib_is_one_stage_one_more_pack_is_two_stage() {
 
 #[test]
 fn override_wins_both_ways() {
-    let force1 = Policy { force_one_stage: Some(true), ..Policy::default() };
+    let force1 = Policy { force_one_stage: Some(true), push_slot_bytes: 2 << 20, ..Policy::default() };
     let force2 = Policy { force_one_stage: Some(false), ..Policy::default() };
     assert_eq!(choose_path(&req(128, 8192), &force1), Path::OneStage);
     assert_eq!(choose_path(&req(1, 4096), &force2), Path::TwoStage);
+    // Where the 1-stage kernel cannot: more bytes than its receive slot (inclusive boundary).
+    assert_eq!(choose_path(&req(129, 8192), &force1), Path::TwoStage);
+    let default_slot = Policy { force_one_stage: Some(true), ..Policy::default() };
+    assert_eq!(choose_path(&req(8, 8192), &default_slot), Path::OneStage, "128 KiB: the default slot");
+    assert_eq!(choose_path(&req(9, 8192), &default_slot), Path::TwoStage, "above the default slot");
 }
 
 #[test]

@@ -145,6 +145,7 @@ fn run_rank(me: &ChildRank, phase: Phase, how: How, faulty: usize) -> Ending {
     let stream = Cpu::create_stream(&device).expect("stream");
     let mut config = Config::default();
     config.policy.max_size = 1 << 20;
+    config.policy.push_slot_bytes = 1 << 19;
     config.deadline = DEADLINE;
     if at(Phase::BetweenStages) {
         config.fault = Some(match how {

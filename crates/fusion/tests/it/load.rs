@@ -131,6 +131,7 @@ fn rank_body(me: &ChildRank) {
     let stream = Cpu::create_stream(&device).expect("stream");
     let mut config = Config::default();
     config.policy.max_size = MAX_SIZE;
+    config.policy.push_slot_bytes = MAX_SIZE / 2;
     config.deadline = Duration::from_secs(60);
     let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config).expect("operator");
 

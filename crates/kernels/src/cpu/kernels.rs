@@ -1,8 +1,11 @@
 //! The CPU versions of the GPU kernels: the same algorithms, the same barriers, in Rust.
 //!
 //! Extents every launch may touch (`E = rows * hidden` elements of the kernel's dtype):
-//! - `input`: `E` elements, read; copied into `staging[rank]` first by the cross-rank kernels;
-//! - `staging[p]`: `E` elements, written by `p` and read by every rank;
+//! - `input`: `E` elements, read; pushed into every peer's push region by the 1-stage kernels,
+//!   copied into `staging[rank]` first by the reduce-scatter;
+//! - `push[p]`: `push_region_bytes(world, push_slot_bytes)` bytes (every cross-rank kernel writes
+//!   its header there; the 1-stage kernels need `E` elements to fit `push_slot_bytes`);
+//! - `staging[p]`: `E` elements, written by `p` and read by every rank (reduce-scatter);
 //! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
 //! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements;
 //!   add+RMSNorm may take `input == out` (in place).
@@ -11,14 +14,18 @@ use crate::contract::{add_rmsnorm_row, sum_ranks};
 use crate::params::LaunchParams;
 use crate::{DType, Element, KernelId, Op, Result};
 
-use super::signal::{barrier, begin_epoch, end_epoch, enter_call};
-use crate::params::CallDescriptor;
+use super::signal::{barrier, begin_epoch, check_headers, end_epoch, publish_header, push, receive};
+use crate::params::{FLAG_REFUSED, PUSH_SENTINEL};
+use std::time::Instant;
 
 /// A shared view of `len` elements at `addr`.
 ///
 /// # Safety
 /// `addr` must point to `len` initialised elements that nobody writes while the view lives.
 unsafe fn view<'a, T>(addr: u64, len: usize) -> &'a [T] {
+    if len == 0 {
+        return &[]; // a call with no data may name no memory at all
+    }
     // SAFETY: guaranteed by the caller.
     unsafe { std::slice::from_raw_parts(addr as *const T, len) }
 }
@@ -28,6 +35,9 @@ unsafe fn view<'a, T>(addr: u64, len: usize) -> &'a [T] {
 /// # Safety
 /// `addr` must point to `len` elements that nobody else reads or writes while the view lives.
 unsafe fn view_mut<'a, T>(addr: u64, len: usize) -> &'a mut [T] {
+    if len == 0 {
+        return &mut [];
+    }
     // SAFETY: guaranteed by the caller.
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
 }
@@ -56,11 +66,6 @@ pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
             DType::F16 => run_typed::<half::f16>(kernel.op, &params),
             DType::F32 => run_typed::<f32>(kernel.op, &params),
         }?;
-        // Inputs read in place: no rank returns (and lets its caller overwrite its input) before
-        // every peer has read it. Reduce-scatter already ends with such a barrier.
-        if device_epoch && params.inputs != 0 && matches!(kernel.op, Op::FusedOneStage | Op::AllReduceOneStage) {
-            barrier(&params, 1)?;
-        }
         if device_epoch {
             end_epoch(&params);
         }
@@ -68,29 +73,79 @@ pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
     Ok(())
 }
 
+/// This rank's input as 32-bit words, every `-0.0` element made `+0.0`: what it pushes.
+fn push_words<T: Element>(input: &[T]) -> Vec<u32> {
+    let canonical: Vec<T> = input.iter().map(|v| v.canonical_zero()).collect();
+    let words: Vec<u32> = bytemuck::cast_slice::<T, u8>(&canonical)
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    debug_assert!(!words.contains(&PUSH_SENTINEL));
+    words
+}
+
+/// Elements from 32-bit words (the inverse of [`push_words`]).
+fn elements<T: Element>(words: &[u32]) -> Vec<T> {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let mut out = vec![T::from_f32(0.0); bytes.len() / std::mem::size_of::<T>()];
+    bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&bytes);
+    out
+}
+
+/// Every rank's input of a 1-stage call, in rank order: ours from `input`, the peers' pushed.
+/// Between our push and the first receive, every peer's header is checked: a peer in another call
+/// is a mismatch, not a wait for data it will never send.
+///
+/// # Safety
+/// As [`run`].
+unsafe fn push_and_receive<T: Element>(p: &LaunchParams, op: Op, input: &[T], start: Instant) -> Result<Vec<Vec<T>>> {
+    let words = push_words(input);
+    // SAFETY: forwarded; the operator sizes the slots for the call.
+    unsafe {
+        push(p, &words);
+        check_headers(p, op.code(), T::DTYPE, start)?;
+    }
+    (0..p.world_size as usize)
+        .map(|peer| {
+            if peer == p.rank as usize {
+                return Ok(input.to_vec());
+            }
+            let mut theirs = vec![0u32; words.len()];
+            // SAFETY: forwarded.
+            unsafe { receive(p, peer, &mut theirs, start)? };
+            Ok(elements(&theirs))
+        })
+        .collect()
+}
+
 /// # Safety
 /// As [`run`].
 unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
     let rows = p.rows as usize;
     let hidden = p.hidden as usize;
-    let elems = rows * hidden;
+    let refused = p.flags & FLAG_REFUSED != 0;
+    let elems = if refused { 0 } else { rows * hidden };
     let rank = p.rank as usize;
     let world = p.world_size as usize;
+    let start = Instant::now();
     // SAFETY: (for every view below) the extents are those of the module docs, which the caller
     // guarantees; peers' staging is only read after the first barrier of the call, when every rank
-    // has finished writing it, and scratch chunks are written by exactly one rank each.
+    // has finished writing it, scratch chunks are written by exactly one rank each, and push slots
+    // are only accessed atomically.
     unsafe {
-        if op.crosses_ranks() && p.input != p.staging[rank] {
-            std::ptr::copy_nonoverlapping(p.input as *const T, p.staging[rank] as *mut T, elems);
-        }
         if op.crosses_ranks() {
-            enter_call(p, CallDescriptor::new(op.code(), T::DTYPE, p))?;
+            publish_header(p, op.code(), T::DTYPE);
         }
-        let staging: Vec<&[T]> =
-            if op.crosses_ranks() { p.staging[..world].iter().map(|&a| view(a, elems)).collect() } else { Vec::new() };
         match op {
             Op::FusedOneStage => {
-                let residual = view::<T>(p.residual, elems);
+                let input = view::<T>(p.input, elems);
+                let ranks = push_and_receive(p, op, input, start)?;
+                if elems == 0 {
+                    return Ok(());
+                }
+                // Copied before the outputs are borrowed: `residual_out` may be `residual` and `out`
+                // may be `input` (the in-place forms; `ranks` holds our input already).
+                let residual = view::<T>(p.residual, elems).to_vec();
                 let weight = view::<T>(p.weight, hidden);
                 let out = view_mut::<T>(p.out, elems);
                 let residual_out = view_mut::<T>(p.residual_out, elems);
@@ -98,7 +153,7 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 for row in 0..rows {
                     let base = row * hidden;
                     for (j, s) in sum.iter_mut().enumerate() {
-                        *s = sum_ranks(staging.iter().map(|st| st[base + j]));
+                        *s = sum_ranks(ranks.iter().map(|x| x[base + j]));
                     }
                     let range = base..base + hidden;
                     add_rmsnorm_row(
@@ -112,12 +167,21 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 }
             }
             Op::AllReduceOneStage => {
+                let input = view::<T>(p.input, elems);
+                let ranks = push_and_receive(p, op, input, start)?;
+                // `out` may be `input` (in place): `ranks` holds a copy of ours.
                 let out = view_mut::<T>(p.out, elems);
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = sum_ranks(staging.iter().map(|st| st[i]));
+                    *o = sum_ranks(ranks.iter().map(|x| x[i]));
                 }
             }
             Op::ReduceScatter => {
+                if p.input != p.staging[rank] {
+                    std::ptr::copy_nonoverlapping(p.input as *const T, p.staging[rank] as *mut T, elems);
+                }
+                check_headers(p, op.code(), T::DTYPE, start)?;
+                barrier(p, 0)?;
+                let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
                 let chunk = chunk_of(rank, world, elems, T::DTYPE.pack_elems());
                 // Every rank's scratch receives this rank's chunk ("cross-device stores").
                 let targets: Vec<*mut T> = p.scratch[..world].iter().map(|&a| a as *mut T).collect();
@@ -140,7 +204,8 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 } else {
                     view::<T>(source, elems)
                 };
-                let residual = view::<T>(p.residual, elems);
+                // `residual_out` may be `residual` (updated in place): read it first.
+                let residual = view::<T>(p.residual, elems).to_vec();
                 let weight = view::<T>(p.weight, hidden);
                 let out = view_mut::<T>(p.out, elems);
                 let residual_out = view_mut::<T>(p.residual_out, elems);

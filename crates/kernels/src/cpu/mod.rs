@@ -77,6 +77,9 @@ impl Backend for Cpu {
     fn alloc_shared(_device: &CpuDevice, bytes: usize) -> Result<CpuShm> {
         CpuShm::create(bytes)
     }
+    fn shared_len(buffer: &CpuShm) -> usize {
+        buffer.len()
+    }
     fn shared_ptr(buffer: &CpuShm) -> DevicePtr {
         DevicePtr(buffer.as_ptr() as u64)
     }

@@ -2,7 +2,7 @@
 //! staging copy on every cross-rank kernel, and an empty table refused on every rank.
 
 use super::Cpu;
-use crate::params::{LaunchParams, SIGNAL_BYTES, SIGNAL_ERROR_OFFSET};
+use crate::params::{push_region_bytes, LaunchParams, PUSH_SENTINEL, SIGNAL_BYTES, SIGNAL_ERROR_OFFSET};
 use crate::{Backend, DevicePtr, Element, Error, ErrorWord, KernelId, Op, MAX_RANKS};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -15,7 +15,7 @@ const HIDDEN: usize = 2880;
 const ELEMS: usize = ROWS * HIDDEN;
 const HALF: usize = ELEMS * 2;
 
-/// Every rank's shared buffer: `[signal][staging 0][staging 1][scratch]`.
+/// Every rank's shared buffer: `[signal][staging 0][staging 1][scratch][push region]`.
 struct Group {
     buffers: Vec<<Cpu as Backend>::SharedBuffer>,
 }
@@ -23,9 +23,15 @@ struct Group {
 impl Group {
     fn new(world: usize) -> Self {
         let device = Cpu::open_device(0, 1).expect("cpu");
-        Group {
-            buffers: (0..world).map(|_| Cpu::alloc_shared(&device, SIGNAL_BYTES + 3 * HALF).expect("shm")).collect(),
-        }
+        let push = push_region_bytes(world, HALF);
+        let buffers = (0..world)
+            .map(|_| {
+                let buffer = Cpu::alloc_shared(&device, SIGNAL_BYTES + 3 * HALF + push).expect("shm");
+                Cpu::fill_shared(&device, &buffer, SIGNAL_BYTES + 3 * HALF, push, PUSH_SENTINEL).expect("arm");
+                buffer
+            })
+            .collect();
+        Group { buffers }
     }
     fn base(&self, rank: usize) -> u64 {
         Cpu::shared_ptr(&self.buffers[rank]).0
@@ -44,12 +50,14 @@ impl Group {
             world_size: world as u32,
             eps: 1e-6,
             staging_half_bytes: HALF as u32,
+            push_slot_bytes: HALF as u32,
             ..LaunchParams::default()
         };
         for r in 0..world {
             p.signals[r] = self.base(r);
             p.staging[r] = self.base(r) + SIGNAL_BYTES as u64;
             p.scratch[r] = self.base(r) + (SIGNAL_BYTES + 2 * HALF) as u64;
+            p.push[r] = self.base(r) + (SIGNAL_BYTES + 3 * HALF) as u64;
         }
         p
     }

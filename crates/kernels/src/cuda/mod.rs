@@ -119,6 +119,9 @@ impl Backend for Cuda {
         CudaShared::new(device, bytes)
     }
 
+    fn shared_len(buffer: &CudaShared) -> usize {
+        buffer.len()
+    }
     fn shared_ptr(buffer: &CudaShared) -> DevicePtr {
         buffer.ptr()
     }

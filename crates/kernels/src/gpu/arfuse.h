@@ -85,6 +85,34 @@ __device__ __forceinline__ u32 bits_from_f32(float f) { return __builtin_bit_cas
 __device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
 __device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
 struct alignas(16) pack16 { u32 x, y, z, w; };
+// 16-byte loads and stores of the push protocol, at system scope and relaxed: what a peer GPU
+// writes behind this one's back is seen by a polling load, and what this GPU writes leaves for
+// the peer. A wider relaxed atomic does not exist, so the pack moves as four 32-bit atomics (the
+// unit the receiver checks: every word, never only the first). The receive buffers are
+// fine-grained/uncached memory (hipExtMallocWithFlags), so these are sc0 sc1 accesses that
+// bypass the non-coherent caches on gfx90a/gfx942/gfx950.
+__device__ __forceinline__ pack16 load16_sys(const ARFUSE_GLOBAL pack16* p) {
+  const ARFUSE_GLOBAL u32* w = (const ARFUSE_GLOBAL u32*)p;
+  pack16 v;
+  v.x = __hip_atomic_load(w + 0, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  v.y = __hip_atomic_load(w + 1, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  v.z = __hip_atomic_load(w + 2, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  v.w = __hip_atomic_load(w + 3, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  return v;
+}
+__device__ __forceinline__ void store16_sys(ARFUSE_GLOBAL pack16* p, pack16 v) {
+  ARFUSE_GLOBAL u32* w = (ARFUSE_GLOBAL u32*)p;
+  __hip_atomic_store(w + 0, v.x, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  __hip_atomic_store(w + 1, v.y, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  __hip_atomic_store(w + 2, v.z, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+  __hip_atomic_store(w + 3, v.w, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
+// Butterfly exchange inside groups of 32 lanes (xor offsets below 32 never leave a 32-lane half of
+// a 64-wide wavefront): the reduction tree does not depend on the wavefront width.
+__device__ __forceinline__ float shfl_xor32(float v, int offset) {
+  const int lane = __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
+  return __builtin_bit_cast(float, __builtin_amdgcn_ds_bpermute((lane ^ offset) << 2, __builtin_bit_cast(int, v)));
+}
 #else
 #define ARFUSE_GLOBAL
 __device__ __forceinline__ u32 tid_x() { return threadIdx.x; }
@@ -129,6 +157,23 @@ __device__ __forceinline__ u32 bits_from_f32(float f) { return __float_as_uint(f
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
 typedef uint4 pack16;
+// 16-byte loads and stores of the push protocol: .volatile is relaxed at system scope and never
+// served from L1, so a polling load sees what a peer writes and a store leaves for the peer. A
+// v4 access is single-copy atomic per 32-bit element, the unit the receiver checks.
+__device__ __forceinline__ pack16 load16_sys(const pack16* p) {
+  pack16 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ void store16_sys(pack16* p, pack16 v) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+// Butterfly exchange inside groups of 32 lanes (a whole warp here).
+__device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 #endif
 
 // ---- The launch parameters: a mirror of arfuse_kernels::LaunchParams (params.rs). ----
@@ -137,8 +182,11 @@ typedef uint4 pack16;
 #define ARFUSE_SIGNAL_ERROR_OFFSET (ARFUSE_MAX_BLOCKS * ARFUSE_MAX_RANKS * 8)
 #define ARFUSE_SIGNAL_EPOCH_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 8)
 #define ARFUSE_SIGNAL_DONE_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 16)
-#define ARFUSE_SIGNAL_CALLS_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 64)
-#define ARFUSE_CALL_WORDS 4
+#define ARFUSE_PUSH_ROTATIONS 3
+#define ARFUSE_PUSH_HEADER_BYTES 256
+#define ARFUSE_PUSH_SENTINEL 0x80000000u
+#define ARFUSE_FLAG_REFUSED 1u
+#define ARFUSE_OP_CODE_REFUSED 15u
 #define ARFUSE_ERROR_PEER_TIMEOUT 1ull
 #define ARFUSE_ERROR_CALL_MISMATCH 2ull
 #define ARFUSE_ERROR_NOT_REGISTERED 3ull
@@ -157,14 +205,19 @@ struct LaunchParams {
   float eps;
   u32 staging_half_bytes;
   u64 inputs;
+  u64 push[ARFUSE_MAX_RANKS];
+  u32 push_slot_bytes;
+  u32 flags;
 };
-static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout differs from params.rs");
+static_assert(sizeof(LaunchParams) == 352, "LaunchParams layout differs from params.rs");
 #if defined(ARFUSE_HIP)  // NVRTC's front end has no __builtin_offsetof; clang checks the offsets.
 static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, rows) == 248, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, inputs) == 272, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, push) == 280, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, flags) == 348, "LaunchParams layout differs from params.rs");
 #endif
 
 #endif  // ARFUSE_H

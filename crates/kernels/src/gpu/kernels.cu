@@ -1,10 +1,12 @@
 // kernels.cu: every arfuse kernel, for every dtype, from one source (see arfuse.h).
 //
-// The algorithms and the barrier protocol are those of crates/kernels/src/cpu (the reference):
-// - a cross-rank kernel copies the part of its input that peers' same-numbered block reads into
-//   its staging (unless input already is the staging), publishes its call descriptor (block 0),
-//   arrives at barrier value barrier_base on every peer (release, system scope) and waits for
-//   every peer (acquire, system scope) with a deadline;
+// The algorithms and the protocols are those of crates/kernels/src/cpu (the reference):
+// - every cross-rank kernel writes its call header into every peer's push region first and checks
+//   every peer's before it writes an output (a peer in another call: CALL_MISMATCH);
+// - the 1-stage kernels push (data as its own arrival flag, see "The push protocol" below);
+// - the reduce-scatter copies the part of its input that peers' same-numbered block reads into its
+//   staging (unless input already is the staging), arrives at barrier value 2e on every peer
+//   (release, system scope) and waits for every peer (acquire, system scope) with a deadline;
 // - numerics as in contract.rs: rank-order f32 sums with -0.0 read as +0.0, round to nearest even,
 //   the fixed pack tree for the sum of squares, 1/sqrt with IEEE rounding, no FMA contraction.
 #include "arfuse.h"
@@ -82,23 +84,335 @@ __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p
   ((ARFUSE_GLOBAL pack16*)base)[index] = p.v;
 }
 
+// ---- The push region (params.rs, `push_region_bytes`). ----
+__device__ __forceinline__ u64 rotation_base(const LaunchParams& p, u32 owner, u32 rot) {
+  return p.push[owner] + (u64)rot * (ARFUSE_PUSH_HEADER_BYTES + (u64)p.world_size * p.push_slot_bytes);
+}
+__device__ __forceinline__ ARFUSE_GLOBAL pack16* header_at(const LaunchParams& p, u32 owner, u32 rot, u32 sender) {
+  return (ARFUSE_GLOBAL pack16*)(rotation_base(p, owner, rot)) + sender;
+}
+__device__ __forceinline__ ARFUSE_GLOBAL pack16* slot_at(const LaunchParams& p, u32 owner, u32 rot, u32 sender) {
+  return (ARFUSE_GLOBAL pack16*)(rotation_base(p, owner, rot) + ARFUSE_PUSH_HEADER_BYTES + (u64)sender * p.push_slot_bytes);
+}
+// Every 32-bit word has arrived (the receiver never trusts a pack by its first word alone).
+__device__ __forceinline__ bool arrived(const pack16& v) {
+  return v.x != ARFUSE_PUSH_SENTINEL && v.y != ARFUSE_PUSH_SENTINEL && v.z != ARFUSE_PUSH_SENTINEL &&
+         v.w != ARFUSE_PUSH_SENTINEL;
+}
+__device__ __forceinline__ pack16 sentinel_pack() {
+  pack16 v;
+  v.x = v.y = v.z = v.w = ARFUSE_PUSH_SENTINEL;
+  return v;
+}
+
 // ---- A launch as the kernel bodies see it. ----
 // The parameters are read where the launch put them (__grid_constant__ on NVIDIA, the kernarg
-// segment on AMD): a by-value copy would sit in every thread's local memory (280 bytes, because
-// peers' pointers are indexed by a run-time rank), which a 1024-thread block pays for on every
-// call. What a launch resolves at run time (its epoch's barrier value, every rank's input for this
-// call) is computed once per block into shared memory by `cross_rank`.
+// segment on AMD): a by-value copy would sit in every thread's local memory (peers' pointers are
+// indexed by a run-time rank), which a 1024-thread block pays for on every call. What a launch
+// resolves at run time (its epoch, every rank's input for this call, the block's abort flag) is
+// computed once per block into shared memory by `cross_rank`.
 struct Launch {
   const LaunchParams& p;
-  u64 barrier_base;
-  const u64* staging;  // every rank's input for this call: __shared__ u64[ARFUSE_MAX_RANKS]
+  u64 epoch;           // this call's epoch e: barrier values 2e and 2e + 1
+  u32 rot;             // its push rotation, e % ARFUSE_PUSH_ROTATIONS
+  u32 op;              // its op code (KernelId::op's index in Op::ALL)
+  const u64* staging;  // every rank's input for a reduce-scatter: __shared__ u64[ARFUSE_MAX_RANKS]
   bool copy;           // our input is not staging[rank]: copy it there first
+  volatile int* abort; // __shared__: set when the block must give up (peer timeout, call mismatch)
 };
+
+__device__ __forceinline__ u64* error_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_ERROR_OFFSET); }
+__device__ __forceinline__ u64* epoch_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_EPOCH_OFFSET); }
+__device__ __forceinline__ u64* done_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_DONE_OFFSET); }
+__device__ __forceinline__ u64* flag(u64 signal, u32 block, u32 slot) {
+  return (u64*)(signal) + block * ARFUSE_MAX_RANKS + slot;
+}
+
+// Records why the block gives up and makes every thread of it stop spinning.
+__device__ __forceinline__ void give_up(const Launch& l, u64 kind, u32 peer) {
+  store_relaxed_sys(error_word(l.p.signals[l.p.rank]), kind | ((u64)(peer & 0xff) << 8) | ((2 * l.epoch) << 16));
+  *l.abort = 1;
+}
+
+// Spins until `ready()` holds; gives up (false) when the block's abort flag is set or, after the
+// deadline, with a peer timeout naming `peer`. The clock and the flag are read every 64 polls.
+template <class Ready>
+__device__ __forceinline__ bool spin(const Launch& l, u32 peer, Ready ready) {
+  u64 start = 0;
+  u32 polls = 0;
+  while (!ready()) {
+    if ((++polls & 63) != 0) continue;
+    if (*l.abort) return false;
+    const u64 now = clock_ns();
+    if (start == 0) {
+      start = now;
+    } else if (now - start > l.p.deadline_ns) {
+      give_up(l, ARFUSE_ERROR_PEER_TIMEOUT, peer);
+      return false;
+    }
+  }
+  return true;
+}
+
+// The call header `sender` writes for this call (params.rs `CallHeader`): bit 31 clear in every
+// word, so a header is never the sentinel.
+template <class E>
+__device__ __forceinline__ pack16 call_header(const Launch& l, u32 sender) {
+  const LaunchParams& p = l.p;
+  const bool refused = (p.flags & ARFUSE_FLAG_REFUSED) != 0;
+  pack16 h;
+  h.x = (u32)(l.epoch & 0x7fffffffull);
+  h.y = (refused ? ARFUSE_OP_CODE_REFUSED : (l.op & 0xfu)) | ((u32)E::kCode << 4) | ((p.world_size & 0xfu) << 8) |
+        (sender << 12);
+  h.z = refused ? 0u : (p.rows & 0x7fffffffu);
+  h.w = refused ? 0u : (p.hidden & 0x7fffffffu);
+  return h;
+}
+
+// Block 0 of every cross-rank launch: re-arms the headers its peers wrote for the call before
+// (that call has finished: stream order) and writes this call's header into every peer.
+template <class E>
+__device__ __forceinline__ void publish_header(const Launch& l) {
+  const LaunchParams& p = l.p;
+  const u32 t = tid_x();
+  if (bid_x() != 0 || t >= p.world_size || t == p.rank) return;
+  store16_sys(header_at(p, p.rank, (l.rot + ARFUSE_PUSH_ROTATIONS - 1) % ARFUSE_PUSH_ROTATIONS, t), sentinel_pack());
+  store16_sys(header_at(p, t, l.rot, p.rank), call_header<E>(l, p.rank));
+}
+
+// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different.
+template <class E>
+__device__ __forceinline__ int peer_header(const Launch& l, u32 peer) {
+  const pack16 h = load16_sys(header_at(l.p, l.p.rank, l.rot, peer));
+  if (!arrived(h)) return 0;
+  const pack16 want = call_header<E>(l, peer);
+  return h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w ? 1 : 2;
+}
+
+// Waits for `peer`'s header and checks it; a different call gives up with a call mismatch.
+template <class E>
+__device__ __forceinline__ void check_peer_header(const Launch& l, u32 peer) {
+  int seen = 0;
+  if (!spin(l, peer, [&] { return (seen = peer_header<E>(l, peer)) != 0; })) return;
+  if (seen == 2) give_up(l, ARFUSE_ERROR_CALL_MISMATCH, peer);
+}
+
+// Every thread's writes before it are visible to peers after they pass the barrier (value `value`
+// for this block). With `check_headers`, the waiting threads also check their peer's call header
+// (a peer in another kind of call never arrives: its header says so). Returns false in every
+// thread of the block when the block must give up.
+template <class E>
+__device__ bool barrier(const Launch& l, u64 value, bool check_headers) {
+  const LaunchParams& p = l.p;
+  const u32 t = tid_x();
+  // The block's writes are ordered before the signalling threads' release by the block barrier
+  // (releases and fences are cumulative), so only those threads release: a system-scope fence in
+  // every thread of a 1024-thread block costs microseconds.
+  block_sync();
+  if (t < p.world_size) {
+    fence_before_release_sys();
+    store_release_sys(flag(p.signals[t], bid_x(), p.rank), value);
+    u64* mine = flag(p.signals[p.rank], bid_x(), t);
+    int seen = t == p.rank || !check_headers ? 1 : 0;
+    u32 polls = 0;
+    const bool passed = spin(l, t, [&] {
+      if (load_acquire_sys(mine) >= value) return true;
+      // Now and then, a header that says the peer is in another call ends the wait.
+      if (seen == 0 && (++polls & 63) == 0 && (seen = peer_header<E>(l, t)) == 2) {
+        give_up(l, ARFUSE_ERROR_CALL_MISMATCH, t);
+        return true;
+      }
+      return false;
+    });
+    if (passed && !*l.abort && seen == 0) check_peer_header<E>(l, t);
+  }
+  block_sync();
+  return *l.abort == 0;
+}
+
+// ---- The row routine: add residual, RMSNorm; the same code on every path. ----
+// `source(k)` gives the rounded all-reduced sum of pack k of the row. The sum of squares follows
+// contract.rs's tree: per pack left to right; pairwise (a[i] += a[i + s], s = 16..1) over each
+// group of 32 consecutive packs (a butterfly of 32 lanes, whatever the warp width); pairwise over
+// the 128 group slots (missing packs and groups are +0.0, which adds exactly). Outputs are written
+// only when `abort` (if any) is still clear after every pack has been read; returns false if not.
+template <class E, class Source>
+__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source source, volatile int* abort) {
+  constexpr int N = Pack<E>::N;
+  __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
+  __shared__ float row_sum;
+  const u32 t = tid_x();
+  const u32 n_packs = p.hidden / N;
+  const u64 row_pack = (u64)row * n_packs;
+  Pack<E> ro[ARFUSE_MAX_PACKS_PER_THREAD];
+  Pack<E> w[ARFUSE_MAX_PACKS_PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
+    if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
+    const u32 j = t + k * bdim_x();
+    float sq = 0.0f;
+    if (j < n_packs) {
+      // Residual and weight first: their loads travel while the sum's wait for peers.
+      const Pack<E> r = load_pack<E>(p.residual, row_pack + j);
+      w[k] = load_pack<E>(p.weight, j);
+      const Pack<E> s = source(row_pack + j);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        ro[k].e[i] = (typename E::bits)E::from_f32(E::to_f32(s.e[i]) + E::to_f32(r.e[i]));
+        const float f = E::to_f32(ro[k].e[i]);
+        const float f2 = f * f;
+        sq = i == 0 ? f2 : sq + f2;
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) sq = sq + shfl_xor32(sq, offset);
+    if ((j & 31u) == 0) group_sums[j / 32] = sq;
+  }
+  block_sync();
+  if (abort && *abort) return false;
+  if (t < 32) {
+    const u32 groups = (n_packs + 31) / 32;
+    float a = t < groups ? group_sums[t] : 0.0f;
+    float b = t + 32 < groups ? group_sums[t + 32] : 0.0f;
+    const float c = t + 64 < groups ? group_sums[t + 64] : 0.0f;
+    const float d = t + 96 < groups ? group_sums[t + 96] : 0.0f;
+    a = a + c;
+    b = b + d;
+    a = a + b;
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) a = a + shfl_xor32(a, offset);
+    if (t == 0) row_sum = a;
+  }
+  block_sync();
+  const float inv = div_rn(1.0f, sqrt_rn(div_rn(row_sum, (float)p.hidden) + p.eps));
+#pragma unroll
+  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
+    const u32 j = t + k * bdim_x();
+    if (j < n_packs) {
+      store_pack<E>(p.residual_out, row_pack + j, ro[k]);
+      Pack<E> o;
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const float normed = E::to_f32(E::from_f32(E::to_f32(ro[k].e[i]) * inv));
+        o.e[i] = (typename E::bits)E::from_f32(E::to_f32(w[k].e[i]) * normed);
+      }
+      store_pack<E>(p.out, row_pack + j, o);
+    }
+  }
+  return true;
+}
+
+// ---- The push protocol of the 1-stage kernels. ----
+// Call e uses rotation e % 3 of every rank's push region. Each rank writes its input (every -0.0
+// element made +0.0) into its slot of every peer's rotation; the data is its own arrival flag: a
+// reader polls its *local* slot until no 32-bit word is the sentinel, then re-arms what it read
+// (no peer writes that rotation again before this rank's next two calls have sent to it). No
+// barrier, no fence, no read of a peer's memory, nothing registered.
+
+// Our pack `k`, as we send it: -0.0 elements made +0.0 (the contract's reading of -0.0).
+template <class E>
+__device__ __forceinline__ Pack<E> own_pack(const LaunchParams& p, u64 k) {
+  Pack<E> x = load_pack<E>(p.input, k);
+#pragma unroll
+  for (int i = 0; i < Pack<E>::N; ++i) x.e[i] = x.e[i] == E::kNegZero ? (typename E::bits)0 : x.e[i];
+  return x;
+}
+
+template <class E>
+__device__ __forceinline__ void push_pack(const Launch& l, u64 k) {
+  const LaunchParams& p = l.p;
+  const Pack<E> x = own_pack<E>(p, k);
+  for (u32 r = 0; r < p.world_size; ++r)
+    if (r != p.rank) store16_sys(slot_at(p, r, l.rot, p.rank) + k, x.v);
+}
+
+// Pack `k` summed over ranks in rank order, rounded to storage; peers' packs waited for and re-armed.
+template <class E>
+__device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k) {
+  const LaunchParams& p = l.p;
+  constexpr int N = Pack<E>::N;
+  float acc[N];
+  for (u32 r = 0; r < p.world_size; ++r) {
+    Pack<E> x;
+    if (r == p.rank) {
+      x = own_pack<E>(p, k);
+    } else {
+      ARFUSE_GLOBAL pack16* at = slot_at(p, p.rank, l.rot, r) + k;
+      spin(l, r, [&] {
+        x.v = load16_sys(at);
+        return arrived(x.v);
+      });
+      store16_sys(at, sentinel_pack());
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float v = E::to_f32(x.e[i]);
+      acc[i] = r == 0 ? v : acc[i] + v;
+    }
+  }
+  Pack<E> s;
+#pragma unroll
+  for (int i = 0; i < N; ++i) s.e[i] = (typename E::bits)E::from_f32(acc[i]);
+  return s;
+}
+
+// Threads below the world size check their peer's header (in every block: each block writes
+// outputs only after the checks of its own threads).
+template <class E>
+__device__ __forceinline__ void check_headers(const Launch& l) {
+  const u32 t = tid_x();
+  if (t < l.p.world_size && t != l.p.rank) check_peer_header<E>(l, t);
+}
+
+template <class E>
+__device__ __forceinline__ bool fused_1stage(const Launch& l) {
+  const LaunchParams& p = l.p;
+  const u32 n_packs = p.hidden / Pack<E>::N;
+  const bool sends = (p.flags & ARFUSE_FLAG_REFUSED) == 0;
+  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
+    for (u32 j = tid_x(); j < n_packs; j += bdim_x()) push_pack<E>(l, (u64)row * n_packs + j);
+  check_headers<E>(l);
+  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
+    if (!norm_row<E>(p, row, [&](u64 k) { return receive_sum<E>(l, k); }, l.abort)) return false;
+  block_sync();
+  return *l.abort == 0;
+}
+
+template <class E>
+__device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
+  constexpr u32 K = ARFUSE_MAX_PACKS_PER_THREAD;
+  const LaunchParams& p = l.p;
+  const u64 packs = (p.flags & ARFUSE_FLAG_REFUSED) ? 0 : (u64)p.rows * p.hidden / Pack<E>::N;
+  const u64 stride = (u64)gdim_x() * bdim_x();
+  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) push_pack<E>(l, k);
+  check_headers<E>(l);
+  // Rounds of K packs per thread; `base` is the same in every thread of the block, so every thread
+  // meets every block barrier. Sums are written only once the block's header checks are done.
+  for (u64 base = (u64)bid_x() * bdim_x(); base < packs; base += K * stride) {
+    Pack<E> sums[K];
+#pragma unroll
+    for (u32 i = 0; i < K; ++i) {
+      const u64 k = base + tid_x() + i * stride;
+      if (k < packs) sums[i] = receive_sum<E>(l, k);
+    }
+    block_sync();
+    if (*l.abort) return false;
+#pragma unroll
+    for (u32 i = 0; i < K; ++i) {
+      const u64 k = base + tid_x() + i * stride;
+      if (k < packs) store_pack<E>(p.out, k, sums[i]);
+    }
+  }
+  block_sync();
+  return *l.abort == 0;
+}
+
+// ---- The 2-stage path: reduce-scatter through the staging areas and one barrier. ----
 
 // Sum over ranks of pack `index` of every rank's staging, in rank order, -0.0 read as +0.0,
 // rounded to storage.
 template <class E>
-__device__ __forceinline__ Pack<E> sum_ranks(const Launch& l, u64 index) {
+__device__ __forceinline__ Pack<E> sum_staged(const Launch& l, u64 index) {
   float acc[Pack<E>::N];
   for (u32 r = 0; r < l.p.world_size; ++r) {
     Pack<E> x = load_pack<E>(l.staging[r], index);
@@ -115,153 +429,6 @@ __device__ __forceinline__ Pack<E> sum_ranks(const Launch& l, u64 index) {
   return s;
 }
 
-// ---- The cross-rank protocol. ----
-__device__ __forceinline__ u64* flag(u64 signal, u32 block, u32 slot) {
-  return (u64*)(signal) + block * ARFUSE_MAX_RANKS + slot;
-}
-__device__ __forceinline__ u64* error_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_ERROR_OFFSET); }
-__device__ __forceinline__ u64* epoch_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_EPOCH_OFFSET); }
-__device__ __forceinline__ u64* done_word(u64 signal) { return (u64*)(signal + ARFUSE_SIGNAL_DONE_OFFSET); }
-__device__ __forceinline__ u64* call_word(u64 signal, u32 parity, u32 slot, u32 word) {
-  return (u64*)(signal + ARFUSE_SIGNAL_CALLS_OFFSET) + (parity * ARFUSE_MAX_RANKS + slot) * ARFUSE_CALL_WORDS + word;
-}
-
-// Every thread's writes before it are visible to peers after they pass the barrier. Returns false
-// (in every thread of the block) when a peer did not arrive within the deadline: the error word
-// is set and the block must return.
-__device__ bool barrier(const LaunchParams& p, u64 barrier_base, u64 value, const u64* descriptor) {
-  __shared__ int abort_block;
-  const u32 t = tid_x();
-  if (t == 0) abort_block = 0;
-  // The block's writes are ordered before the signalling threads' release by the block barrier
-  // (releases and fences are cumulative), so only those threads release: a system-scope fence in
-  // every thread of a 1024-thread block costs microseconds.
-  block_sync();
-  const u32 parity = (u32)((barrier_base / 2) & 1);
-  if (t < p.world_size) {
-    fence_before_release_sys();
-    if (descriptor && bid_x() == 0) {
-      for (u32 w = 0; w < ARFUSE_CALL_WORDS; ++w)
-        store_relaxed_sys(call_word(p.signals[t], parity, p.rank, w), descriptor[w]);
-    }
-    store_release_sys(flag(p.signals[t], bid_x(), p.rank), value);
-    u64* mine = flag(p.signals[p.rank], bid_x(), t);
-    const u64 start = clock_ns();
-    while (load_acquire_sys(mine) < value) {
-      if (clock_ns() - start > p.deadline_ns) {
-        store_relaxed_sys(error_word(p.signals[p.rank]),
-                          ARFUSE_ERROR_PEER_TIMEOUT | ((u64)(t & 0xff) << 8) | (value << 16));
-        abort_block = 1;
-        break;
-      }
-    }
-    if (descriptor && bid_x() == 0 && !abort_block) {
-      bool same = true;
-      for (u32 w = 0; w < ARFUSE_CALL_WORDS; ++w)
-        same = same && load_relaxed_sys(call_word(p.signals[p.rank], parity, t, w)) == descriptor[w];
-      if (!same) {
-        store_relaxed_sys(error_word(p.signals[p.rank]),
-                          ARFUSE_ERROR_CALL_MISMATCH | ((u64)(t & 0xff) << 8) | (barrier_base << 16));
-        abort_block = 1;
-      }
-    }
-  }
-  block_sync();
-  return abort_block == 0;
-}
-
-template <class E>
-__device__ __forceinline__ void make_descriptor(const Launch& l, u64 op, u64* d) {
-  d[0] = l.barrier_base;
-  d[1] = op | (E::kCode << 8) | ((u64)l.p.world_size << 16);
-  d[2] = l.p.rows;
-  d[3] = l.p.hidden;
-}
-
-// ---- The row routine: add residual, RMSNorm; the same code on every path. ----
-// `source(k)` gives the rounded all-reduced sum of pack k of the row.
-template <class E, class Source>
-__device__ __forceinline__ void norm_row(const LaunchParams& p, u32 row, Source source) {
-  constexpr int N = Pack<E>::N;
-  __shared__ float partial[ARFUSE_MAX_ROW_PACKS];
-  const u32 n_packs = p.hidden / N;
-  const u64 row_pack = (u64)row * n_packs;
-  Pack<E> ro[ARFUSE_MAX_PACKS_PER_THREAD];
-#pragma unroll
-  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
-    const u32 j = tid_x() + k * bdim_x();
-    if (j < n_packs) {
-      Pack<E> s = source(row_pack + j);
-      Pack<E> r = load_pack<E>(p.residual, row_pack + j);
-      float sq = 0.0f;
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        ro[k].e[i] = (typename E::bits)E::from_f32(E::to_f32(s.e[i]) + E::to_f32(r.e[i]));
-        float f = E::to_f32(ro[k].e[i]);
-        float f2 = f * f;
-        sq = i == 0 ? f2 : sq + f2;
-      }
-      store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      partial[j] = sq;
-    }
-  }
-  block_sync();
-  u32 top = 1;
-  while (top < n_packs) top <<= 1;
-  for (u32 s = top / 2; s >= 1; s /= 2) {
-    for (u32 i = tid_x(); i < s; i += bdim_x())
-      if (i + s < n_packs) partial[i] = partial[i] + partial[i + s];
-    block_sync();
-  }
-  const float inv = div_rn(1.0f, sqrt_rn(div_rn(partial[0], (float)p.hidden) + p.eps));
-#pragma unroll
-  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
-    const u32 j = tid_x() + k * bdim_x();
-    if (j < n_packs) {
-      Pack<E> w = load_pack<E>(p.weight, j);
-      Pack<E> o;
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        float normed = E::to_f32(E::from_f32(E::to_f32(ro[k].e[i]) * inv));
-        o.e[i] = (typename E::bits)E::from_f32(E::to_f32(w.e[i]) * normed);
-      }
-      store_pack<E>(p.out, row_pack + j, o);
-    }
-  }
-  block_sync();  // `partial` is reused by the next row
-}
-
-// ---- Kernels. ----
-template <class E>
-__device__ __forceinline__ bool fused_1stage(const Launch& l) {
-  const LaunchParams& p = l.p;
-  const u32 n_packs = p.hidden / Pack<E>::N;
-  for (u32 row = bid_x(); row < p.rows && l.copy; row += gdim_x())
-    for (u32 j = tid_x(); j < n_packs; j += bdim_x())
-      store_pack<E>(l.staging[p.rank], (u64)row * n_packs + j, load_pack<E>(p.input, (u64)row * n_packs + j));
-  u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(l, 0, d);
-  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return sum_ranks<E>(l, k); });
-  return true;
-}
-
-template <class E>
-__device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
-  const LaunchParams& p = l.p;
-  const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
-  const u64 stride = (u64)gdim_x() * bdim_x();
-  if (l.copy)
-    for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride)
-      store_pack<E>(l.staging[p.rank], k, load_pack<E>(p.input, k));
-  u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(l, 3, d);
-  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
-  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) store_pack<E>(p.out, k, sum_ranks<E>(l, k));
-  return true;
-}
-
 // The pack range rank `r` reduces (cpu::kernels::chunk_of, in packs).
 __device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start, u64* end) {
   const u64 per_rank = (packs + world - 1) / world;
@@ -272,7 +439,7 @@ __device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start
 template <class E>
 __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
   const LaunchParams& p = l.p;
-  const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
+  const u64 packs = (p.flags & ARFUSE_FLAG_REFUSED) ? 0 : (u64)p.rows * p.hidden / Pack<E>::N;
   const u64 stride = (u64)gdim_x() * bdim_x();
   const u64 first = (u64)bid_x() * bdim_x() + tid_x();
   if (l.copy) {
@@ -283,52 +450,53 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
       for (u64 k = start + first; k < end; k += stride) store_pack<E>(l.staging[p.rank], k, load_pack<E>(p.input, k));
     }
   }
-  u64 d[ARFUSE_CALL_WORDS];
-  make_descriptor<E>(l, 1, d);
-  if (!barrier(p, l.barrier_base, l.barrier_base, d)) return false;
+  if (!barrier<E>(l, 2 * l.epoch, true)) return false;
   u64 start, end;
   chunk_of(p.rank, p.world_size, packs, &start, &end);
   for (u64 k = start + first; k < end; k += stride) {
-    Pack<E> s = sum_ranks<E>(l, k);
+    Pack<E> s = sum_staged<E>(l, k);
     for (u32 r = 0; r < p.world_size; ++r) store_pack<E>(p.scratch[r], k, s);
   }
-  return barrier(p, l.barrier_base, l.barrier_base + 1, 0);
+  return barrier<E>(l, 2 * l.epoch + 1, false);
 }
 
-// Runs a cross-rank kernel body. With barrier_base 0 the epoch comes from the rank's epoch word
-// (device memory, so a captured graph takes a fresh epoch on every replay): barrier value 2e,
-// staging half e % 2; the last block to finish advances the word. Every block reads the word
-// before it counts itself done, so the word changes only after every block has read it.
+// Runs a cross-rank kernel body. With barrier_base 0 the epoch e comes from the rank's epoch word
+// (device memory, so a captured graph takes a fresh epoch on every replay); otherwise it is
+// barrier_base / 2. The call's header goes to every peer first; the last block to finish advances
+// the word. Every block reads the word before it counts itself done, so the word changes only after
+// every block has read it.
 //
-// With `inputs` set (graph inputs registered after capture), every rank's input is read where the
-// user keeps it: rank r's input is `inputs[r]` (our own entry is `input`, so nothing is copied).
-// The user may overwrite that tensor as soon as our launch has finished, so a body that does not
-// end with a barrier after its last read of peers' inputs (`kEndsWithBarrier`) gets one, value
-// 2e + 1: no rank finishes before every peer has finished reading it.
-template <bool kEndsWithBarrier, class Body>
-__device__ __forceinline__ void cross_rank(const LaunchParams& p, Body body) {
+// With `inputs` set (graph inputs registered after capture), a reduce-scatter reads every rank's
+// input where the user keeps it: rank r's input is `inputs[r]` (our own entry is `input`, so
+// nothing is copied); it ends with a barrier after its last read of peers' inputs anyway.
+template <class E, class Body>
+__device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body body) {
   const bool device_epoch = p.barrier_base == 0;
   const bool in_place = device_epoch && p.inputs != 0;
-  const u64 base = device_epoch ? 2 * (load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1) : p.barrier_base;
-  const u64 half = device_epoch && ((base / 2) & 1) ? p.staging_half_bytes : 0;
+  const u64 epoch = device_epoch ? load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1 : p.barrier_base / 2;
+  const u64 half = device_epoch && (epoch & 1) ? p.staging_half_bytes : 0;
   __shared__ u64 staging[ARFUSE_MAX_RANKS];
   __shared__ int registered;
+  __shared__ int abort;
   const u32 t = tid_x();
-  if (t == 0) registered = 1;
+  if (t == 0) {
+    registered = 1;
+    abort = 0;
+  }
   block_sync();
   if (t < p.world_size) {
     staging[t] = in_place ? ((const u64*)p.inputs)[t] : p.staging[t] + half;
     if (staging[t] == 0) registered = 0;
   }
   block_sync();
-  const Launch l = {p, base, staging, p.input != staging[p.rank]};
+  const Launch l = {p, epoch, (u32)(epoch % ARFUSE_PUSH_ROTATIONS), op, staging, p.input != staging[p.rank], &abort};
   if (!registered) {  // replayed before the ranks registered the graph's inputs
     if (bid_x() == 0 && t == 0)
-      store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | (base << 16));
+      store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | ((2 * epoch) << 16));
     return;
   }
+  publish_header<E>(l);
   if (!body(l)) return;
-  if (!kEndsWithBarrier && in_place && !barrier(p, base, base + 1, 0)) return;
   if (!device_epoch) return;
   // Only this rank's later launches read the epoch word (stream order makes our writes visible
   // to them), and each block read it before its acq_rel increment: no system fence needed.
@@ -336,7 +504,7 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, Body body) {
   if (t == 0) {
     if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
       store_relaxed_sys(done_word(p.signals[p.rank]), 0);
-      store_relaxed_sys(epoch_word(p.signals[p.rank]), base / 2);
+      store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
     }
   }
 }
@@ -345,13 +513,13 @@ template <class E>
 __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   const u64 scratch = p.scratch[p.rank];
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); });
+    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); }, 0);
 }
 
 template <class E>
 __device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); });
+    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); }, 0);
 }
 
 template <class E>
@@ -362,18 +530,18 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 }
 
 // One extern "C" entry point per (op, dtype): the symbols of KernelId::symbol(). The parameters
-// are never copied (see `Launch`).
+// are never copied (see `Launch`). The op codes are the indices in Op::ALL.
 #define ARFUSE_KERNEL(name) extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS name(const ARFUSE_GRID_CONSTANT LaunchParams p)
 #define ARFUSE_INSTANTIATE(dtype, E)                                                                  \
   ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype) {                                                    \
-    cross_rank<false>(p, [](const Launch& l) { return fused_1stage<E>(l); });                         \
+    cross_rank<E>(p, 0, [](const Launch& l) { return fused_1stage<E>(l); });                          \
   }                                                                                                   \
   ARFUSE_KERNEL(reduce_scatter_##dtype) {                                                             \
-    cross_rank<true>(p, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
+    cross_rank<E>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
   }                                                                                                   \
   ARFUSE_KERNEL(scratch_add_rmsnorm_##dtype) { scratch_add_rmsnorm<E>(p); }                           \
   ARFUSE_KERNEL(allreduce_1stage_##dtype) {                                                           \
-    cross_rank<false>(p, [](const Launch& l) { return allreduce_1stage<E>(l); });                     \
+    cross_rank<E>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
   }                                                                                                   \
   ARFUSE_KERNEL(allgather_##dtype) { allgather<E>(p); }                                               \
   ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }

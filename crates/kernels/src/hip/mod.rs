@@ -124,6 +124,9 @@ impl Backend for Hip {
         HipShared::new(device, bytes)
     }
 
+    fn shared_len(buffer: &HipShared) -> usize {
+        buffer.len()
+    }
     fn shared_ptr(buffer: &HipShared) -> DevicePtr {
         buffer.ptr()
     }

@@ -366,8 +366,10 @@ struct LaunchParams {
     float eps;
     unsigned int staging_half_bytes;
     unsigned long long inputs;
+    unsigned long long push[8];
+    unsigned int push_slot_bytes, flags;
 };
-static_assert(sizeof(LaunchParams) == 280, "LaunchParams layout");
+static_assert(sizeof(LaunchParams) == 352, "LaunchParams layout");
 extern "C" __global__ void arfuse_probe(LaunchParams p) {
     unsigned long long* out = (unsigned long long*)p.out;
     unsigned int lane = __builtin_amdgcn_workitem_id_x();
@@ -670,8 +672,12 @@ mod gpu {
     }
 
     impl Layout {
-        fn bytes(self) -> usize {
-            SIGNAL_BYTES + 3 * self.half
+        /// Signal area, staging halves, scratch, then the push region for `world` ranks (slots of `half`).
+        fn bytes(self, world: usize) -> usize {
+            SIGNAL_BYTES + 3 * self.half + crate::params::push_region_bytes(world, self.half)
+        }
+        fn push(self, base: u64) -> u64 {
+            base + (SIGNAL_BYTES + 3 * self.half) as u64
         }
         fn staging(self, base: u64, parity: u64) -> u64 {
             base + (SIGNAL_BYTES + parity as usize * self.half) as u64
@@ -728,12 +734,14 @@ mod gpu {
                 rank: self.rank as u32,
                 world_size: self.world as u32,
                 eps: EPS,
+                push_slot_bytes: self.layout.half as u32,
                 ..LaunchParams::default()
             };
             for peer in 0..self.world {
                 p.staging[peer] = self.layout.staging(self.bases[peer], parity);
                 p.scratch[peer] = self.layout.scratch(self.bases[peer]);
                 p.signals[peer] = self.bases[peer];
+                p.push[peer] = self.layout.push(self.bases[peer]);
             }
             p
         }
@@ -800,7 +808,11 @@ mod gpu {
                         // Compile/load before any rank spins.
                         device.load_kernels().expect("load kernels");
                         let stream = Hip::create_stream(&device).expect("create stream");
-                        let shared = Hip::alloc_shared(&device, layout.bytes()).expect("alloc shared");
+                        let shared = Hip::alloc_shared(&device, layout.bytes(world)).expect("alloc shared");
+                        let at = SIGNAL_BYTES + 3 * layout.half;
+                        let bytes = crate::params::push_region_bytes(world, layout.half);
+                        Hip::fill_shared(&device, &shared, at, bytes, crate::params::PUSH_SENTINEL)
+                            .expect("arm push region");
                         let buffer = || HipBuffer::<u8>::zeros(&device, capacity).expect("alloc local");
                         let local = Local {
                             input: buffer(),
@@ -936,6 +948,9 @@ mod gpu {
         let mut staging = vec![vec![zero; elems]; world];
         let mut scratch = vec![vec![zero; elems]; world];
         let mut signals = vec![vec![0u64; SIGNAL_BYTES / 8]; world];
+        let slot_bytes = elems * std::mem::size_of::<T>();
+        let push_words = crate::params::push_region_bytes(world, slot_bytes) / 4;
+        let mut push = vec![vec![crate::params::PUSH_SENTINEL; push_words]; world];
         let mut outputs = vec![Outputs { out: vec![zero; elems], residual_out: vec![zero; elems] }; world];
         let mut template = LaunchParams {
             residual: inputs.residual.as_ptr() as u64,
@@ -946,9 +961,11 @@ mod gpu {
             hidden: inputs.hidden as u32,
             world_size: world as u32,
             eps: EPS,
+            push_slot_bytes: slot_bytes as u32,
             ..LaunchParams::default()
         };
         for peer in 0..world {
+            template.push[peer] = push[peer].as_mut_ptr() as u64;
             template.staging[peer] = staging[peer].as_mut_ptr() as u64;
             template.scratch[peer] = scratch[peer].as_mut_ptr() as u64;
             template.signals[peer] = signals[peer].as_mut_ptr() as u64;
@@ -977,7 +994,7 @@ mod gpu {
                 });
             }
         });
-        drop((staging, scratch, signals));
+        drop((staging, scratch, signals, push));
         outputs
     }
 
