@@ -9,7 +9,7 @@
 //! | `SIGNAL_BYTES + max_size / 2` | `max_size / 2` | staging half 1 (odd epochs) |
 //! | `SIGNAL_BYTES + max_size` | `max_size / 2` | scratch of the 2-stage paths |
 
-use crate::rendezvous::Rendezvous;
+use crate::rendezvous::{checked_all_gather, Rendezvous};
 use crate::{Error, Result};
 use arfuse_kernels::{Backend, BackendKind, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 
@@ -97,18 +97,11 @@ impl<B: Backend> SharedBuffers<B> {
         };
         let mut message = bytemuck::bytes_of(&ours).to_vec();
         message.extend_from_slice(bytemuck::bytes_of(&handle));
-        let gathered = rendezvous.all_gather(&message)?;
+        let gathered = checked_all_gather(rendezvous, &message, Some(message.len()))?;
         let head = std::mem::size_of::<Announce>();
         let mut bases = Vec::with_capacity(world);
         let mut peers = Vec::with_capacity(world);
         for (peer, bytes) in gathered.iter().enumerate() {
-            if bytes.len() != message.len() {
-                return Err(Error::Protocol(format!(
-                    "rank {peer} sent {} bytes, expected {}",
-                    bytes.len(),
-                    message.len()
-                )));
-            }
             let theirs: Announce = bytemuck::try_pod_read_unaligned(&bytes[..head])
                 .map_err(|e| Error::Protocol(format!("rank {peer}: {e}")))?;
             for (what, a, b) in [
@@ -134,7 +127,7 @@ impl<B: Backend> SharedBuffers<B> {
             peers.push(mapping);
         }
         // Everyone has mapped everyone: names and handles may now be forgotten.
-        rendezvous.all_gather(&[])?;
+        checked_all_gather(rendezvous, &[], Some(0))?;
         B::peers_attached(&own)?;
         Ok(SharedBuffers { rank, world, max_size, bases, _peers: peers, own })
     }

@@ -16,5 +16,5 @@ pub mod wire;
 
 pub use buffers::SharedBuffers;
 pub use error::{Error, Result};
-pub use rendezvous::{Rendezvous, ThreadRendezvous};
+pub use rendezvous::{checked_all_gather, Rendezvous, ThreadRendezvous};
 pub use unix::UnixRendezvous;
