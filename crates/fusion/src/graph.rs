@@ -21,7 +21,7 @@
 //! graphs need nothing registered and replay correctly without this.
 
 use crate::{Error, Result};
-use arfuse_ipc::Rendezvous;
+use arfuse_ipc::{checked_all_gather, Rendezvous};
 use arfuse_kernels::{Backend, DevicePtr, GRAPH_SLOT_BYTES, MAX_RANKS};
 use std::collections::HashMap;
 
@@ -144,7 +144,7 @@ impl<B: Backend> GraphInputs<B> {
                 header.extend_from_slice(e.to_string().as_bytes());
             }
         }
-        let headers = rendezvous.all_gather(&header)?;
+        let headers = checked_all_gather(rendezvous, &header, None)?;
         exported?;
         // Every rank must have recorded the same launches: same first slot, same count.
         for (peer, bytes) in headers.iter().enumerate() {
@@ -169,15 +169,9 @@ impl<B: Backend> GraphInputs<B> {
         let per_round = (ROUND_BYTES / stride).max(1);
         let mut table = vec![0u64; self.pending.len() * MAX_RANKS];
         for (round, ours) in slots.chunks(per_round * stride).enumerate() {
-            let gathered = rendezvous.all_gather(ours)?;
+            // Every rank's headers matched, so every part of a round has our length.
+            let gathered = checked_all_gather(rendezvous, ours, Some(ours.len()))?;
             for (peer, bytes) in gathered.iter().enumerate().take(world) {
-                if bytes.len() != ours.len() {
-                    return Err(Error::GraphCapture(format!(
-                        "rank {peer} sent {} bytes of graph inputs in round {round}, this rank {}",
-                        bytes.len(),
-                        ours.len()
-                    )));
-                }
                 for (i, entry) in bytes.chunks_exact(stride).enumerate() {
                     let slot = round * per_round + i;
                     let at = slot * MAX_RANKS + peer;

@@ -22,7 +22,7 @@
 //! ARCHITECTURE.md, "Vendor collective fallback").
 
 use crate::{Error, Result};
-use arfuse_ipc::Rendezvous;
+use arfuse_ipc::{checked_all_gather, Rendezvous};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator, Library, UniqueId};
 use arfuse_kernels::Backend;
 use std::ffi::c_void;
@@ -46,7 +46,7 @@ pub fn create_communicator<B: CollectiveBackend>(
         Ok((_, None)) => vec![1u8],
         Err(e) => [&[0u8][..], e.to_string().as_bytes()].concat(),
     };
-    let gathered = rendezvous.all_gather(&message)?;
+    let gathered = checked_all_gather(rendezvous, &message, None)?;
     let (library, _) = prepared?;
     for (peer, bytes) in gathered.iter().enumerate() {
         if bytes.first() != Some(&1) {

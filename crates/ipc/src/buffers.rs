@@ -14,7 +14,7 @@
 //! header per sender and a data slot of `push_slot_bytes` per sender. Every 32-bit word of it is
 //! armed with `PUSH_SENTINEL` here, before any peer can map it; readers re-arm what they read.
 
-use crate::rendezvous::Rendezvous;
+use crate::rendezvous::{checked_all_gather, Rendezvous};
 use crate::{Error, Result};
 use arfuse_kernels::params::{push_region_bytes, PUSH_SENTINEL};
 use arfuse_kernels::{Backend, BackendKind, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
@@ -124,7 +124,7 @@ impl<B: Backend> SharedBuffers<B> {
         };
         let mut message = bytemuck::bytes_of(&ours).to_vec();
         message.extend_from_slice(bytemuck::bytes_of(&handle));
-        let gathered = rendezvous.all_gather(&message)?;
+        let gathered = checked_all_gather(rendezvous, &message, Some(message.len()))?;
         let head = std::mem::size_of::<Announce>();
         if gathered.len() != world {
             return Err(Error::Protocol(format!("the rendezvous returned {} parts for {world} ranks", gathered.len())));
@@ -132,13 +132,6 @@ impl<B: Backend> SharedBuffers<B> {
         let mut bases = Vec::with_capacity(world);
         let mut peers = Vec::with_capacity(world);
         for (peer, bytes) in gathered.iter().enumerate() {
-            if bytes.len() != message.len() {
-                return Err(Error::Protocol(format!(
-                    "rank {peer} sent {} bytes, expected {}",
-                    bytes.len(),
-                    message.len()
-                )));
-            }
             let theirs: Announce = bytemuck::try_pod_read_unaligned(&bytes[..head])
                 .map_err(|e| Error::Protocol(format!("rank {peer}: {e}")))?;
             for (what, a, b) in [
@@ -165,7 +158,7 @@ impl<B: Backend> SharedBuffers<B> {
             peers.push(mapping);
         }
         // Everyone has mapped everyone: names and handles may now be forgotten.
-        rendezvous.all_gather(&[])?;
+        checked_all_gather(rendezvous, &[], Some(0))?;
         B::peers_attached(&own)?;
         Ok(SharedBuffers { rank, world, max_size, push_slot_bytes, bases, _peers: peers, own })
     }

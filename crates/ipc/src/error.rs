@@ -31,6 +31,28 @@ pub enum Error {
         /// The peer's value.
         theirs: String,
     },
+    /// A [`Rendezvous`](crate::Rendezvous) returned something no correct implementation can: the
+    /// wrong number of parts, our own part altered, or a part of the wrong length (see
+    /// [`checked_all_gather`](crate::rendezvous::checked_all_gather)).
+    #[error("rank {rank}: the rendezvous broke its contract: {what}")]
+    BadRendezvous {
+        /// The rank that noticed.
+        rank: usize,
+        /// What was wrong, with the counts and ranks involved.
+        what: String,
+    },
+    /// The rendezvous directory cannot be trusted: a symbolic link, another user's, or open to
+    /// other users.
+    #[error("rendezvous directory {}: {reason}", path.display())]
+    InsecureDir {
+        /// The directory as given.
+        path: std::path::PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The process at the other end of the socket is not one we may talk to (another user's).
+    #[error("rendezvous peer refused: {0}")]
+    PeerRefused(String),
     /// An argument is out of range.
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -5,6 +5,8 @@
 //! | concept | here |
 //! |---|---|
 //! | a way for ranks to exchange bytes | [`Rendezvous`]: [`ThreadRendezvous`], [`UnixRendezvous`], or the caller's own |
+//! | what any `Rendezvous` returned, checked | [`checked_all_gather`] (typed error, never a short table of peers) |
+//! | who may join a [`UnixRendezvous`] | [`unix`]: a private directory opened without following links, same uid (`SO_PEERCRED`), the group token |
 //! | the messages on the socket | [`wire`] (versioned, length-checked) |
 //! | every rank's buffer, mapped here | [`SharedBuffers`] (signal area, two staging halves, scratch) |
 
@@ -16,5 +18,5 @@ pub mod wire;
 
 pub use buffers::SharedBuffers;
 pub use error::{Error, Result};
-pub use rendezvous::{Rendezvous, ThreadRendezvous};
+pub use rendezvous::{checked_all_gather, Rendezvous, ThreadRendezvous};
 pub use unix::UnixRendezvous;

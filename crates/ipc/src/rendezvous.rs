@@ -17,6 +17,42 @@ pub trait Rendezvous: Send {
     fn all_gather(&mut self, payload: &[u8]) -> Result<Vec<Vec<u8>>>;
 }
 
+/// [`Rendezvous::all_gather`], with its result checked against the trait's contract, so that a
+/// faulty or lying implementation is a typed error ([`Error::BadRendezvous`]) instead of a short
+/// table of peers that code further on would index or map: exactly `world_size()` parts, our own
+/// part at index `rank()` byte-equal to `payload`, and, when `expect_len` is given, every part of
+/// that length (use it where every rank sends the same layout). Every caller of `all_gather` in
+/// arfuse goes through it.
+pub fn checked_all_gather(rv: &mut dyn Rendezvous, payload: &[u8], expect_len: Option<usize>) -> Result<Vec<Vec<u8>>> {
+    let (rank, world) = (rv.rank(), rv.world_size());
+    let bad = |what: String| Error::BadRendezvous { rank, what };
+    if rank >= world {
+        return Err(bad(format!("it says rank {rank} of world size {world}")));
+    }
+    if let Some(len) = expect_len {
+        if payload.len() != len {
+            return Err(Error::Invalid(format!("payload of {} bytes, expected {len}", payload.len())));
+        }
+    }
+    let parts = rv.all_gather(payload)?;
+    if parts.len() != world {
+        return Err(bad(format!("all_gather returned {} parts for world size {world}", parts.len())));
+    }
+    if parts[rank] != payload {
+        return Err(bad(format!(
+            "part {rank} (this rank's own) is not what it sent ({} bytes returned, {} sent)",
+            parts[rank].len(),
+            payload.len()
+        )));
+    }
+    if let Some(len) = expect_len {
+        if let Some((peer, part)) = parts.iter().enumerate().find(|(_, p)| p.len() != len) {
+            return Err(bad(format!("part of rank {peer} is {} bytes, every part must be {len}", part.len())));
+        }
+    }
+    Ok(parts)
+}
+
 struct Round {
     number: u64,
     parts: Vec<Option<Vec<u8>>>,
@@ -116,6 +152,49 @@ impl ThreadRendezvous {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Returns `parts` from every `all_gather`, whatever was sent.
+    struct Canned {
+        rank: usize,
+        world: usize,
+        parts: Vec<Vec<u8>>,
+    }
+
+    impl Rendezvous for Canned {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world
+        }
+        fn all_gather(&mut self, _payload: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Ok(self.parts.clone())
+        }
+    }
+
+    #[test]
+    fn checked_all_gather_names_what_the_rendezvous_got_wrong() {
+        // (rank, world, what all_gather returns, expect_len, the error's words)
+        type Case = (usize, usize, Vec<Vec<u8>>, Option<usize>, &'static str);
+        let cases: [Case; 6] = [
+            (1, 3, vec![vec![0], vec![1]], None, "returned 2 parts for world size 3"),
+            (1, 2, vec![vec![0], vec![1], vec![2]], None, "returned 3 parts for world size 2"),
+            (1, 2, vec![vec![0], vec![0]], None, "part 1 (this rank's own) is not what it sent"),
+            (0, 2, vec![vec![0], vec![1, 1]], Some(1), "part of rank 1 is 2 bytes, every part must be 1"),
+            (2, 2, vec![vec![0], vec![1]], None, "it says rank 2 of world size 2"),
+            (0, 0, vec![], None, "it says rank 0 of world size 0"),
+        ];
+        for (rank, world, parts, expect_len, message) in cases {
+            let mut rv = Canned { rank, world, parts };
+            let err = checked_all_gather(&mut rv, &[rank as u8], expect_len).expect_err(message);
+            assert!(
+                matches!(&err, Error::BadRendezvous { rank: r, what } if *r == rank && what.contains(message)),
+                "{err}"
+            );
+        }
+        let mut good = Canned { rank: 1, world: 2, parts: vec![vec![0], vec![1]] };
+        assert_eq!(checked_all_gather(&mut good, &[1], Some(1)).expect("a correct gather"), vec![vec![0], vec![1]]);
+    }
 
     #[test]
     fn every_world_size_gathers_several_rounds() {

@@ -19,7 +19,8 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Kind {
-    /// A rank's contribution to a round (rank → hub).
+    /// A rank's contribution to a round (rank → hub). Round 0 is the hello, whose payload is the
+    /// group token (see [`crate::unix`]).
     Contribute = 1,
     /// Every rank's contributions, concatenated with u32 lengths (hub → rank).
     Gathered = 2,
