@@ -320,6 +320,13 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
                     let decode_cases = plan.cases.iter().filter(|(mode, _)| *mode == Mode::Decode).count();
                     config.graph_slots =
                         config.graph_slots.max(decode_cases * paths_per_case * plan.decode_iters.max(1));
+                    // Push slots that let every fused case be timed on the 1-stage path too (the
+                    // dispatcher still picks by its threshold); ARFUSE_PUSH_SLOT_BYTES wins.
+                    if config.policy.push_slot_bytes == 0 {
+                        let largest = plan.cases.iter().map(|(_, s)| s.rows * s.hidden * T::DTYPE.size()).max();
+                        config.policy.push_slot_bytes =
+                            largest.unwrap_or(16).min(config.policy.max_size / 2).next_multiple_of(16);
+                    }
                     let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rdv, config)?;
                     phase.wait()?;
                     if rank == 0 {

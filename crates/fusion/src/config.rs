@@ -3,7 +3,7 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `ARFUSE_USE_1STAGE` | `1`: always 1-stage (where the kernel can), `0`: always 2-stage | by size |
-//! | `ARFUSE_ONE_STAGE_MAX_BYTES` | 1-stage iff bytes <= this | 131072 |
+//! | `ARFUSE_ONE_STAGE_MAX_BYTES` | 1-stage iff bytes <= this | 0: by world size, `dispatch::default_one_stage_max_bytes` (2 MiB up to 2 ranks, 1 MiB up to 4, 512 KiB up to 8) |
 //! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |

@@ -1,7 +1,7 @@
 //! The dispatch policy: which path a call takes. A pure function of the request and the policy,
 //! tested at its inclusive boundaries.
 //!
-//! Rules (DESIGN.md, "Dispatch"):
+//! Rules:
 //! 1. An empty tensor does nothing ([`Path::Noop`]).
 //! 2. A world size above [`MAX_RANKS`], no peer access, or ranks on several hosts: the vendor
 //!    collective library's all-reduce, then our add+RMSNorm ([`Path::Unfused`] with
@@ -48,7 +48,7 @@ pub struct Policy {
     /// Size of the staging area per rank; fused iff `bytes <= max_size / 2`.
     pub max_size: usize,
     /// 1-stage iff `bytes <= one_stage_max_bytes` (unless a measured threshold for the world
-    /// size replaces it, below).
+    /// size replaces it, below). 0 (the default): [`default_one_stage_max_bytes`] of the world size.
     pub one_stage_max_bytes: usize,
     /// Measured 1-stage thresholds by world size (index = world size; 0 = not measured, use
     /// `one_stage_max_bytes`), from a [`crate::TuneTable`].
@@ -76,8 +76,22 @@ pub struct Policy {
 
 /// Default size of the staging area per rank: 128 MiB (AITER's `max_size`).
 pub const DEFAULT_MAX_SIZE: usize = 128 << 20;
-/// Default 1-stage threshold: 128 KiB.
-pub const DEFAULT_ONE_STAGE_MAX_BYTES: usize = 128 << 10;
+/// AITER's 1-stage threshold, 128 KiB: what [`Policy::one_stage_max_bytes`] was by default before
+/// the push protocol.
+pub const AITER_ONE_STAGE_MAX_BYTES: usize = 128 << 10;
+
+/// The default 1-stage threshold for `world_size` ranks, with the push protocol: 2 MiB up to 2
+/// ranks (measured on one H200 with two ranks sharing it, 2026-12-01: 1-stage faster than 2-stage
+/// on every decode shape up to 128 x 8192 bf16 = 2 MiB, slower at 64 MiB; docs/performance.md),
+/// 1 MiB up to 4 and 512 KiB up to 8 (a 1-stage push moves `(P - 1) x` the input per rank; these
+/// two follow vLLM's one-shot limits at TP 4 / 8 until measured on several GPUs).
+pub const fn default_one_stage_max_bytes(world_size: usize) -> usize {
+    match world_size {
+        0..=2 => 2 << 20,
+        3..=4 => 1 << 20,
+        _ => 512 << 10,
+    }
+}
 /// Largest hidden size the GPU kernels take (bf16/f16; packs kept in registers).
 pub const DEFAULT_MAX_HIDDEN: usize = 32768;
 
@@ -86,7 +100,7 @@ impl Default for Policy {
         Policy {
             enabled: true,
             max_size: DEFAULT_MAX_SIZE,
-            one_stage_max_bytes: DEFAULT_ONE_STAGE_MAX_BYTES,
+            one_stage_max_bytes: 0,
             one_stage_max_bytes_by_world: [0; MAX_RANKS + 1],
             force_one_stage: None,
             push_slot_bytes: 0,
@@ -104,7 +118,8 @@ impl Policy {
     pub fn one_stage_max_bytes_for(&self, world_size: usize) -> usize {
         match self.one_stage_max_bytes_by_world.get(world_size) {
             Some(&measured) if measured > 0 => measured,
-            _ => self.one_stage_max_bytes,
+            _ if self.one_stage_max_bytes > 0 => self.one_stage_max_bytes,
+            _ => default_one_stage_max_bytes(world_size),
         }
     }
 

@@ -14,7 +14,7 @@
 //! | configuration, `ARFUSE_*` variables | [`Config`] |
 //! | the vendor collective fallback (NCCL/RCCL) | [`vendor`], [`AllReduceRmsNorm::with_collective`] |
 //!
-//! Numerics: DESIGN.md's contract, on every path — `residual_out` is bit-identical between the
+//! Numerics: the contract of `arfuse_kernels::contract`, on every path — `residual_out` is bit-identical between the
 //! 1-stage, 2-stage and unfused paths, and `out` too (the same row routine on every path). The
 //! vendor path ([`AllReduce::Vendor`]) is the exception: its sum is the library's, in the library's
 //! order; everything after the sum follows the contract (see [`vendor`]).

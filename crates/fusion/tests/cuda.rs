@@ -44,7 +44,9 @@ fn check<T: Element>(world: usize, shapes: &[(usize, usize)], seed: &TestSeed) {
             (fixture, reference)
         })
         .collect();
-    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    // Push slots large enough to force the 1-stage path on every case.
+    config.policy.push_slot_bytes = cases.iter().map(|(f, _)| f.residual.len() * T::DTYPE.size()).max().unwrap_or(16);
     // Ranks allocate and free device memory only while no kernel spins (a free can wait for the
     // device to go idle): every case starts and ends at this barrier.
     let phase = std::sync::Barrier::new(world);

@@ -126,9 +126,6 @@ impl<B: Backend> SharedBuffers<B> {
         message.extend_from_slice(bytemuck::bytes_of(&handle));
         let gathered = checked_all_gather(rendezvous, &message, Some(message.len()))?;
         let head = std::mem::size_of::<Announce>();
-        if gathered.len() != world {
-            return Err(Error::Protocol(format!("the rendezvous returned {} parts for {world} ranks", gathered.len())));
-        }
         let mut bases = Vec::with_capacity(world);
         let mut peers = Vec::with_capacity(world);
         for (peer, bytes) in gathered.iter().enumerate() {

@@ -52,7 +52,7 @@ fn create_with(world: usize, lie_in: usize, lie: Lie) -> Vec<Error> {
                 s.spawn(move || {
                     let mut rv = Lying { inner, round: 0, lie_in, lie };
                     let device = Cpu::open_device(0, 1).expect("cpu");
-                    SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 12).map(|_| ())
+                    SharedBuffers::<Cpu>::create(&device, &mut rv, 1 << 12, 1 << 10).map(|_| ())
                 })
             })
             .collect();

@@ -1,4 +1,4 @@
-//! The numerics contract (DESIGN.md), as the scalar building blocks every backend uses.
+//! The numerics contract, as the scalar building blocks every backend uses.
 //!
 //! 1. `s = round(Σ_r f32(canon(x_r)))`, ranks summed in order `0..P`, `canon` maps `-0.0` to `+0.0`
 //!    (the push protocol uses `-0.0` as its "not arrived" sentinel, so it can never be data).

@@ -53,6 +53,16 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
     .collect()
 }
 
+/// The `-D` options of `ARFUSE_KERNEL_DEFINES` (space-separated; anything else in it is ignored):
+/// how a measurement builds the kernels with a stage left out (the `ARFUSE_EXP_*` switches of
+/// `gpu/kernels.cu`, which give wrong results on purpose; see docs/performance.md). Part of the
+/// compiler options, so of the disk cache's key. Unset in normal use.
+pub fn experiment_defines() -> Vec<String> {
+    std::env::var("ARFUSE_KERNEL_DEFINES")
+        .map(|v| v.split_whitespace().filter(|d| d.starts_with("-DARFUSE_EXP_")).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// clang arguments compiling the source (as a file, `-x hip`) for AMD `arch` (`gfx942`, ...),
 /// header-free; add `-o OUT FILE`.
 pub fn clang_hip_args(arch: &str) -> Vec<String> {

@@ -1,7 +1,7 @@
 //! # arfuse-testkit
 //!
 //! What every arfuse test, the demo and the bench share: seeded fixtures, an independent f64
-//! reference of the numerics contract (DESIGN.md), ulp comparison, output poisoning, rank
+//! reference of the numerics contract (`arfuse_kernels::contract`), ulp comparison, output poisoning, rank
 //! harnesses (threads, processes) and a compact numerics summary for `insta` snapshots.
 //!
 //! | need | here |
@@ -42,7 +42,7 @@ pub use harness::{
     assert_ranks_succeeded, check_ranks, child, fresh_private_dir, run_processes, run_processes_with, run_threads,
     run_threads_each, run_threads_timeout, ChildOutcome, ChildRank, PrivateDir, ProcessOptions,
 };
-pub use poison::{assert_all_written, is_poison, poison, poison_bits, unwritten, unwritten_ranges};
+pub use poison::{assert_all_written, is_poison, poison, poison_bits, poison_value, unwritten, unwritten_ranges};
 pub use reference::{Mismatch, Mismatches, Reference};
 pub use seeds::TestSeed;
 pub use summary::{fnv1a64, NumericsSummary, Sample};

@@ -1,4 +1,4 @@
-//! The reference of the numerics contract (DESIGN.md), written independently of `arfuse-kernels`.
+//! The reference of the numerics contract (`arfuse_kernels::contract`), written independently of `arfuse-kernels`.
 //!
 //! # What it computes
 //! For every element `i` of a [`Fixture`] (`P` ranks, `[rows, hidden]`):

@@ -38,8 +38,21 @@ fn exactly_64_mib_is_fused_one_element_more_is_not() {
 }
 
 #[test]
+fn the_default_threshold_of_each_world_size_is_inclusive() {
+    for (world, bytes) in [(1, 2 << 20), (2, 2 << 20), (3, 1 << 20), (4, 1 << 20), (5, 512 << 10), (8, 512 << 10)] {
+        assert_eq!(default_one_stage_max_bytes(world), bytes);
+        let rows = bytes / (4096 * 2);
+        let at = Request { world_size: world, ..req(rows, 4096) };
+        assert_eq!(choose_path(&at, &Policy::default()), Path::OneStage, "world {world}: {rows} rows");
+        let above = Request { rows: rows + 1, ..at };
+        assert_eq!(choose_path(&above, &Policy::default()), Path::TwoStage, "world {world}: {} rows", rows + 1);
+    }
+}
+
+#[test]
 fn exactly_128_kib_is_one_stage_one_more_pack_is_two_stage() {
-    let policy = Policy::default();
+    // AITER's threshold, configured.
+    let policy = Policy { one_stage_max_bytes: AITER_ONE_STAGE_MAX_BYTES, ..Policy::default() };
     // 16 x 4096 bf16 = 128 KiB.
     assert_eq!(req(16, 4096).bytes(), 128 << 10);
     assert_eq!(choose_path(&req(16, 4096), &policy), Path::OneStage);
@@ -58,9 +71,10 @@ fn override_wins_both_ways() {
     assert_eq!(choose_path(&req(1, 4096), &force2), Path::TwoStage);
     // Where the 1-stage kernel cannot: more bytes than its receive slot (inclusive boundary).
     assert_eq!(choose_path(&req(129, 8192), &force1), Path::TwoStage);
+    // The default slot is the world size's threshold: 1 MiB at world 4.
     let default_slot = Policy { force_one_stage: Some(true), ..Policy::default() };
-    assert_eq!(choose_path(&req(8, 8192), &default_slot), Path::OneStage, "128 KiB: the default slot");
-    assert_eq!(choose_path(&req(9, 8192), &default_slot), Path::TwoStage, "above the default slot");
+    assert_eq!(choose_path(&req(64, 8192), &default_slot), Path::OneStage, "1 MiB: the default slot");
+    assert_eq!(choose_path(&req(65, 8192), &default_slot), Path::TwoStage, "above the default slot");
 }
 
 #[test]
@@ -130,7 +144,8 @@ fn too_large_goes_to_the_vendor_only_where_one_is_available() {
     assert_eq!(choose_path(&req(8192, 4096), &with), Path::TwoStage);
     // A smaller staging area moves the boundary with it.
     let small = Policy { max_size: 1 << 20, ..with };
-    assert_eq!(choose_path(&req(64, 4096), &small), Path::TwoStage); // 512 KiB = max_size / 2
+    // 512 KiB = max_size / 2: fused, 1-stage (the threshold, 1 MiB at world 4, is above it).
+    assert_eq!(choose_path(&req(64, 4096), &small), Path::OneStage);
     assert_eq!(
         choose_path(&req(65, 4096), &small),
         Path::Unfused { all_reduce: AllReduce::Vendor, reason: FallbackReason::TooLarge }
@@ -209,10 +224,10 @@ fn a_measured_threshold_replaces_the_default_for_its_world_size_only() {
     assert_eq!(at.bytes(), 4 << 20);
     assert_eq!(choose_path(&at, &policy), Path::OneStage);
     assert_eq!(choose_path(&Request { rows: 513, ..at }, &policy), Path::TwoStage);
-    // World 2 has no measurement: the default 128 KiB applies.
-    let world2 = Request { world_size: 2, ..req(16, 4096) };
+    // World 2 has no measurement: its default, 2 MiB, applies.
+    let world2 = Request { world_size: 2, ..req(256, 4096) };
     assert_eq!(choose_path(&world2, &policy), Path::OneStage);
-    assert_eq!(choose_path(&Request { rows: 17, ..world2 }, &policy), Path::TwoStage);
+    assert_eq!(choose_path(&Request { rows: 257, ..world2 }, &policy), Path::TwoStage);
     // The override still wins over a measurement.
     let forced = Policy { force_one_stage: Some(false), ..policy };
     assert_eq!(choose_path(&at, &forced), Path::TwoStage);

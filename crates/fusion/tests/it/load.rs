@@ -140,6 +140,7 @@ fn rank_body(me: &ChildRank) {
     let forced = [Some(Path::OneStage), Some(Path::TwoStage), Some(super::UNFUSED), None];
     let mut paths: BTreeMap<&'static str, usize> = BTreeMap::new();
     let start = Instant::now();
+    let mut last_report = Instant::now();
     let tenth = (calls / 10).max(1);
     for i in 0..calls {
         let bf = rng.gen_bool(0.5);
@@ -161,7 +162,8 @@ fn rank_body(me: &ChildRank) {
             checked_call(&mut op, &stream, &pools_f16[h], &mut outs_f16, first, rows, path, &what)
         };
         *paths.entry(taken.name()).or_default() += 1;
-        if me.rank == 0 && (i + 1) % tenth == 0 {
+        if me.rank == 0 && ((i + 1) % tenth == 0 || last_report.elapsed() > Duration::from_secs(20)) {
+            last_report = Instant::now();
             eprintln!("load: {}/{calls} calls checked, {:.1} s", i + 1, start.elapsed().as_secs_f64());
         }
     }
@@ -185,9 +187,11 @@ fn four_processes_random_shapes_and_paths_back_to_back() {
         return;
     }
     let calls = calls();
-    // Generous: about 50 ms a call on a loaded 2-CPU machine, plus the pools.
-    let timeout = Duration::from_secs(120) + Duration::from_millis(50) * calls as u32;
-    let options = ProcessOptions::new(WORLD, timeout).env("ARFUSE_LOAD_CALLS", calls.to_string()).echo_stderr();
+    // Bounded by lack of progress, not by the run's length: rank 0 reports every 10% of the
+    // calls (and every 20 s), so 5 minutes of silence means a stall on any machine, however busy.
+    let mut options =
+        ProcessOptions::new(WORLD, Duration::MAX).env("ARFUSE_LOAD_CALLS", calls.to_string()).echo_stderr();
+    options.stall_timeout = Some(Duration::from_secs(300));
     let outcomes = run_processes_with(&test_path!(four_processes_random_shapes_and_paths_back_to_back), &options)
         .expect("process harness");
     assert_ranks_succeeded(&outcomes);

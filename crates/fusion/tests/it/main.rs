@@ -1,6 +1,7 @@
 //! Integration tests of the operator on the cpu backend: ranks as threads and as processes.
 
 mod faults;
+mod instep;
 mod kills;
 mod leaks;
 mod load;

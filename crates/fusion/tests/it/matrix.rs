@@ -89,19 +89,19 @@ world_tests! {
 #[test]
 fn token_output_is_batch_invariant() {
     let seed = TestSeed::new("matrix::token_output_is_batch_invariant");
-    let problem = Problem::new(4, 81, 4096, bf16::DTYPE).with_seed(seed.seed());
+    let problem = Problem::new(4, 160, 4096, bf16::DTYPE).with_seed(seed.seed());
     let batch = Fixture::<bf16>::generate(&problem);
     run_group(4, test_config(8 << 20), |op, stream| {
         let whole = call(op, stream, None, &batch).expect("batch call");
-        assert_eq!(whole.path, Path::TwoStage, "81 x 4096 bf16 is above the 1-stage threshold");
-        for row in [0, 7, 40, 80] {
+        assert_eq!(whole.path, Path::TwoStage, "160 x 4096 bf16 is above world 4's 1-stage threshold");
+        for row in [0, 7, 40, 80, 159] {
             let single = batch.single_token(row);
             for path in [Path::OneStage, Path::TwoStage, UNFUSED] {
                 let alone = call(op, stream, Some(path), &single).expect("single-token call");
                 let range = row * 4096..(row + 1) * 4096;
                 assert!(
                     alone.out.iter().zip(&whole.out[range.clone()]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "row {row} alone on {path} differs from row {row} in the batch of 81"
+                    "row {row} alone on {path} differs from row {row} in the batch of 160"
                 );
                 assert!(alone
                     .residual_out

@@ -7,7 +7,8 @@ use arfuse_ipc::UnixRendezvous;
 use arfuse_kernels::api::Cpu;
 use arfuse_kernels::{Backend, DType};
 use arfuse_testkit::{
-    assert_all_written, assert_ranks_succeeded, child, run_processes, test_path, Fixture, Problem, Reference, TestSeed,
+    assert_all_written, assert_ranks_succeeded, child, run_processes_with, test_path, Fixture, Problem, ProcessOptions,
+    Reference, TestSeed,
 };
 use half::bf16;
 use std::time::Duration;
@@ -42,12 +43,17 @@ fn four_processes_hundred_calls_of_changing_shapes() {
             reference.assert_out_within(&what, &got.out, 1);
             assert_all_written(&what, &got.out);
             seen.insert(got.path);
+            if me.rank == 0 && (i + 1) % 10 == 0 {
+                eprintln!("processes: {}/{CALLS} calls checked", i + 1);
+            }
         }
         assert!(seen.contains(&Path::OneStage) && seen.contains(&Path::TwoStage), "both fused paths ran: {seen:?}");
         return;
     }
-    let outcomes =
-        run_processes(&test_path!(four_processes_hundred_calls_of_changing_shapes), 4, Duration::from_secs(300))
-            .expect("process harness");
+    // Bounded by lack of progress (rank 0 reports every 10 calls), not by the run's length.
+    let mut options = ProcessOptions::new(4, Duration::MAX);
+    options.stall_timeout = Some(Duration::from_secs(300));
+    let outcomes = run_processes_with(&test_path!(four_processes_hundred_calls_of_changing_shapes), &options)
+        .expect("process harness");
     assert_ranks_succeeded(&outcomes);
 }

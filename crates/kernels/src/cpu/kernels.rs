@@ -60,7 +60,7 @@ pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
     let mut params = *params;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params)?;
+        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params, kernel.op == Op::ReduceScatter)?;
         match kernel.dtype {
             DType::Bf16 => run_typed::<half::bf16>(kernel.op, &params),
             DType::F16 => run_typed::<half::f16>(kernel.op, &params),
@@ -128,6 +128,15 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
     let rank = p.rank as usize;
     let world = p.world_size as usize;
     let start = Instant::now();
+    // The kernel after a cross-rank one writes nothing once this rank's error word is set (as on
+    // the GPU).
+    if matches!(op, Op::ScratchAddRmsNorm | Op::AllGather | Op::AddRmsNorm) && p.signals[rank] != 0 {
+        // SAFETY: a non-zero signal address is this rank's live signal area (the caller's guarantee).
+        let word = unsafe { super::signal::error_word(p.signals[rank]) };
+        if word.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            return Ok(());
+        }
+    }
     // SAFETY: (for every view below) the extents are those of the module docs, which the caller
     // guarantees; peers' staging is only read after the first barrier of the call, when every rank
     // has finished writing it, scratch chunks are written by exactly one rank each, and push slots

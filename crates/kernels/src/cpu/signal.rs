@@ -168,13 +168,13 @@ unsafe fn wait_until(
 }
 
 /// Resolves a launch with `barrier_base == 0` from this rank's epoch word: the next epoch `e`
-/// gives barrier value `2e` and staging half `e % 2`, or, with a graph-input table
-/// (`params.inputs`), every rank's input read in place. Returns whether the word must be advanced
-/// by [`end_epoch`] when the launch completes.
+/// gives barrier value `2e` and, for a `staged` kernel (the reduce-scatter), staging half `e % 2`
+/// or, with a graph-input table (`params.inputs`), every rank's input read in place. Returns
+/// whether the word must be advanced by [`end_epoch`] when the launch completes.
 ///
 /// # Safety
 /// As [`barrier`]; a non-zero `params.inputs` must point to `MAX_RANKS` readable `u64`s.
-pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams) -> Result<bool> {
+pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams, staged: bool) -> Result<bool> {
     if params.barrier_base != 0 {
         return Ok(false);
     }
@@ -183,6 +183,9 @@ pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams) -> Result<bool> {
     let e = unsafe { epoch_word(own) }.load(Ordering::Relaxed) + 1;
     params.barrier_base = 2 * e;
     let world = params.world_size as usize;
+    if !staged {
+        return Ok(true);
+    }
     if params.inputs != 0 {
         // SAFETY: the caller guarantees a table of `MAX_RANKS` entries at `inputs`.
         let table = unsafe { std::slice::from_raw_parts(params.inputs as *const u64, MAX_RANKS) };

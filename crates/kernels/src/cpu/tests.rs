@@ -1,5 +1,6 @@
-//! The CPU kernels with graph inputs read in place (`LaunchParams::inputs`): the same bits as the
-//! staging copy on every cross-rank kernel, and an empty table refused on every rank.
+//! The CPU kernels with graph inputs read in place (`LaunchParams::inputs`, honoured by the
+//! reduce-scatter; the 1-stage kernels push and ignore it): the same bits as the staging copy on
+//! every cross-rank kernel, and an empty table refused on every rank.
 
 use super::Cpu;
 use crate::params::{push_region_bytes, LaunchParams, PUSH_SENTINEL, SIGNAL_BYTES, SIGNAL_ERROR_OFFSET};
@@ -189,7 +190,7 @@ fn an_empty_input_table_is_refused_on_every_rank() {
                     Cpu::launch(
                         &super::CpuDevice,
                         &super::CpuStream,
-                        KernelId { op: Op::FusedOneStage, dtype: bf16::DTYPE },
+                        KernelId { op: Op::ReduceScatter, dtype: bf16::DTYPE },
                         &p,
                     )
                 };

@@ -277,6 +277,7 @@ fn compile_options(target: &Target) -> Vec<String> {
     if !options.iter().any(|o| o.starts_with("--fmad") || o.starts_with("-fmad") || o.contains("fast-math")) {
         options.push("--fmad=false".into());
     }
+    options.extend(crate::source::experiment_defines());
     options
 }
 

@@ -78,6 +78,9 @@ __device__ __forceinline__ u64 load_relaxed_sys(u64* p) {
 __device__ __forceinline__ u64 fetch_add_device(u64* p, u64 v) {
   return __hip_atomic_fetch_add(p, v, __ATOMIC_ACQ_REL, __HIP_MEMORY_SCOPE_AGENT);
 }
+__device__ __forceinline__ u64 load_relaxed_device(u64* p) {
+  return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+}
 // s_memrealtime ticks at a constant 100 MHz on gfx9.
 __device__ __forceinline__ u64 clock_ns() { return __builtin_amdgcn_s_memrealtime() * 10ull; }
 __device__ __forceinline__ float f32_from_bits(u32 b) { return __builtin_bit_cast(float, b); }
@@ -140,6 +143,11 @@ __device__ __forceinline__ u64 load_acquire_sys(u64* p) {
 __device__ __forceinline__ u64 load_relaxed_sys(u64* p) {
   u64 v;
   asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ u64 load_relaxed_device(u64* p) {
+  u64 v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ u64 fetch_add_device(u64* p, u64 v) {

@@ -84,6 +84,15 @@ __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p
   ((ARFUSE_GLOBAL pack16*)base)[index] = p.v;
 }
 
+// ---- Measurement switches (ARFUSE_KERNEL_DEFINES, source.rs `experiment_defines`): each leaves a
+// stage out and gives wrong results on purpose; never set in normal use. ----
+#ifdef ARFUSE_EXP_LOCAL_ONLY  // no data pushed or polled: every rank's pack is our own
+#undef ARFUSE_EXP_LOCAL_ONLY
+#define ARFUSE_EXP_LOCAL_ONLY 1
+#else
+#define ARFUSE_EXP_LOCAL_ONLY 0
+#endif
+
 // ---- The push region (params.rs, `push_region_bytes`). ----
 __device__ __forceinline__ u64 rotation_base(const LaunchParams& p, u32 owner, u32 rot) {
   return p.push[owner] + (u64)rot * (ARFUSE_PUSH_HEADER_BYTES + (u64)p.world_size * p.push_slot_bytes);
@@ -173,6 +182,9 @@ __device__ __forceinline__ pack16 call_header(const Launch& l, u32 sender) {
 // (that call has finished: stream order) and writes this call's header into every peer.
 template <class E>
 __device__ __forceinline__ void publish_header(const Launch& l) {
+#ifdef ARFUSE_EXP_NO_HEADER  // measurement only: no call check
+  return;
+#endif
   const LaunchParams& p = l.p;
   const u32 t = tid_x();
   if (bid_x() != 0 || t >= p.world_size || t == p.rank) return;
@@ -236,8 +248,29 @@ __device__ bool barrier(const Launch& l, u64 value, bool check_headers) {
 // group of 32 consecutive packs (a butterfly of 32 lanes, whatever the warp width); pairwise over
 // the 128 group slots (missing packs and groups are +0.0, which adds exactly). Outputs are written
 // only when `abort` (if any) is still clear after every pack has been read; returns false if not.
+// The residual pack of a thread's first pack of a row, loaded early: the 1-stage kernel loads it
+// before it waits for its peers, so its latency hides behind the wait. (The weight too would
+// spill at 1024 threads per block; it is loaded just before the wait for the data.)
+template <class E>
+struct Prefetch {
+  bool valid;
+  Pack<E> residual;
+};
+
+template <class E>
+__device__ __forceinline__ Prefetch<E> prefetch(const LaunchParams& p, u32 row) {
+  Prefetch<E> f = {};
+  const u32 n_packs = p.hidden / Pack<E>::N;
+  f.valid = row < p.rows && tid_x() < n_packs;
+  if (f.valid) {
+    f.residual = load_pack<E>(p.residual, (u64)row * n_packs + tid_x());
+  }
+  return f;
+}
+
 template <class E, class Source>
-__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source source, volatile int* abort) {
+__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source source, volatile int* abort,
+                                         Prefetch<E> early) {
   constexpr int N = Pack<E>::N;
   __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
   __shared__ float row_sum;
@@ -245,7 +278,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source 
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   Pack<E> ro[ARFUSE_MAX_PACKS_PER_THREAD];
-  Pack<E> w[ARFUSE_MAX_PACKS_PER_THREAD];
+  Pack<E> w0;  // the first pack's weight, prefetched (more would spill at 1024 threads per block)
 #pragma unroll
   for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
     if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
@@ -253,8 +286,9 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source 
     float sq = 0.0f;
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum's wait for peers.
-      const Pack<E> r = load_pack<E>(p.residual, row_pack + j);
-      w[k] = load_pack<E>(p.weight, j);
+      const bool early_pack = k == 0 && early.valid;
+      const Pack<E> r = early_pack ? early.residual : load_pack<E>(p.residual, row_pack + j);
+      if (k == 0) w0 = load_pack<E>(p.weight, j);
       const Pack<E> s = source(row_pack + j);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
@@ -290,11 +324,12 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source 
     const u32 j = t + k * bdim_x();
     if (j < n_packs) {
       store_pack<E>(p.residual_out, row_pack + j, ro[k]);
+      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
       Pack<E> o;
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const float normed = E::to_f32(E::from_f32(E::to_f32(ro[k].e[i]) * inv));
-        o.e[i] = (typename E::bits)E::from_f32(E::to_f32(w[k].e[i]) * normed);
+        o.e[i] = (typename E::bits)E::from_f32(E::to_f32(w.e[i]) * normed);
       }
       store_pack<E>(p.out, row_pack + j, o);
     }
@@ -321,6 +356,7 @@ __device__ __forceinline__ Pack<E> own_pack(const LaunchParams& p, u64 k) {
 template <class E>
 __device__ __forceinline__ void push_pack(const Launch& l, u64 k) {
   const LaunchParams& p = l.p;
+  if (ARFUSE_EXP_LOCAL_ONLY) return;
   const Pack<E> x = own_pack<E>(p, k);
   for (u32 r = 0; r < p.world_size; ++r)
     if (r != p.rank) store16_sys(slot_at(p, r, l.rot, p.rank) + k, x.v);
@@ -334,7 +370,7 @@ __device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k) {
   float acc[N];
   for (u32 r = 0; r < p.world_size; ++r) {
     Pack<E> x;
-    if (r == p.rank) {
+    if (r == p.rank || ARFUSE_EXP_LOCAL_ONLY) {
       x = own_pack<E>(p, k);
     } else {
       ARFUSE_GLOBAL pack16* at = slot_at(p, p.rank, l.rot, r) + k;
@@ -360,6 +396,9 @@ __device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k) {
 // outputs only after the checks of its own threads).
 template <class E>
 __device__ __forceinline__ void check_headers(const Launch& l) {
+#ifdef ARFUSE_EXP_NO_HEADER
+  return;
+#endif
   const u32 t = tid_x();
   if (t < l.p.world_size && t != l.p.rank) check_peer_header<E>(l, t);
 }
@@ -371,9 +410,19 @@ __device__ __forceinline__ bool fused_1stage(const Launch& l) {
   const bool sends = (p.flags & ARFUSE_FLAG_REFUSED) == 0;
   for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
     for (u32 j = tid_x(); j < n_packs; j += bdim_x()) push_pack<E>(l, (u64)row * n_packs + j);
+  Prefetch<E> early = prefetch<E>(p, sends ? bid_x() : p.rows);
   check_headers<E>(l);
+#ifdef ARFUSE_EXP_NO_NORM  // measurement only: the sum goes to `out`, no row routine
   for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
-    if (!norm_row<E>(p, row, [&](u64 k) { return receive_sum<E>(l, k); }, l.abort)) return false;
+    for (u32 j = tid_x(); j < n_packs; j += bdim_x())
+      store_pack<E>(p.out, (u64)row * n_packs + j, receive_sum<E>(l, (u64)row * n_packs + j));
+  return true;
+#endif
+  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
+  {
+    if (!norm_row<E>(p, row, [&](u64 k) { return receive_sum<E>(l, k); }, l.abort, early)) return false;
+    early.valid = false;  // only the first row's packs were loaded early
+  }
   block_sync();
   return *l.abort == 0;
 }
@@ -462,19 +511,19 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
 
 // Runs a cross-rank kernel body. With barrier_base 0 the epoch e comes from the rank's epoch word
 // (device memory, so a captured graph takes a fresh epoch on every replay); otherwise it is
-// barrier_base / 2. The call's header goes to every peer first; the last block to finish advances
-// the word. Every block reads the word before it counts itself done, so the word changes only after
-// every block has read it.
+// barrier_base / 2. The call's header goes to every peer first. Once every block has read the
+// word it is advanced: by the one block at once, else by the last block to finish (every block
+// reads the word before it counts itself done). Only this rank's later launches read the word
+// (stream order makes our writes visible to them): no system fence.
 //
-// With `inputs` set (graph inputs registered after capture), a reduce-scatter reads every rank's
-// input where the user keeps it: rank r's input is `inputs[r]` (our own entry is `input`, so
-// nothing is copied); it ends with a barrier after its last read of peers' inputs anyway.
-template <class E, class Body>
+// `kStaged` (the reduce-scatter): every rank's input is resolved into shared memory: its staging
+// half, or with `inputs` set (graph inputs registered after capture) the user's tensor where it
+// is (rank r's input is `inputs[r]`, our own entry is `input`, so nothing is copied); it ends with
+// a barrier after its last read of peers' inputs anyway. The 1-stage kernels push and need none.
+template <class E, bool kStaged, class Body>
 __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body body) {
   const bool device_epoch = p.barrier_base == 0;
-  const bool in_place = device_epoch && p.inputs != 0;
-  const u64 epoch = device_epoch ? load_relaxed_sys(epoch_word(p.signals[p.rank])) + 1 : p.barrier_base / 2;
-  const u64 half = device_epoch && (epoch & 1) ? p.staging_half_bytes : 0;
+  const u64 epoch = device_epoch ? load_relaxed_device(epoch_word(p.signals[p.rank])) + 1 : p.barrier_base / 2;
   __shared__ u64 staging[ARFUSE_MAX_RANKS];
   __shared__ int registered;
   __shared__ int abort;
@@ -483,23 +532,27 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body b
     registered = 1;
     abort = 0;
   }
-  block_sync();
-  if (t < p.world_size) {
-    staging[t] = in_place ? ((const u64*)p.inputs)[t] : p.staging[t] + half;
-    if (staging[t] == 0) registered = 0;
+  if (kStaged) {
+    const bool in_place = device_epoch && p.inputs != 0;
+    const u64 half = device_epoch && (epoch & 1) ? p.staging_half_bytes : 0;
+    block_sync();
+    if (t < p.world_size) {
+      staging[t] = in_place ? ((const u64*)p.inputs)[t] : p.staging[t] + half;
+      if (staging[t] == 0) registered = 0;
+    }
   }
   block_sync();
-  const Launch l = {p, epoch, (u32)(epoch % ARFUSE_PUSH_ROTATIONS), op, staging, p.input != staging[p.rank], &abort};
-  if (!registered) {  // replayed before the ranks registered the graph's inputs
+  const Launch l = {p,         epoch,   (u32)(epoch % ARFUSE_PUSH_ROTATIONS), op, staging,
+                    kStaged && p.input != staging[p.rank], &abort};
+  if (kStaged && !registered) {  // replayed before the ranks registered the graph's inputs
     if (bid_x() == 0 && t == 0)
       store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | ((2 * epoch) << 16));
     return;
   }
+  const bool one_block = gdim_x() == 1;
+  if (device_epoch && one_block && t == 0) store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
   publish_header<E>(l);
-  if (!body(l)) return;
-  if (!device_epoch) return;
-  // Only this rank's later launches read the epoch word (stream order makes our writes visible
-  // to them), and each block read it before its acq_rel increment: no system fence needed.
+  if (!body(l) || !device_epoch || one_block) return;
   block_sync();
   if (t == 0) {
     if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
@@ -509,21 +562,32 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body b
   }
 }
 
+// The kernel after a cross-rank one (2-stage's second kernel, the unfused path's add+RMSNorm)
+// writes nothing once this rank's error word is set (a peer timeout, a call mismatch, an
+// unregistered graph input): there is no sum to read then. The word is never cleared, and the
+// operator refuses every call after it.
+__device__ __forceinline__ bool first_stage_failed(const LaunchParams& p) {
+  return p.signals[p.rank] != 0 && load_relaxed_sys(error_word(p.signals[p.rank])) != 0;
+}
+
 template <class E>
 __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
+  if (first_stage_failed(p)) return;
   const u64 scratch = p.scratch[p.rank];
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); }, 0);
+    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); }, 0, Prefetch<E>{});
 }
 
 template <class E>
 __device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
+  if (first_stage_failed(p)) return;  // the unfused path's all-reduce gave up: no sum to normalise
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); }, 0);
+    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); }, 0, Prefetch<E>{});
 }
 
 template <class E>
 __device__ __forceinline__ void allgather(const LaunchParams& p) {
+  if (first_stage_failed(p)) return;
   const u64 packs = (u64)p.rows * p.hidden / Pack<E>::N;
   for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += (u64)gdim_x() * bdim_x())
     store_pack<E>(p.out, k, load_pack<E>(p.scratch[p.rank], k));
@@ -534,14 +598,14 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 #define ARFUSE_KERNEL(name) extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS name(const ARFUSE_GRID_CONSTANT LaunchParams p)
 #define ARFUSE_INSTANTIATE(dtype, E)                                                                  \
   ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype) {                                                    \
-    cross_rank<E>(p, 0, [](const Launch& l) { return fused_1stage<E>(l); });                          \
+    cross_rank<E, false>(p, 0, [](const Launch& l) { return fused_1stage<E>(l); });                          \
   }                                                                                                   \
   ARFUSE_KERNEL(reduce_scatter_##dtype) {                                                             \
-    cross_rank<E>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
+    cross_rank<E, true>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
   }                                                                                                   \
   ARFUSE_KERNEL(scratch_add_rmsnorm_##dtype) { scratch_add_rmsnorm<E>(p); }                           \
   ARFUSE_KERNEL(allreduce_1stage_##dtype) {                                                           \
-    cross_rank<E>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
+    cross_rank<E, false>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
   }                                                                                                   \
   ARFUSE_KERNEL(allgather_##dtype) { allgather<E>(p); }                                               \
   ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -128,12 +129,24 @@ pub struct ProcessOptions {
     /// Also copy every child's stderr to this process's stderr as it arrives (progress of long
     /// runs); it is captured in [`ChildOutcome::stderr`] either way.
     pub echo_stderr: bool,
+    /// Bound the run by lack of progress instead of `timeout`: the ranks still running are killed
+    /// once no child has written anything (stdout or stderr) for this long, however long the
+    /// whole run takes (a loaded machine slows a run down, it does not stall it).
+    pub stall_timeout: Option<Duration>,
 }
 
 impl ProcessOptions {
     /// `world_size` ranks, `timeout` in all, no grace period, no extra environment, a fresh directory.
     pub fn new(world_size: usize, timeout: Duration) -> Self {
-        ProcessOptions { world_size, timeout, failure_grace: None, env: Vec::new(), dir: None, echo_stderr: false }
+        ProcessOptions {
+            world_size,
+            timeout,
+            failure_grace: None,
+            env: Vec::new(),
+            dir: None,
+            echo_stderr: false,
+            stall_timeout: None,
+        }
     }
 
     /// Adds an environment variable for every child.
@@ -260,6 +273,8 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
         }
     };
     let started = Instant::now();
+    // Milliseconds after `started` at which any child last wrote something.
+    let activity = Arc::new(AtomicU64::new(0));
     let mut running: Vec<Running> = Vec::with_capacity(world_size);
     for rank in 0..world_size {
         let mut command = Command::new(&exe);
@@ -274,7 +289,7 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         match command.spawn() {
-            Ok(child) => running.push(Running::new(rank, child, options.echo_stderr)),
+            Ok(child) => running.push(Running::new(rank, child, options.echo_stderr, started, &activity)),
             Err(source) => {
                 for r in &mut running {
                     r.kill();
@@ -283,7 +298,8 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
             }
         }
     }
-    let mut deadline = started + options.timeout;
+    // A timeout too long to add to an instant (`Duration::MAX`) never expires.
+    let mut deadline = started.checked_add(options.timeout);
     loop {
         let mut all_done = true;
         let mut wait_error = None;
@@ -293,7 +309,8 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
                     r.finish(status, started);
                     if !status.success() {
                         if let Some(grace) = options.failure_grace {
-                            deadline = deadline.min(Instant::now() + grace);
+                            let end = Instant::now() + grace;
+                            deadline = Some(deadline.map_or(end, |d| d.min(end)));
                         }
                     }
                 }
@@ -313,7 +330,11 @@ pub fn run_processes_with(test_path: &str, options: &ProcessOptions) -> Result<V
         if all_done {
             break;
         }
-        if Instant::now() >= deadline {
+        let expired = match options.stall_timeout {
+            Some(stall) => started.elapsed() >= Duration::from_millis(activity.load(Ordering::Relaxed)) + stall,
+            None => deadline.is_some_and(|d| Instant::now() >= d),
+        };
+        if expired {
             for r in running.iter_mut().filter(|r| r.status.is_none()) {
                 let rank = r.rank;
                 r.timed_out = true;
@@ -340,9 +361,9 @@ struct Running {
 }
 
 impl Running {
-    fn new(rank: usize, mut child: Child, echo_stderr: bool) -> Self {
-        let stdout = child.stdout.take().map(|pipe| drain(pipe, false));
-        let stderr = child.stderr.take().map(|pipe| drain(pipe, echo_stderr));
+    fn new(rank: usize, mut child: Child, echo_stderr: bool, started: Instant, activity: &Arc<AtomicU64>) -> Self {
+        let stdout = child.stdout.take().map(|pipe| drain(pipe, false, started, activity.clone()));
+        let stderr = child.stderr.take().map(|pipe| drain(pipe, echo_stderr, started, activity.clone()));
         Running { rank, child, stdout, stderr, status: None, timed_out: false, elapsed: Duration::ZERO }
     }
 
@@ -394,8 +415,13 @@ fn exit_status_failure() -> ExitStatus {
 }
 
 /// Reads a pipe to its end on a thread (so a chatty child never blocks on a full pipe), copying
-/// what it reads to our stderr if `echo`.
-fn drain(mut pipe: impl Read + Send + 'static, echo: bool) -> JoinHandle<String> {
+/// what it reads to our stderr if `echo`, and noting in `activity` when it last read something.
+fn drain(
+    mut pipe: impl Read + Send + 'static,
+    echo: bool,
+    started: Instant,
+    activity: Arc<AtomicU64>,
+) -> JoinHandle<String> {
     std::thread::spawn(move || {
         let mut bytes = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -403,6 +429,7 @@ fn drain(mut pipe: impl Read + Send + 'static, echo: bool) -> JoinHandle<String>
             match pipe.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => {
+                    activity.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                     if echo {
                         // Written past libtest's capture on purpose: progress of a long run.
                         let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
