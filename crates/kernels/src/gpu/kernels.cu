@@ -215,6 +215,9 @@ __device__ __forceinline__ void check_peer_header(const Launch& l, u32 peer) {
 // thread of the block when the block must give up.
 template <class E>
 __device__ bool barrier(const Launch& l, u64 value, bool check_headers) {
+#ifdef ARFUSE_EXP_NO_HEADER
+  check_headers = false;  // measurement only: no header is ever sent
+#endif
   const LaunchParams& p = l.p;
   const u32 t = tid_x();
   // The block's writes are ordered before the signalling threads' release by the block barrier
