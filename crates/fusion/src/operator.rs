@@ -246,7 +246,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
         let call = self.validate(&args).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         let path = choose_path(&call.request, &self.config.policy);
-        self.check_graph_slots::<T>(path, &call)?;
+        self.check_graph_slots::<T>(path, &call).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)

@@ -70,15 +70,17 @@ pub const fn push_slot_offset(world: usize, slot_bytes: usize, rotation: usize, 
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 pub struct LaunchParams {
-    /// Each rank's input staging area for this call (peer pointers; `[rank]` is ours).
+    /// Each rank's input staging area for this call (peer pointers; `[rank]` is ours): read by
+    /// the reduce-scatter only (the 1-stage kernels push into `push` instead).
     pub staging: [u64; MAX_RANKS],
     /// Each rank's 2-stage scratch area (reduced chunks are stored here).
     pub scratch: [u64; MAX_RANKS],
     /// Each rank's signal area.
     pub signals: [u64; MAX_RANKS],
-    /// This rank's input. Cross-rank kernels first copy it into `staging[rank]` (each block the part
-    /// its peers' same-numbered blocks will read), unless it already *is* `staging[rank]` (a
-    /// registered buffer); add+RMSNorm reads the all-reduced sum from it.
+    /// This rank's input. The 1-stage kernels push it into every peer's push region; the
+    /// reduce-scatter first copies it into `staging[rank]` (each block the part its peers'
+    /// same-numbered blocks will read), unless it already *is* `staging[rank]` (a registered
+    /// buffer); add+RMSNorm reads the all-reduced sum from it.
     pub input: u64,
     /// The residual, `[rows, hidden]`.
     pub residual: u64,
@@ -109,11 +111,12 @@ pub struct LaunchParams {
     pub staging_half_bytes: u32,
     /// 0, or (with `barrier_base` 0) the device address of `u64[MAX_RANKS]`: every rank's input
     /// for this call in this rank's address space, registered after a graph capture
-    /// ([`GRAPH_SLOT_BYTES`] per captured launch). Cross-rank kernels then read peers' inputs in
-    /// place instead of through the staging halves (nothing is copied), and end with a barrier
-    /// (value `barrier_base + 1`) so that no rank returns, and lets its user overwrite its input,
-    /// while a peer still reads it. A table with a zero entry (not registered yet) makes the
-    /// kernel leave [`ErrorWord::KIND_NOT_REGISTERED`] and return before any barrier.
+    /// ([`GRAPH_SLOT_BYTES`] per captured launch). The reduce-scatter then reads peers' inputs in
+    /// place instead of through the staging halves (nothing is copied); its closing barrier keeps
+    /// every rank from returning, and letting its user overwrite its input, while a peer still
+    /// reads it. A table with a zero entry (not registered yet) makes the kernel leave
+    /// [`ErrorWord::KIND_NOT_REGISTERED`] and return before any barrier. The 1-stage kernels
+    /// ignore it.
     pub inputs: u64,
     /// Each rank's push region (see [`push_region_bytes`]): every cross-rank launch writes its
     /// [`CallHeader`] there, and the 1-stage kernels push their input into it.
