@@ -463,21 +463,29 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Parameters shared by every launch of a call.
     fn params<T: Element>(&self, call: &Call, args: &Args<'_, B, T>) -> LaunchParams {
         LaunchParams {
-            signals: self.buffers.signal_ptrs(),
-            scratch: self.buffers.scratch_ptrs(),
-            push: self.buffers.push_ptrs(),
-            push_slot_bytes: self.buffers.push_slot_bytes() as u32,
             input: args.input.ptr.0,
             residual: args.residual.ptr.0,
             weight: args.weight.ptr.0,
             out: args.out.ptr.0,
             residual_out: args.residual_out.ptr.0,
-            deadline_ns: self.config.deadline.as_nanos().min(u64::MAX as u128) as u64,
             rows: call.rows as u32,
             hidden: call.hidden as u32,
+            eps: args.eps,
+            ..self.group_params()
+        }
+    }
+
+    /// What every launch of this rank gets whatever the call: the group's buffers, the rank, the
+    /// deadline.
+    fn group_params(&self) -> LaunchParams {
+        LaunchParams {
+            signals: self.buffers.signal_ptrs(),
+            scratch: self.buffers.scratch_ptrs(),
+            push: self.buffers.push_ptrs(),
+            push_slot_bytes: self.buffers.push_slot_bytes() as u32,
+            deadline_ns: self.config.deadline.as_nanos().min(u64::MAX as u128) as u64,
             rank: self.rank() as u32,
             world_size: self.world_size() as u32,
-            eps: args.eps,
             ..LaunchParams::default()
         }
     }
@@ -583,17 +591,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if self.poisoned.is_some() || matches!(why, Error::Poisoned(_)) {
             return;
         }
-        let params = LaunchParams {
-            signals: self.buffers.signal_ptrs(),
-            push: self.buffers.push_ptrs(),
-            push_slot_bytes: self.buffers.push_slot_bytes() as u32,
-            rank: self.rank() as u32,
-            world_size: self.world_size() as u32,
-            deadline_ns: self.config.deadline.as_nanos().min(u64::MAX as u128) as u64,
-            eps: args.eps,
-            flags: FLAG_REFUSED,
-            ..LaunchParams::default()
-        };
+        let params = LaunchParams { eps: args.eps, flags: FLAG_REFUSED, ..self.group_params() };
         // The error of this launch (a peer that made the call, seen as a mismatch on the CPU
         // backend) poisons the operator; the caller gets the refusal itself.
         let _ = self.launch_cross(stream, KernelId { op: Op::FusedOneStage, dtype: T::DTYPE }, params);
