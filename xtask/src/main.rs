@@ -174,6 +174,8 @@ fn test(sh: &Shell, require: &[String], hip: bool) -> Result<()> {
     let _req_c = sh.push_env("ARFUSE_REQUIRE_COMPILERS", &required);
     eprintln!("$ cargo test --workspace (ARFUSE_REQUIRE_BACKENDS={required:?})");
     cmd!(sh, "cargo test --workspace --all-targets").run().context("workspace tests")?;
+    // `--all-targets` leaves the documentation's examples out.
+    cmd!(sh, "cargo test --workspace --doc").run().context("doctests")?;
     // On a ROCm host the hip backend's tests run without being asked for.
     let hip = hip || (rocm_host() && hip_available());
     if hip {

@@ -102,6 +102,62 @@ struct Call {
 /// [`with_collective`](Self::with_collective) or [`with_communicator`](Self::with_communicator)
 /// holds a [`Communicator`] and dispatches there; one made with [`new`](Self::new) has none, and
 /// refuses the vendor path with [`Error::VendorUnavailable`] (see [`crate::vendor`]).
+///
+/// # What a newcomer needs to know
+/// - **Devices and streams** come from the backend: `Cpu::open_device(0, 1)`,
+///   `Cuda::open_device(ordinal, ranks_sharing_it)`, `B::create_stream(&device)`. The
+///   **rendezvous** comes from [`crate::ipc`]: `ThreadRendezvous::group` for ranks that are threads,
+///   `UnixRendezvous::connect` for rank processes, or your own `Rendezvous` over your engine's
+///   channel (whatever it returns is validated).
+/// - **Shapes come from lengths**: `hidden = weight.len()`, `rows = input.len() / hidden`; a
+///   hidden size must be a multiple of 16 bytes (8 bf16/f16 elements).
+/// - **Every tensor starts on a 16-byte boundary**, or the call is refused (`Misaligned`).
+/// - **Aliasing**: `out` may be the input and `residual_out` the residual (the in-place forms,
+///   bit-identical to out of place); any other overlap is refused (`Aliasing`).
+/// - **Memory**: each rank allocates `64 KiB + 1.5 x max_size` of shared memory (staging and
+///   scratch of the 2-stage path; 192 MiB by default) plus the push region, `3 x world x push
+///   slot` (the 1-stage threshold of the world size: 12 MiB at 2 ranks), all at creation.
+/// - **Configuration**: [`Config::default`] is the library's defaults; [`Config::from_env`] applies
+///   the `ARFUSE_*` variables on top ([`crate::config`] lists them).
+/// - **Numerics**: `residual_out = round(round(Σ x_r) + residual)`, ranks summed in f32 in rank
+///   order; `out = round(w · round(residual_out · inv))`, normalise, round, then scale (the Hugging
+///   Face order), with `var` in f32 ([`arfuse_kernels::contract`] has the domain).
+///
+/// ```
+/// use arfuse_fusion::ipc::{Rendezvous, ThreadRendezvous};
+/// use arfuse_fusion::kernels::{api::Cpu, Backend};
+/// use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
+/// use half::bf16;
+/// use std::time::Duration;
+///
+/// let group = ThreadRendezvous::group(2, Duration::from_secs(30));
+/// std::thread::scope(|scope| {
+///     for mut rendezvous in group {
+///         scope.spawn(move || {
+///             let device = Cpu::open_device(0, 1).unwrap();
+///             let stream = Cpu::create_stream(&device).unwrap();
+///             let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, Config::default()).unwrap();
+///             let x = vec![bf16::from_f32(rendezvous.rank() as f32 + 1.0); 2 * 64]; // 2 rows of 64
+///             let residual = vec![bf16::from_f32(0.5); 2 * 64];
+///             let weight = vec![bf16::ONE; 64];
+///             let (mut out, mut residual_out) = (vec![bf16::ZERO; 2 * 64], vec![bf16::ZERO; 2 * 64]);
+///             let path = op
+///                 .forward(&stream, Args {
+///                     input: TensorRef::new(&x[..]),
+///                     residual: TensorRef::new(&residual[..]),
+///                     weight: TensorRef::new(&weight[..]),
+///                     out: TensorMut::new(&mut out[..]),
+///                     residual_out: TensorMut::new(&mut residual_out[..]),
+///                     eps: 1e-6,
+///                 })
+///                 .unwrap();
+///             assert_eq!(path, Path::OneStage);
+///             assert!(residual_out.iter().all(|v| v.to_f32() == 3.5)); // 1 + 2 + 0.5
+///             assert!(out.iter().all(|v| v.to_f32() == 1.0)); // a constant row normalises to 1
+///         });
+///     }
+/// });
+/// ```
 pub struct AllReduceRmsNorm<B: Backend> {
     device: B::Device,
     buffers: SharedBuffers<B>,
