@@ -300,9 +300,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// saying it refused, so that a peer that made the call gets [`Error::CallMismatch`] instead
     /// of pairing it with this rank's next call. (A poisoned operator sends nothing.)
     pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
-        let call = self.validate(&args).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
-        let path = choose_path(&call.request, &self.config.policy);
-        self.check_graph_slots::<T>(path, &call).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
+        let admitted = self.validate(&args).and_then(|call| {
+            let path = choose_path(&call.request, &self.config.policy);
+            self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
+        });
+        let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
@@ -311,28 +313,10 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Runs one call on `path` (tests and benchmarks compare paths on the same input). A fused path
     /// must fit (`bytes <= max_size / 2`); every rank must force the same path.
     pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
-        let call = self.validate(&args).inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
-        if matches!(path, Path::OneStage | Path::TwoStage)
-            && call.request.bytes() > (self.config.policy.max_size / 2) as u64
-        {
-            let err = Error::Config(format!(
-                "{path} forced for {} bytes, above max_size / 2 = {}",
-                call.request.bytes(),
-                self.config.policy.max_size / 2
-            ));
-            self.refuse::<T>(stream, &args, &err);
-            return Err(err);
-        }
-        let push_slot = self.buffers.push_slot_bytes() as u64;
-        if path == Path::OneStage && call.request.bytes() > push_slot {
-            let err = Error::Config(format!(
-                "{path} forced for {} bytes, above the push protocol's receive slot of {push_slot} bytes \
-                 (Policy::push_slot_bytes)",
-                call.request.bytes()
-            ));
-            self.refuse::<T>(stream, &args, &err);
-            return Err(err);
-        }
+        let call = self
+            .validate(&args)
+            .and_then(|call| self.check_forced(path, &call).map(|()| call))
+            .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
@@ -372,6 +356,24 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             return Err(Error::GraphCapture("register_graph_inputs without begin_graph_capture".into()));
         };
         graph.register(&self.device, stream, rendezvous, rank, world)
+    }
+
+    /// Refuses a forced fused path the call does not fit: more than a staging half, or for 1-stage
+    /// more than the push protocol's receive slot.
+    fn check_forced(&self, path: Path, call: &Call) -> Result<()> {
+        let bytes = call.request.bytes();
+        let half = (self.config.policy.max_size / 2) as u64;
+        if matches!(path, Path::OneStage | Path::TwoStage) && bytes > half {
+            return Err(Error::Config(format!("{path} forced for {bytes} bytes, above max_size / 2 = {half}")));
+        }
+        let push_slot = self.buffers.push_slot_bytes() as u64;
+        if path == Path::OneStage && bytes > push_slot {
+            return Err(Error::Config(format!(
+                "{path} forced for {bytes} bytes, above the push protocol's receive slot of {push_slot} bytes \
+                 (Policy::push_slot_bytes)"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a call that would overflow the graph-input table while recording.
