@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// Skip checking outputs against the reference.
     #[arg(long)]
     pub no_check: bool,
+    /// Input sets the calls of a shape rotate through (default: enough that they do not all sit
+    /// in a 50 MB L2 cache, 2 to 8). `--input-sets 1` reads the same, L2-resident tensors on every
+    /// call, as the push prototype of ANCHORS.md measures.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub input_sets: Option<u16>,
     /// Input seed.
     #[arg(long, default_value_t = 0x00a7_f05e)]
     pub seed: u64,
@@ -181,6 +186,7 @@ fn run_backend(args: &BenchArgs, cases: Vec<(Mode, Shape)>, command: String) -> 
         repeats: args.repeats,
         check: !args.no_check,
         graph_inputs_in_place: !args.staged_graph_inputs,
+        input_sets: args.input_sets.map(usize::from),
         seed: args.seed,
         command,
     };

@@ -148,6 +148,8 @@ pub struct Plan {
     /// Decode graphs read their inputs in place (registered after capture) instead of copying
     /// them into the staging buffer.
     pub graph_inputs_in_place: bool,
+    /// Input sets per shape, where the command line fixed them (else [`input_sets`]).
+    pub input_sets: Option<usize>,
     /// Seed of the inputs.
     pub seed: u64,
     /// The command line, for the report.
@@ -162,9 +164,14 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
 const ROTATION_BYTES: usize = 256 << 20;
 
 /// Input sets for a shape: enough that they do not all sit in a 50 MB L2 cache, within limits.
-pub fn input_sets(shape: Shape, elem_bytes: usize) -> usize {
+pub fn default_input_sets(shape: Shape, elem_bytes: usize) -> usize {
     let per_set = 4 * shape.rows * shape.hidden * elem_bytes;
     ROTATION_BYTES.div_ceil(per_set.max(1)).clamp(2, 8)
+}
+
+/// The input sets of `shape` in this plan.
+fn input_sets(plan: &Plan, shape: Shape, elem_bytes: usize) -> usize {
+    plan.input_sets.unwrap_or_else(|| default_input_sets(shape, elem_bytes))
 }
 
 /// A barrier that a failing rank breaks, so that the others return an error instead of waiting.
@@ -411,14 +418,14 @@ pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::Progres
         } else {
             "1-stage pushed, 2-stage staged".to_string()
         },
-        input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(*s, T::DTYPE.size()))).collect(),
+        input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(plan, *s, T::DTYPE.size()))).collect(),
         floors,
         rows,
     })
 }
 
 fn prepare_case<T: Element>(plan: &Plan, mode: Mode, shape: Shape) -> Case<T> {
-    let sets = input_sets(shape, T::DTYPE.size());
+    let sets = input_sets(plan, shape, T::DTYPE.size());
     let seed = plan.seed ^ ((shape.rows as u64) << 32 | shape.hidden as u64);
     let fixtures: Vec<Fixture<T>> = (0..sets)
         .map(|i| {

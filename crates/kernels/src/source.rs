@@ -99,9 +99,9 @@ pub struct LaunchConfig {
 /// The launch configuration of `kernel` for `params` on a device with `sm_count` multiprocessors
 /// (compute units) available to this rank and a warp (wavefront) of `warp_size` threads.
 ///
-/// Kernels that wait on peers use at most `sm_count` (and [`MAX_BLOCKS`]) blocks of at most 1024
-/// threads, so that one block per multiprocessor keeps every rank's blocks resident together;
-/// the grid depends only on the shape and `sm_count`, so every rank launches the same grid.
+/// Kernels that wait on peers use at most [`resident_blocks`] blocks (and [`MAX_BLOCKS`]), so that
+/// every rank's blocks are resident together; the grid depends only on the shape and `sm_count`,
+/// so every rank launches the same grid.
 pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, warp_size: u32) -> LaunchConfig {
     let warp = warp_size.max(1);
     let sm_count = sm_count.max(1);
@@ -120,18 +120,41 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
     let elementwise = |work: u64, cap: u32| -> u32 {
         work.div_ceil(u64::from(ELEMENTWISE_THREADS)).min(u64::from(cap)).max(1) as u32
     };
-    let resident_cap = sm_count.min(MAX_BLOCKS as u32);
     let (grid, block) = match kernel.op {
-        Op::FusedOneStage => (rows.min(resident_cap), row_threads),
+        Op::FusedOneStage => {
+            // One warp more than the row's packs, where it fits and every row still gets a block
+            // of its own: its threads check the peers' call headers while the others wait for
+            // the data (kernels.cu `check_headers`), one round trip off a call.
+            let with_checkers = row_threads + warp;
+            let spare =
+                row_packs <= row_threads && with_checkers <= 1024 && rows <= resident_blocks(sm_count, with_checkers);
+            let block = if spare { with_checkers } else { row_threads };
+            (rows.min(resident_blocks(sm_count, block)), block)
+        }
         Op::ScratchAddRmsNorm | Op::AddRmsNorm => (rows.min(65_535), row_threads),
-        Op::AllReduceOneStage => (elementwise(packs, resident_cap), ELEMENTWISE_THREADS),
+        Op::AllReduceOneStage => {
+            (elementwise(packs, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
+        }
         Op::ReduceScatter => {
             let chunk = packs.div_ceil(u64::from(params.world_size.max(1)));
-            (elementwise(chunk, resident_cap), ELEMENTWISE_THREADS)
+            (elementwise(chunk, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
         }
         Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
     };
     LaunchConfig { grid, block, shared_bytes: 0 }
+}
+
+/// How many blocks of `block` threads a cross-rank kernel may launch on `sm_count` multiprocessors
+/// (compute units) with every block resident at once: `sm_count × min(1024 / block, 16)`, at most
+/// [`MAX_BLOCKS`]. Every kernel is compiled to fit a 1024-thread block on one multiprocessor
+/// (`ARFUSE_LAUNCH_BOUNDS`: at most 64 registers per thread on NVIDIA, 128 VGPRs on AMD), so
+/// `1024 / block` blocks of `block` threads take no more registers and threads than that one
+/// block; 16 blocks is the smallest per-multiprocessor block limit of the GPUs we run on (NVIDIA
+/// sm_75, AMD gfx9), and a block's ~1 KiB of shared memory fits 16 times everywhere. Blocks of a
+/// spinning kernel that were not resident could wait for peers that cannot start.
+pub fn resident_blocks(sm_count: u32, block: u32) -> u32 {
+    let per_sm = (1024 / block.max(1)).clamp(1, 16);
+    sm_count.max(1).saturating_mul(per_sm).min(MAX_BLOCKS as u32)
 }
 
 #[cfg(test)]
@@ -152,7 +175,8 @@ mod tests {
                     let c = launch_config(kernel, &params(rows, hidden, 4), 132 / 4, 32);
                     assert!(c.grid >= 1 && c.block <= 1024 && c.block % 32 == 0, "{kernel} {rows}x{hidden}: {c:?}");
                     if op.crosses_ranks() {
-                        assert!(c.grid <= 33 && c.grid as usize <= MAX_BLOCKS, "{kernel}: {c:?}");
+                        let resident = 33 * (1024 / c.block).min(16);
+                        assert!(c.grid <= resident && c.grid as usize <= MAX_BLOCKS, "{kernel}: {c:?}");
                     }
                     let row_packs = hidden as usize / dtype.pack_elems();
                     assert!(
@@ -162,6 +186,11 @@ mod tests {
                 }
             }
         }
+        let fused = KernelId { op: Op::FusedOneStage, dtype: DType::Bf16 };
+        assert_eq!(launch_config(fused, &params(1, 4096, 2), 66, 32).block, 544, "a warp of header checkers");
+        assert_eq!(launch_config(fused, &params(1, 8192, 2), 66, 32).block, 1024, "no room for one");
+        let many = launch_config(fused, &params(128, 4096, 2), 66, 32);
+        assert_eq!((many.grid, many.block), (128, 512), "a block per row beats the checkers");
         let empty = launch_config(KernelId { op: Op::FusedOneStage, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
         assert_eq!(empty.grid, 1, "a zero-row call still exchanges its header");
         let empty = launch_config(KernelId { op: Op::AddRmsNorm, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);

@@ -182,6 +182,33 @@ __device__ __forceinline__ void store16_sys(pack16* p, pack16 v) {
 }
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(ARFUSE_EXP_SOFT_CVT)
+// Hardware conversions (sm_80+): round to nearest even, subnormals kept (no .ftz), overflow to
+// infinity, exactly the contract's rounding; a NaN becomes the canonical NaN, which the contract
+// allows (NaN payloads and signs are the platform's). Two f32 go into one 32-bit word, `lo` in
+// the low half (PTX puts its first source in the high half).
+#define ARFUSE_HW_CVT 1
+__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ u32 f16x2_rn(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ float f32_from_f16(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h));
+  return f;
+}
+#endif
+#endif
+
+// Without hardware conversions (AMD, NVIDIA before sm_80) kernels.cu converts by hand.
+#ifndef ARFUSE_HW_CVT
+#define ARFUSE_HW_CVT 0
 #endif
 
 // ---- The launch parameters: a mirror of arfuse_kernels::LaunchParams (params.rs). ----

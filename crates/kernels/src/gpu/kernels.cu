@@ -11,25 +11,41 @@
 //   the fixed pack tree for the sum of squares, 1/sqrt with IEEE rounding, no FMA contraction.
 #include "arfuse.h"
 
-// ---- Storage types: conversions written by hand (round to nearest, ties to even). ----
+// ---- Storage types: a 16-byte pack widened to f32 and rounded back. ----
+// `narrow` rounds to nearest, ties to even: by the hardware where arfuse.h has it (ARFUSE_HW_CVT),
+// else by hand; both give the same bits for every non-NaN value (a NaN stays a NaN, its payload
+// is the platform's, as the contract allows).
 struct Bf16 {
   typedef u16 bits;
+  static constexpr int kN = 8;
   static constexpr u64 kCode = 0;  // DType::Bf16
-  static constexpr u32 kNegZero = 0x8000u;
-  static __device__ __forceinline__ float to_f32(u32 b) { return f32_from_bits(b << 16); }
   static __device__ __forceinline__ u32 from_f32(float f) {
     u32 x = bits_from_f32(f);
     if ((x & 0x7fffffffu) > 0x7f800000u) return (x >> 16) | 0x40u;  // quiet NaN
     x += 0x7fffu + ((x >> 16) & 1u);
     return x >> 16;
   }
+  static __device__ __forceinline__ void widen(u32 w, float* f) {
+    f[0] = f32_from_bits(w << 16);
+    f[1] = f32_from_bits(w & 0xffff0000u);
+  }
+  static __device__ __forceinline__ u32 narrow(const float* f) {
+#if ARFUSE_HW_CVT
+    return bf16x2_rn(f[0], f[1]);
+#else
+    return from_f32(f[0]) | (from_f32(f[1]) << 16);
+#endif
+  }
 };
 
 struct F16 {
   typedef u16 bits;
+  static constexpr int kN = 8;
   static constexpr u64 kCode = 1;  // DType::F16
-  static constexpr u32 kNegZero = 0x8000u;
   static __device__ __forceinline__ float to_f32(u32 h) {
+#if ARFUSE_HW_CVT
+    return f32_from_f16(h);
+#else
     u32 sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
     if (e == 0x1fu) return f32_from_bits(sign | 0x7f800000u | (m << 13));
     if (e == 0) {
@@ -37,6 +53,7 @@ struct F16 {
       return sign ? -v : v;
     }
     return f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+#endif
   }
   static __device__ __forceinline__ u32 from_f32(float f) {
     u32 x = bits_from_f32(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
@@ -53,24 +70,48 @@ struct F16 {
     if (rem > halfway || (rem == halfway && (h & 1u))) h += 1u;
     return sign | h;
   }
+  static __device__ __forceinline__ void widen(u32 w, float* f) {
+    f[0] = to_f32(w & 0xffffu);
+    f[1] = to_f32(w >> 16);
+  }
+  static __device__ __forceinline__ u32 narrow(const float* f) {
+#if ARFUSE_HW_CVT
+    return f16x2_rn(f[0], f[1]);
+#else
+    return from_f32(f[0]) | (from_f32(f[1]) << 16);
+#endif
+  }
 };
 
 struct F32 {
   typedef u32 bits;
+  static constexpr int kN = 4;
   static constexpr u64 kCode = 2;  // DType::F32
-  static constexpr u32 kNegZero = 0x80000000u;
-  static __device__ __forceinline__ float to_f32(u32 b) { return f32_from_bits(b); }
-  static __device__ __forceinline__ u32 from_f32(float f) { return bits_from_f32(f); }
+  static __device__ __forceinline__ void widen(u32 w, float* f) { f[0] = f32_from_bits(w); }
+  static __device__ __forceinline__ u32 narrow(const float* f) { return bits_from_f32(f[0]); }
 };
 
-// A 16-byte pack as N elements.
+// A 16-byte pack: four 32-bit words, each holding 32 / (bits of E) elements.
 template <class E>
 struct Pack {
-  static constexpr int N = 16 / sizeof(typename E::bits);
+  static constexpr int N = E::kN;       // elements
+  static constexpr int PerWord = N / 4;  // elements per 32-bit word
   union {
     pack16 v;
-    typename E::bits e[N];
+    u32 w[4];
   };
+  // The pack's elements as f32.
+  __device__ __forceinline__ void widen(float (&f)[N]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) E::widen(w[i], f + i * PerWord);
+  }
+  // The pack of `f` rounded to storage.
+  static __device__ __forceinline__ Pack narrow(const float (&f)[N]) {
+    Pack p;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p.w[i] = E::narrow(f + i * PerWord);
+    return p;
+  }
 };
 
 template <class E>
@@ -83,6 +124,12 @@ template <class E>
 __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p) {
   ((ARFUSE_GLOBAL pack16*)base)[index] = p.v;
 }
+
+// The rank-order sum of one element, finished: `acc + 0.0f` is the sum with every -0.0 term read
+// as +0.0 (contract.rs `sum_ranks`). A raw partial sum is -0.0 only while every term so far was
+// -0.0, where the canonical one is +0.0; the next other term gives both the same value, and
+// -0.0 + 0.0 = +0.0 mends the all-(-0.0) case. Exact otherwise (x + 0.0 = x for x != -0.0).
+__device__ __forceinline__ float finish_sum(float acc) { return acc + 0.0f; }
 
 // ---- Measurement switches (ARFUSE_KERNEL_DEFINES, source.rs `experiment_defines`): each leaves a
 // stage out and gives wrong results on purpose; never set in normal use. ----
@@ -246,58 +293,72 @@ __device__ bool barrier(const Launch& l, u64 value, bool check_headers) {
 }
 
 // ---- The row routine: add residual, RMSNorm; the same code on every path. ----
-// `source(k)` gives the rounded all-reduced sum of pack k of the row. The sum of squares follows
-// contract.rs's tree: per pack left to right; pairwise (a[i] += a[i + s], s = 16..1) over each
-// group of 32 consecutive packs (a butterfly of 32 lanes, whatever the warp width); pairwise over
-// the 128 group slots (missing packs and groups are +0.0, which adds exactly). Outputs are written
-// only when `abort` (if any) is still clear after every pack has been read; returns false if not.
-// The residual pack of a thread's first pack of a row, loaded early: the 1-stage kernel loads it
-// before it waits for its peers, so its latency hides behind the wait. (The weight too would
-// spill at 1024 threads per block; it is loaded just before the wait for the data.)
+// `sum(k, index)` gives the rounded all-reduced sum of pack `index` (the thread's k-th pack of the
+// row). The sum of squares follows contract.rs's tree: per pack left to right; pairwise
+// (a[i] += a[i + s], s = 16..1) over each group of 32 consecutive packs (a butterfly of 32 lanes,
+// whatever the warp width); pairwise over the 128 group slots (missing packs and groups are +0.0,
+// which adds exactly). Outputs are written only when `abort` (if any) is still clear after every
+// pack has been read; returns false if not.
+//
+// `K` is the most packs a thread holds: 1 when the row has no more packs than the block has
+// threads (hidden <= 8192 for bf16/f16 at 1024 threads), else ARFUSE_MAX_PACKS_PER_THREAD. The
+// pack of a thread and the tree are the same for both; K = 1 only needs fewer registers, so that
+// what `early` holds (the pack's residual and weight, loaded before the kernel read its epoch)
+// fits beside the rest.
 template <class E>
-struct Prefetch {
-  bool valid;
-  Pack<E> residual;
+struct Early {
+  bool valid;  // this thread has a pack in the first row of its block (K = 1 rows only)
+  Pack<E> input, residual, weight;
 };
 
+// The 1-stage kernel's first loads, issued before anything else: their latency then hides behind
+// the epoch read and the wait for the peers. Nothing is read for a refused call (its pointers
+// are not the caller's tensors) or where a thread holds more than one pack of a row.
 template <class E>
-__device__ __forceinline__ Prefetch<E> prefetch(const LaunchParams& p, u32 row) {
-  Prefetch<E> f = {};
-  const u32 n_packs = p.hidden / Pack<E>::N;
-  f.valid = row < p.rows && tid_x() < n_packs;
+__device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
+  Early<E> f = {};
+  const u32 n_packs = p.hidden / Pack<E>::N, row = bid_x(), t = tid_x();
+  f.valid = (p.flags & ARFUSE_FLAG_REFUSED) == 0 && row < p.rows && t < n_packs && n_packs <= bdim_x();
   if (f.valid) {
-    f.residual = load_pack<E>(p.residual, (u64)row * n_packs + tid_x());
+    const u64 k = (u64)row * n_packs + t;
+    f.input = load_pack<E>(p.input, k);
+    f.residual = load_pack<E>(p.residual, k);
+    f.weight = load_pack<E>(p.weight, t);
   }
   return f;
 }
 
-template <class E, class Source>
-__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source source, volatile int* abort,
-                                         Prefetch<E> early) {
+template <class E, int K, class Sum, class Checks>
+__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum, volatile int* abort,
+                                         bool use_early, const Early<E>& early, Checks checks) {
   constexpr int N = Pack<E>::N;
   __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
   __shared__ float row_sum;
   const u32 t = tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
-  Pack<E> ro[ARFUSE_MAX_PACKS_PER_THREAD];
-  Pack<E> w0;  // the first pack's weight, prefetched (more would spill at 1024 threads per block)
+  Pack<E> ro[K];
+  Pack<E> w0;  // the first pack's weight, loaded before the sum (more would spill at K > 1)
 #pragma unroll
-  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
+  for (int k = 0; k < K; ++k) {
     if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
     const u32 j = t + k * bdim_x();
     float sq = 0.0f;
     if (j < n_packs) {
-      // Residual and weight first: their loads travel while the sum's wait for peers.
-      const bool early_pack = k == 0 && early.valid;
-      const Pack<E> r = early_pack ? early.residual : load_pack<E>(p.residual, row_pack + j);
-      if (k == 0) w0 = load_pack<E>(p.weight, j);
-      const Pack<E> s = source(row_pack + j);
+      // Residual and weight first: their loads travel while the sum waits for peers.
+      const bool pre = k == 0 && use_early;
+      const Pack<E> r = pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
+      if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
+      float f[N], g[N];
+      sum(k, row_pack + j).widen(f);
+      r.widen(g);
+#pragma unroll
+      for (int i = 0; i < N; ++i) f[i] = f[i] + g[i];
+      ro[k] = Pack<E>::narrow(f);
+      ro[k].widen(f);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        ro[k].e[i] = (typename E::bits)E::from_f32(E::to_f32(s.e[i]) + E::to_f32(r.e[i]));
-        const float f = E::to_f32(ro[k].e[i]);
-        const float f2 = f * f;
+        const float f2 = f[i] * f[i];
         sq = i == 0 ? f2 : sq + f2;
       }
     }
@@ -305,6 +366,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source 
     for (int offset = 16; offset >= 1; offset /= 2) sq = sq + shfl_xor32(sq, offset);
     if ((j & 31u) == 0) group_sums[j / 32] = sq;
   }
+  checks();  // the last waits before any output is written (the 1-stage call headers)
   block_sync();
   if (abort && *abort) return false;
   if (t < 32) {
@@ -323,111 +385,160 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Source 
   block_sync();
   const float inv = div_rn(1.0f, sqrt_rn(div_rn(row_sum, (float)p.hidden) + p.eps));
 #pragma unroll
-  for (int k = 0; k < ARFUSE_MAX_PACKS_PER_THREAD; ++k) {
+  for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
     if (j < n_packs) {
       store_pack<E>(p.residual_out, row_pack + j, ro[k]);
       const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
-      Pack<E> o;
+      float x[N], y[N];
+      ro[k].widen(x);
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float normed = E::to_f32(E::from_f32(E::to_f32(ro[k].e[i]) * inv));
-        o.e[i] = (typename E::bits)E::from_f32(E::to_f32(w.e[i]) * normed);
-      }
-      store_pack<E>(p.out, row_pack + j, o);
+      for (int i = 0; i < N; ++i) x[i] = x[i] * inv;
+      Pack<E>::narrow(x).widen(x);
+      w.widen(y);
+#pragma unroll
+      for (int i = 0; i < N; ++i) y[i] = y[i] * x[i];
+      store_pack<E>(p.out, row_pack + j, Pack<E>::narrow(y));
     }
   }
   return true;
 }
 
-// ---- The push protocol of the 1-stage kernels. ----
-// Call e uses rotation e % 3 of every rank's push region. Each rank writes its input (every -0.0
-// element made +0.0) into its slot of every peer's rotation; the data is its own arrival flag: a
-// reader polls its *local* slot until no 32-bit word is the sentinel, then re-arms what it read
-// (no peer writes that rotation again before this rank's next two calls have sent to it). No
-// barrier, no fence, no read of a peer's memory, nothing registered.
-
-// Our pack `k`, as we send it: -0.0 elements made +0.0 (the contract's reading of -0.0).
-template <class E>
-__device__ __forceinline__ Pack<E> own_pack(const LaunchParams& p, u64 k) {
-  Pack<E> x = load_pack<E>(p.input, k);
-#pragma unroll
-  for (int i = 0; i < Pack<E>::N; ++i) x.e[i] = x.e[i] == E::kNegZero ? (typename E::bits)0 : x.e[i];
-  return x;
+// The row routine at the right width for the row (see norm_row's `K`); `early` is used where
+// `use_early` (K = 1 only).
+template <class E, class Sum>
+__device__ __forceinline__ bool norm_row_any(const LaunchParams& p, u32 row, Sum sum, volatile int* abort,
+                                             bool use_early, const Early<E>& early) {
+  auto none = [] {};
+  if (p.hidden / Pack<E>::N <= bdim_x()) return norm_row<E, 1>(p, row, sum, abort, use_early, early, none);
+  return norm_row<E, ARFUSE_MAX_PACKS_PER_THREAD>(p, row, sum, abort, false, early, none);
 }
 
+// ---- The push protocol of the 1-stage kernels. ----
+// Call e uses rotation e % 3 of every rank's push region. Each rank writes its input into its
+// slot of every peer's rotation; the data is its own arrival flag: a reader polls its *local* slot
+// until no 32-bit word is the sentinel, then re-arms what it read (no peer writes that rotation
+// again before this rank's next two calls have sent to it). No barrier, no fence, no read of a
+// peer's memory, nothing registered.
+
+// A pack as it is sent: a 32-bit word equal to the sentinel (f32 -0.0, or a -0.0 above a +0.0
+// in bf16/f16) becomes +0.0. The receivers' sum reads -0.0 as +0.0 anyway (finish_sum), so the
+// change is invisible, and no word of sent data is ever the sentinel.
 template <class E>
-__device__ __forceinline__ void push_pack(const Launch& l, u64 k) {
+__device__ __forceinline__ pack16 sendable(Pack<E> x) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x.w[i] = x.w[i] == ARFUSE_PUSH_SENTINEL ? 0u : x.w[i];
+  return x.v;
+}
+
+// Sends pack `k` of our input (`x`) into our slot of every peer.
+template <class E>
+__device__ __forceinline__ void push_pack(const Launch& l, u64 k, const Pack<E>& x) {
   const LaunchParams& p = l.p;
   if (ARFUSE_EXP_LOCAL_ONLY) return;
-  const Pack<E> x = own_pack<E>(p, k);
+  const pack16 v = sendable(x);
   for (u32 r = 0; r < p.world_size; ++r)
-    if (r != p.rank) store16_sys(slot_at(p, r, l.rot, p.rank) + k, x.v);
+    if (r != p.rank) store16_sys(slot_at(p, r, l.rot, p.rank) + k, v);
 }
 
-// Pack `k` summed over ranks in rank order, rounded to storage; peers' packs waited for and re-armed.
-template <class E>
-__device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k) {
+// Pack `k` summed over ranks in rank order (ours is `own`), rounded to storage; peers' packs
+// waited for and re-armed.
+//
+// `kLate`: the caller checks the headers after the data (fused_rows), so a peer in another call,
+// which may never send this pack, must be seen by its header now and then while we wait.
+template <class E, bool kLate>
+__device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k, const Pack<E>& own) {
   const LaunchParams& p = l.p;
   constexpr int N = Pack<E>::N;
   float acc[N];
   for (u32 r = 0; r < p.world_size; ++r) {
     Pack<E> x;
     if (r == p.rank || ARFUSE_EXP_LOCAL_ONLY) {
-      x = own_pack<E>(p, k);
+      x = own;
     } else {
       ARFUSE_GLOBAL pack16* at = slot_at(p, p.rank, l.rot, r) + k;
+      u32 polls = 0;
       spin(l, r, [&] {
         x.v = load16_sys(at);
-        return arrived(x.v);
+        if (arrived(x.v)) return true;
+        if (kLate && (++polls & 255) == 0 && peer_header<E>(l, r) == 2) {
+          give_up(l, ARFUSE_ERROR_CALL_MISMATCH, r);
+          return true;
+        }
+        return false;
       });
       store16_sys(at, sentinel_pack());
     }
+    float f[N];
+    x.widen(f);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float v = E::to_f32(x.e[i]);
-      acc[i] = r == 0 ? v : acc[i] + v;
-    }
+    for (int i = 0; i < N; ++i) acc[i] = r == 0 ? f[i] : acc[i] + f[i];
   }
-  Pack<E> s;
 #pragma unroll
-  for (int i = 0; i < N; ++i) s.e[i] = (typename E::bits)E::from_f32(acc[i]);
-  return s;
+  for (int i = 0; i < N; ++i) acc[i] = finish_sum(acc[i]);
+  return Pack<E>::narrow(acc);
 }
 
 // Threads below the world size check their peer's header (in every block: each block writes
-// outputs only after the checks of its own threads).
+// outputs only after the checks of its own threads). With `checkers_last`, the block's last
+// world-size threads do instead: a block with threads to spare past its row's packs (the fused
+// kernel's extra warp, source.rs `launch_config`) checks there, beside the waits for the data.
 template <class E>
-__device__ __forceinline__ void check_headers(const Launch& l) {
+__device__ __forceinline__ void check_headers(const Launch& l, bool checkers_last = false) {
 #ifdef ARFUSE_EXP_NO_HEADER
   return;
 #endif
+  const u32 base = checkers_last ? bdim_x() - l.p.world_size : 0;
   const u32 t = tid_x();
-  if (t < l.p.world_size && t != l.p.rank) check_peer_header<E>(l, t);
+  if (t >= base && t - base < l.p.world_size && t - base != l.p.rank) check_peer_header<E>(l, t - base);
 }
 
-template <class E>
-__device__ __forceinline__ bool fused_1stage(const Launch& l) {
+// The rows of this block: every pack goes out first, so that the peers' waits end early; then
+// each row is summed and normalised. `use_early`: a thread's only pack of the block's first row
+// is `early`'s (K = 1 rows); the wide path (K > 1) keeps nothing from before the epoch.
+template <class E, int K>
+__device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, const Early<E>& early) {
   const LaunchParams& p = l.p;
   const u32 n_packs = p.hidden / Pack<E>::N;
   const bool sends = (p.flags & ARFUSE_FLAG_REFUSED) == 0;
   for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
-    for (u32 j = tid_x(); j < n_packs; j += bdim_x()) push_pack<E>(l, (u64)row * n_packs + j);
-  Prefetch<E> early = prefetch<E>(p, sends ? bid_x() : p.rows);
-  check_headers<E>(l);
+    for (u32 j = tid_x(); j < n_packs; j += bdim_x()) {
+      const u64 k = (u64)row * n_packs + j;
+      push_pack<E>(l, k, use_early && row == bid_x() ? early.input : load_pack<E>(p.input, k));
+    }
+  // The headers are checked once the first row's data is in: while it travelled, the peers'
+  // headers did too, so the check is one read, and it still comes before any output is written.
+  // (f32 checks them first: the late check's registers would spill there.)
+  constexpr bool kLate = sizeof(typename E::bits) == 2;
+  // Threads past the row's last pack (at least the world size of them) check the headers while
+  // the others wait for the data; else the first threads do, after their data (kLate).
+  const bool spare = K == 1 && bdim_x() >= n_packs + p.world_size;
+  if (!kLate) check_headers<E>(l);
+  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x()) {
+    const bool first = use_early && row == bid_x();
+    auto sum = [&](int k, u64 index) {
+      return receive_sum<E, kLate>(l, index, first && k == 0 ? early.input : load_pack<E>(p.input, index));
+    };
 #ifdef ARFUSE_EXP_NO_NORM  // measurement only: the sum goes to `out`, no row routine
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
     for (u32 j = tid_x(); j < n_packs; j += bdim_x())
-      store_pack<E>(p.out, (u64)row * n_packs + j, receive_sum<E>(l, (u64)row * n_packs + j));
-  return true;
+      store_pack<E>(p.out, (u64)row * n_packs + j, sum(j == tid_x() ? 0 : 1, (u64)row * n_packs + j));
+    if (kLate && row == bid_x()) check_headers<E>(l, spare);
+    continue;
 #endif
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
-  {
-    if (!norm_row<E>(p, row, [&](u64 k) { return receive_sum<E>(l, k); }, l.abort, early)) return false;
-    early.valid = false;  // only the first row's packs were loaded early
+    auto checks = [&] {
+      if (kLate && row == bid_x()) check_headers<E>(l, spare);
+    };
+    if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
+  if (kLate && (!sends || bid_x() >= p.rows)) check_headers<E>(l, spare);  // no row: refused or empty
   block_sync();
   return *l.abort == 0;
+}
+
+template <class E>
+__device__ __forceinline__ bool fused_1stage(const Launch& l, const Early<E>& early) {
+  if (l.p.hidden / Pack<E>::N <= bdim_x()) return fused_rows<E, 1>(l, early.valid, early);
+  return fused_rows<E, ARFUSE_MAX_PACKS_PER_THREAD>(l, false, early);
 }
 
 template <class E>
@@ -436,7 +547,7 @@ __device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
   const LaunchParams& p = l.p;
   const u64 packs = (p.flags & ARFUSE_FLAG_REFUSED) ? 0 : (u64)p.rows * p.hidden / Pack<E>::N;
   const u64 stride = (u64)gdim_x() * bdim_x();
-  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) push_pack<E>(l, k);
+  for (u64 k = (u64)bid_x() * bdim_x() + tid_x(); k < packs; k += stride) push_pack<E>(l, k, load_pack<E>(p.input, k));
   check_headers<E>(l);
   // Rounds of K packs per thread; `base` is the same in every thread of the block, so every thread
   // meets every block barrier. Sums are written only once the block's header checks are done.
@@ -445,7 +556,7 @@ __device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
 #pragma unroll
     for (u32 i = 0; i < K; ++i) {
       const u64 k = base + tid_x() + i * stride;
-      if (k < packs) sums[i] = receive_sum<E>(l, k);
+      if (k < packs) sums[i] = receive_sum<E, false>(l, k, load_pack<E>(p.input, k));
     }
     block_sync();
     if (*l.abort) return false;
@@ -461,24 +572,32 @@ __device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
 
 // ---- The 2-stage path: reduce-scatter through the staging areas and one barrier. ----
 
-// Sum over ranks of pack `index` of every rank's staging, in rank order, -0.0 read as +0.0,
-// rounded to storage.
-template <class E>
-__device__ __forceinline__ Pack<E> sum_staged(const Launch& l, u64 index) {
-  float acc[Pack<E>::N];
+// Sums over ranks of packs `first + i * stride` (i < U, those below `end`) of every rank's staging,
+// in rank order, -0.0 read as +0.0 (finish_sum), rounded to storage. The U packs of one rank are
+// read at once, so that a thread has U loads in flight, not one.
+template <class E, u32 U>
+__device__ __forceinline__ void sum_staged(const Launch& l, u64 first, u64 stride, u64 end, Pack<E> (&sums)[U]) {
+  constexpr int N = Pack<E>::N;
+  float acc[U][N];
   for (u32 r = 0; r < l.p.world_size; ++r) {
-    Pack<E> x = load_pack<E>(l.staging[r], index);
+    Pack<E> x[U];
 #pragma unroll
-    for (int i = 0; i < Pack<E>::N; ++i) {
-      u32 b = x.e[i];
-      float v = E::to_f32(b == E::kNegZero ? 0u : b);
-      acc[i] = r == 0 ? v : acc[i] + v;
+    for (u32 i = 0; i < U; ++i)
+      if (first + i * stride < end) x[i] = load_pack<E>(l.staging[r], first + i * stride);
+#pragma unroll
+    for (u32 i = 0; i < U; ++i) {
+      float f[N];
+      x[i].widen(f);
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc[i][j] = r == 0 ? f[j] : acc[i][j] + f[j];
     }
   }
-  Pack<E> s;
 #pragma unroll
-  for (int i = 0; i < Pack<E>::N; ++i) s.e[i] = (typename E::bits)E::from_f32(acc[i]);
-  return s;
+  for (u32 i = 0; i < U; ++i) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[i][j] = finish_sum(acc[i][j]);
+    sums[i] = Pack<E>::narrow(acc[i]);
+  }
 }
 
 // The pack range rank `r` reduces (cpu::kernels::chunk_of, in packs).
@@ -494,20 +613,35 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
   const u64 packs = (p.flags & ARFUSE_FLAG_REFUSED) ? 0 : (u64)p.rows * p.hidden / Pack<E>::N;
   const u64 stride = (u64)gdim_x() * bdim_x();
   const u64 first = (u64)bid_x() * bdim_x() + tid_x();
+  // Each thread keeps several accesses in flight (a 16-byte access per thread and iteration
+  // leaves too few bytes in flight for the copy rate): 4 packs per copy step, 2 per sum step.
+  constexpr u32 kCopy = 4, kSum = 2;
   if (l.copy) {
     // Block b copies what every rank's block b will read: its share of each rank's chunk.
     for (u32 r = 0; r < p.world_size; ++r) {
       u64 start, end;
       chunk_of(r, p.world_size, packs, &start, &end);
-      for (u64 k = start + first; k < end; k += stride) store_pack<E>(l.staging[p.rank], k, load_pack<E>(p.input, k));
+      for (u64 k = start + first; k < end; k += kCopy * stride) {
+        Pack<E> v[kCopy];
+#pragma unroll
+        for (u32 i = 0; i < kCopy; ++i)
+          if (k + i * stride < end) v[i] = load_pack<E>(p.input, k + i * stride);
+#pragma unroll
+        for (u32 i = 0; i < kCopy; ++i)
+          if (k + i * stride < end) store_pack<E>(l.staging[p.rank], k + i * stride, v[i]);
+      }
     }
   }
   if (!barrier<E>(l, 2 * l.epoch, true)) return false;
   u64 start, end;
   chunk_of(p.rank, p.world_size, packs, &start, &end);
-  for (u64 k = start + first; k < end; k += stride) {
-    Pack<E> s = sum_staged<E>(l, k);
-    for (u32 r = 0; r < p.world_size; ++r) store_pack<E>(p.scratch[r], k, s);
+  for (u64 k = start + first; k < end; k += kSum * stride) {
+    Pack<E> s[kSum];
+    sum_staged<E, kSum>(l, k, stride, end, s);
+#pragma unroll
+    for (u32 i = 0; i < kSum; ++i)
+      if (k + i * stride < end)
+        for (u32 r = 0; r < p.world_size; ++r) store_pack<E>(p.scratch[r], k + i * stride, s[i]);
   }
   return barrier<E>(l, 2 * l.epoch + 1, false);
 }
@@ -578,14 +712,14 @@ __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;
   const u64 scratch = p.scratch[p.rank];
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(scratch, k); }, 0, Prefetch<E>{});
+    norm_row_any<E>(p, row, [&](int, u64 k) { return load_pack<E>(scratch, k); }, nullptr, false, Early<E>{});
 }
 
 template <class E>
 __device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;  // the unfused path's all-reduce gave up: no sum to normalise
   for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row<E>(p, row, [&](u64 k) { return load_pack<E>(p.input, k); }, 0, Prefetch<E>{});
+    norm_row_any<E>(p, row, [&](int, u64 k) { return load_pack<E>(p.input, k); }, nullptr, false, Early<E>{});
 }
 
 template <class E>
@@ -601,7 +735,8 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 #define ARFUSE_KERNEL(name) extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS name(const ARFUSE_GRID_CONSTANT LaunchParams p)
 #define ARFUSE_INSTANTIATE(dtype, E)                                                                  \
   ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype) {                                                    \
-    cross_rank<E, false>(p, 0, [](const Launch& l) { return fused_1stage<E>(l); });                          \
+    const Early<E> early = load_early<E>(p); /* before the epoch read: see load_early */              \
+    cross_rank<E, false>(p, 0, [&](const Launch& l) { return fused_1stage<E>(l, early); });                  \
   }                                                                                                   \
   ARFUSE_KERNEL(reduce_scatter_##dtype) {                                                             \
     cross_rank<E, true>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
