@@ -7,6 +7,7 @@
 //! | concept | here |
 //! |---|---|
 //! | backend (cpu, cuda, hip) | [`Backend`], [`cpu::Cpu`] |
+//! | what the GPU backends add: owned buffers, captured graphs | [`GpuBackend`] |
 //! | device memory peers can map | [`Backend::SharedBuffer`], exported as [`Backend::IpcHandle`] |
 //! | a peer's buffer in our address space | [`Backend::PeerMapping`] |
 //! | one kernel, its arguments | [`KernelId`], [`LaunchParams`] |
@@ -33,6 +34,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod gpu;
 #[cfg(feature = "hip")]
 pub mod hip;
 pub mod kernel_id;
@@ -43,6 +45,7 @@ pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
 pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use gpu::GpuBackend;
 pub use kernel_id::{KernelId, Op};
 pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 pub use source::MAX_ROW_PACKS;

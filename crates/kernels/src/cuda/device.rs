@@ -154,13 +154,13 @@ impl CudaDevice {
         self.0.ctx.check_err().call("(an earlier cudarc drop)")
     }
 
-    /// Makes this device's context current on the calling thread.
     /// Free and total device memory in bytes (`cuMemGetInfo`), as this context sees them.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.bind()?;
         cudarc::driver::result::mem_get_info().call("cuMemGetInfo")
     }
 
+    /// Makes this device's context current on the calling thread.
     pub(crate) fn bind(&self) -> Result<()> {
         result::ctx::bind(self.0.ctx.cu_ctx())
     }

@@ -38,7 +38,8 @@ pub use memory::{CudaBuffer, CudaIpcHandle, CudaPeerMapping, CudaShared};
 pub use module::{compile_offline, OfflineImage};
 pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
 
-use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};
+use crate::gpu::HandleOrigin;
+use crate::{Backend, BackendKind, DevicePtr, Element, Error, GpuBackend, KernelId, LaunchParams, Result};
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -208,5 +209,74 @@ impl Backend for Cuda {
 
     fn elapsed(start: &CudaEvent, end: &CudaEvent) -> Result<Duration> {
         end.elapsed_since(start)
+    }
+}
+
+impl GpuBackend for Cuda {
+    type Buffer<T: Element> = CudaBuffer<T>;
+    type Graph = CudaGraphExec;
+
+    fn zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaBuffer<T>> {
+        CudaBuffer::zeros(device, len)
+    }
+
+    fn begin_capture(stream: &CudaStream) -> Result<()> {
+        stream.begin_capture()
+    }
+
+    /// `cuStreamEndCapture`, `cuGraphInstantiateWithFlags`, then `cuGraphUpload`.
+    fn end_capture(stream: &CudaStream) -> Result<CudaGraphExec> {
+        let graph = stream.end_capture()?;
+        graph.upload(stream)?;
+        Ok(graph)
+    }
+
+    unsafe fn replay(graph: &CudaGraphExec, stream: &CudaStream) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { graph.launch(stream) }
+    }
+
+    fn is_complete(event: &CudaEvent) -> Result<bool> {
+        event.is_complete()
+    }
+
+    fn check_err(device: &CudaDevice) -> Result<()> {
+        device.check_err()
+    }
+
+    fn memory_info(device: &CudaDevice) -> Result<(usize, usize)> {
+        device.memory_info()
+    }
+
+    fn stream_device(stream: &CudaStream) -> &CudaDevice {
+        stream.device()
+    }
+
+    fn multiprocessors(device: &CudaDevice) -> u32 {
+        device.sm_count()
+    }
+
+    fn warp_size(device: &CudaDevice) -> u32 {
+        device.warp_size()
+    }
+
+    fn handle_origin(handle: &CudaIpcHandle) -> HandleOrigin {
+        HandleOrigin {
+            pid: handle.pid,
+            ordinal: handle.ordinal,
+            process_token: handle.process_token,
+            ptr: DevicePtr(handle.ptr),
+            len: handle.len,
+            from_this_process: handle.is_from_this_process(),
+        }
+    }
+
+    fn is_ipc(mapping: &CudaPeerMapping) -> bool {
+        mapping.is_ipc()
+    }
+
+    /// NVRTC loads (the backend compiles its kernels at run time).
+    fn kernels_available() -> Result<()> {
+        Cuda::nvrtc_version().map(|_| ())
     }
 }

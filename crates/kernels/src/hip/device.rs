@@ -212,6 +212,12 @@ impl HipDevice {
         }
     }
 
+    /// Free and total device memory in bytes (`hipMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        result::mem::info()
+    }
+
     /// Makes this device current on the calling thread (`hipSetDevice`; thread-local, cheap).
     pub(crate) fn bind(&self) -> Result<()> {
         result::device::set(self.0.ordinal)

@@ -51,7 +51,8 @@ pub use memory::{HipBuffer, HipIpcHandle, HipPeerMapping, HipShared};
 pub use module::{offline_image_path, rtc_options, KERNEL_DIR_ENV};
 pub use stream::{HipEvent, HipGraphExec, HipStream};
 
-use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};
+use crate::gpu::HandleOrigin;
+use crate::{Backend, BackendKind, DevicePtr, Element, Error, GpuBackend, KernelId, LaunchParams, Result};
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -213,5 +214,75 @@ impl Backend for Hip {
 
     fn elapsed(start: &HipEvent, end: &HipEvent) -> Result<Duration> {
         end.elapsed_since(start)
+    }
+}
+
+impl GpuBackend for Hip {
+    type Buffer<T: Element> = HipBuffer<T>;
+    type Graph = HipGraphExec;
+
+    fn zeros<T: Element>(device: &HipDevice, len: usize) -> Result<HipBuffer<T>> {
+        HipBuffer::zeros(device, len)
+    }
+
+    fn begin_capture(stream: &HipStream) -> Result<()> {
+        stream.begin_capture()
+    }
+
+    /// `hipStreamEndCapture`, then `hipGraphInstantiate` (HIP has no separate upload step).
+    fn end_capture(stream: &HipStream) -> Result<HipGraphExec> {
+        stream.end_capture()
+    }
+
+    unsafe fn replay(graph: &HipGraphExec, stream: &HipStream) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { graph.launch(stream) }
+    }
+
+    fn is_complete(event: &HipEvent) -> Result<bool> {
+        event.is_complete()
+    }
+
+    fn check_err(device: &HipDevice) -> Result<()> {
+        device.check_err()
+    }
+
+    fn memory_info(device: &HipDevice) -> Result<(usize, usize)> {
+        device.memory_info()
+    }
+
+    fn stream_device(stream: &HipStream) -> &HipDevice {
+        stream.device()
+    }
+
+    fn multiprocessors(device: &HipDevice) -> u32 {
+        device.cu_count()
+    }
+
+    fn warp_size(device: &HipDevice) -> u32 {
+        device.warp_size()
+    }
+
+    fn handle_origin(handle: &HipIpcHandle) -> HandleOrigin {
+        HandleOrigin {
+            pid: handle.pid,
+            ordinal: handle.ordinal,
+            process_token: handle.process_token,
+            ptr: DevicePtr(handle.ptr),
+            len: handle.len,
+            from_this_process: handle.is_from_this_process(),
+        }
+    }
+
+    fn is_ipc(mapping: &HipPeerMapping) -> bool {
+        mapping.is_ipc()
+    }
+
+    /// Code objects in `ARFUSE_KERNEL_DIR`, or hipRTC loads.
+    fn kernels_available() -> Result<()> {
+        if std::env::var_os(KERNEL_DIR_ENV).is_some_and(|dir| !dir.is_empty()) {
+            return Ok(());
+        }
+        Hip::hiprtc_library().map(|_| ())
     }
 }

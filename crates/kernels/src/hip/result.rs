@@ -52,6 +52,7 @@ extern "C" {
     fn hipExtMallocWithFlags(ptr: *mut *mut c_void, bytes: usize, flags: c_uint) -> c_int;
     fn hipFree(ptr: *mut c_void) -> c_int;
     fn hipMemset(dst: *mut c_void, value: c_int, bytes: usize) -> c_int;
+    fn hipMemGetInfo(free: *mut usize, total: *mut usize) -> c_int;
     fn hipMemGetAddressRange(base: *mut *mut c_void, size: *mut usize, ptr: *mut c_void) -> c_int;
     fn hipMemcpyAsync(
         dst: *mut c_void,
@@ -437,6 +438,14 @@ pub(crate) mod mem {
         // SAFETY: the out-pointer is a live local.
         check("hipMalloc", unsafe { hipMalloc(&mut ptr, bytes) })?;
         Ok(ptr as u64)
+    }
+
+    /// `hipMemGetInfo`: free and total memory of the current device, in bytes.
+    pub(crate) fn info() -> Result<(usize, usize)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: the out-pointers are live locals.
+        check("hipMemGetInfo", unsafe { hipMemGetInfo(&mut free, &mut total) })?;
+        Ok((free, total))
     }
 
     /// `hipMemGetAddressRange`: the base address and size of the allocation that holds `ptr`.
