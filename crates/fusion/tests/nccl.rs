@@ -27,27 +27,24 @@ const SHAPES: [(usize, usize); 3] = [(1, 4096), (16, 8192), (128, 5120)];
 
 /// Whether this machine can run the test: `min_devices` CUDA devices and a loadable NCCL.
 fn nccl_available(test: &str, min_devices: usize) -> bool {
-    let required = std::env::var("ARFUSE_REQUIRE_BACKENDS").unwrap_or_default().split(',').any(|b| b.trim() == "nccl");
-    let why = match Cuda::device_count() {
-        Ok(0) => "no CUDA device".to_string(),
+    let available = match Cuda::device_count() {
+        Ok(0) => Err("no CUDA device".to_string()),
         Ok(n) if n < min_devices => {
             // A property of the machine, not a missing backend: skip even where nccl is required.
-            println!("SKIP {test}: {n} CUDA device(s), the test needs {min_devices} (NCCL: one GPU per rank)");
-            return false;
+            let why = format!("{n} CUDA device(s), the test needs {min_devices} (NCCL: one GPU per rank)");
+            return arfuse_testkit::skip::skip("nccl", test, why);
         }
         Ok(_) => match Library::open(Vendor::Nccl) {
             Ok(library) => {
                 let (major, minor, patch) = library.version();
                 println!("{test}: NCCL {major}.{minor}.{patch} from {}", library.path());
-                return true;
+                Ok(())
             }
-            Err(e) => e.to_string(),
+            Err(e) => Err(e.to_string()),
         },
-        Err(e) => e.to_string(),
+        Err(e) => Err(e.to_string()),
     };
-    assert!(!required, "{test}: ARFUSE_REQUIRE_BACKENDS names nccl, but: {why}");
-    println!("SKIP {test}: {why}");
-    false
+    arfuse_testkit::require_backend("nccl", test, available)
 }
 
 /// `fixture` with every `-0.0` input turned into `+0.0`. The contract's sum maps `-0.0` to `+0.0`;

@@ -8,6 +8,7 @@ use super::device::CudaDevice;
 use super::result::{self, ipc, mem};
 use super::stream::CudaStream;
 use super::Cuda;
+use crate::gpu::opens::SharedOpens;
 use crate::{DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 use cudarc::driver::sys;
 use std::hash::{BuildHasher, Hasher};
@@ -150,6 +151,10 @@ impl CudaIpcHandle {
     }
 }
 
+/// IPC mappings open in this process (see [`SharedOpens`]): every [`CudaPeerMapping`] of one handle
+/// on one device shares one `cuIpcOpenMemHandle`, closed with its last user.
+static OPENED: SharedOpens = SharedOpens::new();
+
 /// How a peer's buffer became reachable, and what to undo on drop.
 #[derive(Debug)]
 enum Reach {
@@ -159,8 +164,9 @@ enum Reach {
     /// context, which this mapping keeps retained (released on drop). Peer access stays enabled: other
     /// mappings may rely on it.
     Peer { peer_device: sys::CUdevice },
-    /// Another process: `cuIpcOpenMemHandle`, closed on drop.
-    Ipc,
+    /// Another process: a shared open of `cuIpcOpenMemHandle` (see [`OPENED`]), closed with its
+    /// last user.
+    Ipc { handle: [u8; 64] },
 }
 
 /// A peer's [`CudaShared`] as seen from this rank (see [`CudaIpcHandle`]).
@@ -181,8 +187,9 @@ impl CudaPeerMapping {
         device.bind()?;
         let len = handle.len as usize;
         if !handle.is_from_this_process() {
-            let ptr = ipc::open_mem_handle(&handle.handle)?;
-            return Ok(CudaPeerMapping { ptr, len, reach: Reach::Ipc, device: device.clone() });
+            let ptr = OPENED.open(device.ordinal(), &handle.handle, || ipc::open_mem_handle(&handle.handle))?;
+            let reach = Reach::Ipc { handle: handle.handle };
+            return Ok(CudaPeerMapping { ptr, len, reach, device: device.clone() });
         }
         let peer_ordinal = handle.ordinal as usize;
         if peer_ordinal == device.ordinal() {
@@ -220,20 +227,21 @@ impl CudaPeerMapping {
     }
     /// Whether the buffer was opened through CUDA IPC (it belongs to another process).
     pub fn is_ipc(&self) -> bool {
-        matches!(self.reach, Reach::Ipc)
+        matches!(self.reach, Reach::Ipc { .. })
     }
 }
 
 impl Drop for CudaPeerMapping {
     fn drop(&mut self) {
-        match self.reach {
+        match &self.reach {
             Reach::Local => {}
-            Reach::Peer { peer_device } => self.device.record_err(result::ctx::release_primary(peer_device)),
-            Reach::Ipc => {
-                let res = self.device.bind().and_then(|()| {
-                    // SAFETY: opened by `CudaPeerMapping::open` and closed only here, once; users keep
-                    // the mapping alive while kernels use it (the `Backend` contract).
-                    unsafe { ipc::close_mem_handle(self.ptr) }
+            Reach::Peer { peer_device } => self.device.record_err(result::ctx::release_primary(*peer_device)),
+            Reach::Ipc { handle } => {
+                let res = OPENED.close(self.device.ordinal(), handle, |ptr| {
+                    self.device.bind()?;
+                    // SAFETY: opened by `CudaPeerMapping::open` and closed only here, once, by its last
+                    // user; users keep their mapping alive while kernels use it (the `Backend` contract).
+                    unsafe { ipc::close_mem_handle(ptr) }
                 });
                 self.device.record_err(res);
             }
@@ -322,3 +330,16 @@ unsafe impl<T: Element> DeviceSlice<Cuda> for CudaBuffer<T> {
 
 // SAFETY: a `&mut CudaBuffer` is the only handle on its allocation.
 unsafe impl<T: Element> DeviceSliceMut<Cuda> for CudaBuffer<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaIpcHandle;
+
+    #[test]
+    fn handle_is_96_plain_bytes() {
+        let handle = CudaIpcHandle { pid: 7, ordinal: 1, process_token: 9, ptr: 0x1000, len: 4096, handle: [3; 64] };
+        let bytes = bytemuck::bytes_of(&handle);
+        assert_eq!(bytes.len(), 96);
+        assert_eq!(*bytemuck::from_bytes::<CudaIpcHandle>(bytes), handle);
+    }
+}

@@ -446,8 +446,8 @@ mod tests {
     /// Runs where libnvrtc loads (CI installs PyPI's nvidia-cuda-nvrtc 13.0); skipped elsewhere.
     #[test]
     fn nvrtc_builds_cubin_and_ptx() {
-        if !nvrtc::present() {
-            println!("SKIP nvrtc: libnvrtc not found");
+        let available = if nvrtc::present() { Ok(()) } else { Err("libnvrtc not found") };
+        if !arfuse_testkit::require_compiler("nvrtc", "cuda::module::tests::nvrtc_builds_cubin_and_ptx", available) {
             return;
         }
         let version = nvrtc::version().expect("nvrtc version");
@@ -484,10 +484,13 @@ mod tests {
     /// Skipped (loudly) without libnvrtc unless `ARFUSE_REQUIRE_COMPILERS` names `nvrtc`.
     #[test]
     fn arfuse_kernels_compile_for_every_nvidia_arch() {
-        if !nvrtc::present() {
-            let required = std::env::var("ARFUSE_REQUIRE_COMPILERS").unwrap_or_default();
-            assert!(!required.split(',').any(|c| c.trim() == "nvrtc"), "libnvrtc required but not found");
-            println!("SKIP nvrtc: libnvrtc not found (set LD_LIBRARY_PATH to PyPI nvidia-cuda-nvrtc's lib)");
+        let available = if nvrtc::present() {
+            Ok(())
+        } else {
+            Err("libnvrtc not found (set LD_LIBRARY_PATH to PyPI nvidia-cuda-nvrtc's lib)")
+        };
+        let test = "cuda::module::tests::arfuse_kernels_compile_for_every_nvidia_arch";
+        if !arfuse_testkit::require_compiler("nvrtc", test, available) {
             return;
         }
         let source = crate::source::full_source();

@@ -14,9 +14,8 @@ use super::device::HipDevice;
 use super::result::{self, flags, ipc, mem};
 use super::stream::HipStream;
 use super::Hip;
+use crate::gpu::opens::SharedOpens;
 use crate::{DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, Result};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::marker::PhantomData;
 use std::sync::OnceLock;
@@ -200,16 +199,9 @@ impl HipIpcHandle {
     }
 }
 
-/// IPC mappings open in this process: (our device ordinal, handle bytes) → (address, users).
-///
-/// HIP allows one open of a handle per device and process, and documents that the same handle
-/// need not map to the same address twice (unlike CUDA); so every [`HipPeerMapping`] of one handle
-/// on one device shares one open, counted here and closed with its last user. Opening, counting
-/// and closing all happen under the lock, so a close never races a re-open of the same handle.
-static OPENED: Mutex<BTreeMap<OpenKey, (u64, usize)>> = parking_lot::const_mutex(BTreeMap::new());
-
-/// (our device ordinal, the runtime's handle bytes).
-type OpenKey = (usize, [u8; 64]);
+/// IPC mappings open in this process (see [`SharedOpens`]): every [`HipPeerMapping`] of one handle
+/// on one device shares one `hipIpcOpenMemHandle`, closed with its last user.
+static OPENED: SharedOpens = SharedOpens::new();
 
 /// How a peer's buffer became reachable, and what to undo on drop.
 #[derive(Debug)]
@@ -287,31 +279,17 @@ impl HipPeerMapping {
 
 /// Opens `handle` on `device`, or shares the open this process already has.
 fn open_shared(device: &HipDevice, handle: &[u8; 64]) -> Result<u64> {
-    let mut opened = OPENED.lock();
-    let key = (device.ordinal(), *handle);
-    if let Some((ptr, users)) = opened.get_mut(&key) {
-        *users += 1;
-        return Ok(*ptr);
-    }
-    device.bind()?;
-    let (major, _, _) = result::split_version(device.runtime_version());
-    let ptr = ipc::open_mem_handle(handle, major)?;
-    opened.insert(key, (ptr, 1));
-    Ok(ptr)
+    OPENED.open(device.ordinal(), handle, || {
+        device.bind()?;
+        let (major, _, _) = result::split_version(device.runtime_version());
+        ipc::open_mem_handle(handle, major)
+    })
 }
 
 /// Drops one user of the open of `handle` on `device`, closing it with the last.
 fn close_shared(device: &HipDevice, handle: &[u8; 64]) {
-    let mut opened = OPENED.lock();
-    let key = (device.ordinal(), *handle);
-    let Some((ptr, users)) = opened.get_mut(&key) else { return };
-    *users -= 1;
-    if *users > 0 {
-        return;
-    }
-    let ptr = *ptr;
-    opened.remove(&key);
-    let res = device.bind().and_then(|()| {
+    let res = OPENED.close(device.ordinal(), handle, |ptr| {
+        device.bind()?;
         // SAFETY: opened by `open_shared` and closed only here, once, by its last user; users keep
         // their mapping alive while kernels use it (the `Backend` contract).
         unsafe { ipc::close_mem_handle(ptr) }
