@@ -17,7 +17,8 @@ use crate::report::{floor_bytes, Floors, Mode, PathTiming, Report, Row, Shape, S
 use anyhow::{anyhow, bail, Context, Result};
 use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
 use arfuse_ipc::ThreadRendezvous;
-use arfuse_kernels::{DeviceSlice, Element, GpuBackend};
+use arfuse_kernels::gpu::DeviceBuffer;
+use arfuse_kernels::{Element, GpuBackend};
 use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
 use parking_lot::{Condvar, Mutex};
 use std::sync::mpsc;
@@ -127,18 +128,18 @@ struct RankResult {
 
 /// One input set on the device.
 struct DeviceSet<B: GpuBackend, T: Element> {
-    input: B::Buffer<T>,
-    residual: B::Buffer<T>,
-    out: B::Buffer<T>,
-    residual_out: B::Buffer<T>,
+    input: DeviceBuffer<B, T>,
+    residual: DeviceBuffer<B, T>,
+    out: DeviceBuffer<B, T>,
+    residual_out: DeviceBuffer<B, T>,
 }
 
 /// The device's floors: copy bandwidth and one graph node.
 fn measure_floors<B: GpuBackend>(device: &B::Device, stream: &B::Stream) -> Result<Floors> {
     const BYTES: usize = 256 << 20;
-    let src = B::zeros::<half::bf16>(device, BYTES / 2)?;
-    let dst = B::zeros::<half::bf16>(device, BYTES / 2)?;
-    let (src_ptr, dst_ptr) = (DeviceSlice::<B>::device_ptr(&src), DeviceSlice::<B>::device_ptr(&dst));
+    let src = DeviceBuffer::<B, half::bf16>::zeros(device, BYTES / 2)?;
+    let dst = DeviceBuffer::<B, half::bf16>::zeros(device, BYTES / 2)?;
+    let (src_ptr, dst_ptr) = (src.device_ptr(), dst.device_ptr());
     let copy = || -> Result<f64> {
         let start = B::record_event(stream)?;
         // SAFETY: both buffers hold BYTES bytes and outlive the synchronisation below.
@@ -345,14 +346,14 @@ fn run_case<B: GpuBackend, T: Element>(
     phase.wait()?;
     let mut poisoned = vec![T::from_f32(0.0); case.shape.rows * case.shape.hidden];
     poison(&mut poisoned);
-    let weight = B::from_slice(stream, &case.sets[0].weight)?;
+    let weight = DeviceBuffer::<B, _>::from_slice(stream, &case.sets[0].weight)?;
     let mut sets = Vec::new();
     for fixture in &case.sets {
         sets.push(DeviceSet::<B, T> {
-            input: B::from_slice(stream, &fixture.inputs[rank])?,
-            residual: B::from_slice(stream, &fixture.residual)?,
-            out: B::from_slice(stream, &poisoned)?,
-            residual_out: B::from_slice(stream, &poisoned)?,
+            input: DeviceBuffer::<B, _>::from_slice(stream, &fixture.inputs[rank])?,
+            residual: DeviceBuffer::<B, _>::from_slice(stream, &fixture.residual)?,
+            out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
+            residual_out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
         });
     }
     let iters = match case.mode {
@@ -362,8 +363,8 @@ fn run_case<B: GpuBackend, T: Element>(
     .max(1);
     let mut timings = Vec::new();
     for path in [UNFUSED, Path::OneStage, Path::TwoStage] {
-        B::upload(&mut sets[0].out, stream, &poisoned)?;
-        B::upload(&mut sets[0].residual_out, stream, &poisoned)?;
+        sets[0].out.upload(stream, &poisoned)?;
+        sets[0].residual_out.upload(stream, &poisoned)?;
         let call = |op: &mut AllReduceRmsNorm<B>, sets: &mut [DeviceSet<B, T>], k: usize| -> Result<()> {
             let n = sets.len();
             let set = &mut sets[k % n];
@@ -438,8 +439,8 @@ fn run_case<B: GpuBackend, T: Element>(
         }
         let exact = match &case.reference {
             Some(reference) => {
-                let out = B::download(&sets[0].out, stream)?;
-                let residual_out = B::download(&sets[0].residual_out, stream)?;
+                let out = sets[0].out.download(stream)?;
+                let residual_out = sets[0].residual_out.download(stream)?;
                 let ok = unwritten(&out).is_empty()
                     && unwritten(&residual_out).is_empty()
                     && reference.residual_out_mismatches(&residual_out).total == 0

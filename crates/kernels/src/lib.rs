@@ -45,7 +45,7 @@ pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
 pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use gpu::GpuBackend;
+pub use gpu::{DeviceBuffer, GpuBackend};
 pub use kernel_id::{KernelId, Op};
 pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 pub use source::MAX_ROW_PACKS;

@@ -24,9 +24,23 @@ pub fn full_source() -> String {
     KERNELS.replace("#include \"arfuse.h\"", HEADER)
 }
 
+/// The FNV-1a 64 offset basis: the hash of no bytes.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 of `hash` (a running hash, [`FNV_OFFSET`] to start) extended by `bytes`.
+pub fn fnv1a_extend(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// FNV-1a 64 of `bytes`: the one hash of the workspace (source hash, cache keys and checksums, the
+/// test kit's snapshot digests). Stable across hosts and releases.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_extend(FNV_OFFSET, bytes)
+}
+
 /// A stable 64-bit FNV-1a hash of [`full_source`] (cache keys, offline image names).
 pub fn source_hash() -> u64 {
-    full_source().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    fnv1a(full_source().as_bytes())
 }
 
 /// Where an offline-built AMD code object of this source for `arch` lives, relative to the

@@ -5,7 +5,8 @@
 use crate::{gpu_available, UNFUSED};
 use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
 use arfuse_ipc::{Rendezvous, ThreadRendezvous, UnixRendezvous};
-use arfuse_kernels::{DeviceSlice, Element, GpuBackend};
+use arfuse_kernels::gpu::DeviceBuffer;
+use arfuse_kernels::{Element, GpuBackend};
 use arfuse_testkit::{
     assert_all_written, assert_ranks_succeeded, child, poison, run_processes, run_threads_each, Fixture, Problem,
     Reference, TestSeed,
@@ -41,13 +42,13 @@ pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(
                 let stream = B::create_stream(&device).expect("stream");
                 let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
                 let first = &cases[0].0;
-                let mut input = B::from_slice(&stream, &first.inputs[rank]).expect("input");
-                let mut residual = B::from_slice(&stream, &first.residual).expect("residual");
-                let mut weight = B::from_slice(&stream, &first.weight).expect("weight");
+                let mut input = DeviceBuffer::<B, _>::from_slice(&stream, &first.inputs[rank]).expect("input");
+                let mut residual = DeviceBuffer::<B, _>::from_slice(&stream, &first.residual).expect("residual");
+                let mut weight = DeviceBuffer::<B, _>::from_slice(&stream, &first.weight).expect("weight");
                 let mut poisoned = vec![bf16::from_f32(0.0); first.residual.len()];
                 poison(&mut poisoned);
-                let mut out = B::from_slice(&stream, &poisoned).expect("out");
-                let mut residual_out = B::from_slice(&stream, &poisoned).expect("residual_out");
+                let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
+                let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
                 B::begin_capture(&stream).expect("begin capture");
                 let path = op
                     .forward(
@@ -65,17 +66,17 @@ pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(
                 let graph = B::end_capture(&stream).expect("end capture");
                 phase.wait();
                 for (i, (fixture, reference)) in cases.iter().enumerate() {
-                    B::upload(&mut input, &stream, &fixture.inputs[rank]).expect("input");
-                    B::upload(&mut residual, &stream, &fixture.residual).expect("residual");
-                    B::upload(&mut weight, &stream, &fixture.weight).expect("weight");
-                    B::upload(&mut out, &stream, &poisoned).expect("poison");
-                    B::upload(&mut residual_out, &stream, &poisoned).expect("poison");
+                    input.upload(&stream, &fixture.inputs[rank]).expect("input");
+                    residual.upload(&stream, &fixture.residual).expect("residual");
+                    weight.upload(&stream, &fixture.weight).expect("weight");
+                    out.upload(&stream, &poisoned).expect("poison");
+                    residual_out.upload(&stream, &poisoned).expect("poison");
                     // SAFETY: the graph's tensors are the buffers above, alive until the end of this closure.
                     unsafe { B::replay(&graph, &stream) }.expect("replay");
                     op.check(&stream).expect("no peer failure");
                     let what = format!("rank {rank} replay {i} of {path} {rows}x{hidden}");
-                    let got_out = B::download(&out, &stream).expect("download");
-                    let got_residual_out = B::download(&residual_out, &stream).expect("download");
+                    let got_out = out.download(&stream).expect("download");
+                    let got_residual_out = residual_out.download(&stream).expect("download");
                     assert_all_written(&what, &got_out);
                     reference.assert_residual_out_exact(&what, &got_residual_out);
                     reference.assert_out_within(&what, &got_out, 1);
@@ -114,11 +115,11 @@ const GRAPH_CASES: [GraphCase; 4] = [
 struct GraphTensors<B: GpuBackend> {
     case: GraphCase,
     /// The allocation holding the input at `case.input_offset`.
-    input: B::Buffer<bf16>,
-    residual: B::Buffer<bf16>,
-    weight: B::Buffer<bf16>,
-    out: B::Buffer<bf16>,
-    residual_out: B::Buffer<bf16>,
+    input: DeviceBuffer<B, bf16>,
+    residual: DeviceBuffer<B, bf16>,
+    weight: DeviceBuffer<B, bf16>,
+    out: DeviceBuffer<B, bf16>,
+    residual_out: DeviceBuffer<B, bf16>,
 }
 
 impl<B: GpuBackend> GraphTensors<B> {
@@ -126,7 +127,7 @@ impl<B: GpuBackend> GraphTensors<B> {
         let device = B::stream_device(stream);
         let elems = case.rows * case.hidden;
         let pad = case.input_offset / std::mem::size_of::<bf16>();
-        let zeros = |len| B::zeros::<bf16>(device, len).expect("alloc");
+        let zeros = |len| DeviceBuffer::<B, bf16>::zeros(device, len).expect("alloc");
         GraphTensors {
             case,
             input: zeros(pad + elems),
@@ -142,19 +143,19 @@ impl<B: GpuBackend> GraphTensors<B> {
         let pad = self.case.input_offset / std::mem::size_of::<bf16>();
         let mut input = vec![bf16::from_f32(7.0); pad];
         input.extend_from_slice(&fixture.inputs[rank]);
-        B::upload(&mut self.input, stream, &input).expect("input");
-        B::upload(&mut self.residual, stream, &fixture.residual).expect("residual");
-        B::upload(&mut self.weight, stream, &fixture.weight).expect("weight");
+        self.input.upload(stream, &input).expect("input");
+        self.residual.upload(stream, &fixture.residual).expect("residual");
+        self.weight.upload(stream, &fixture.weight).expect("weight");
         let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
         poison(&mut poisoned);
-        B::upload(&mut self.out, stream, &poisoned).expect("poison out");
-        B::upload(&mut self.residual_out, stream, &poisoned).expect("poison residual_out");
+        self.out.upload(stream, &poisoned).expect("poison out");
+        self.residual_out.upload(stream, &poisoned).expect("poison residual_out");
     }
 
     /// Enqueues the case's call (captured or eager).
     fn forward(&mut self, op: &mut AllReduceRmsNorm<B>, stream: &B::Stream, eps: f32) -> arfuse_fusion::Result<Path> {
         let elems = self.case.rows * self.case.hidden;
-        let at = DeviceSlice::<B>::device_ptr(&self.input).add(self.case.input_offset);
+        let at = self.input.device_ptr().add(self.case.input_offset);
         // SAFETY: `at` is followed by `elems` elements of the input allocation, which lives (and is
         // only written between calls) as long as `self`.
         let input = unsafe { TensorRef::from_raw(at, elems) };
@@ -236,8 +237,8 @@ fn graph_in_place_rank<B: GpuBackend>(
         last.clear();
         for ((t, (fixture, reference)), path) in tensors.iter().zip(set).zip(&paths) {
             let what = format!("rank {rank} replay {replay} {} in place on {path}", fixture.problem);
-            let out = B::download(&t.out, &stream).expect("download");
-            let residual_out = B::download(&t.residual_out, &stream).expect("download");
+            let out = t.out.download(&stream).expect("download");
+            let residual_out = t.residual_out.download(&stream).expect("download");
             assert_all_written(&what, &out);
             assert_all_written(&what, &residual_out);
             reference.assert_residual_out_exact(&what, &residual_out);
@@ -253,9 +254,9 @@ fn graph_in_place_rank<B: GpuBackend>(
         op.check(&stream).expect("no peer failure");
         let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let what = format!("rank {rank} {}", fixture.problem);
-        assert!(same(&B::download(&t.out, &stream).expect("download"), replayed_out), "{what}: eager out != graph out");
+        assert!(same(&t.out.download(&stream).expect("download"), replayed_out), "{what}: eager out != graph out");
         assert!(
-            same(&B::download(&t.residual_out, &stream).expect("download"), replayed_residual_out),
+            same(&t.residual_out.download(&stream).expect("download"), replayed_residual_out),
             "{what}: eager residual_out != graph residual_out"
         );
     }
@@ -347,7 +348,7 @@ pub(crate) fn graph_replayed_before_registration_fails_cleanly<B: GpuBackend>(te
         let err = op.check(&stream).expect_err("replay before registration must fail");
         assert!(matches!(err, arfuse_fusion::Error::NotRegistered { .. }), "rank {rank}: {err}");
         assert!(start.elapsed() < Duration::from_secs(5), "rank {rank}: took {:?}", start.elapsed());
-        let out = B::download(&t.out, &stream).expect("download");
+        let out = t.out.download(&stream).expect("download");
         let mut poisoned = vec![bf16::ZERO; out.len()];
         poison(&mut poisoned);
         assert!(out.iter().zip(&poisoned).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {rank}: out was written");
@@ -389,10 +390,10 @@ pub(crate) fn many_graph_inputs_register_in_several_rounds<B: GpuBackend>(test: 
         unsafe { B::replay(&graph, &stream) }.expect("replay");
         op.check(&stream).expect("no peer failure");
         let what = format!("rank {rank} after {CALLS} captured calls");
-        let got = B::download(&t.residual_out, &stream).expect("download");
+        let got = t.residual_out.download(&stream).expect("download");
         assert_all_written(&what, &got);
         reference.assert_residual_out_exact(&what, &got);
-        reference.assert_out_within(&what, &B::download(&t.out, &stream).expect("download"), 1);
+        reference.assert_out_within(&what, &t.out.download(&stream).expect("download"), 1);
         rendezvous.all_gather(&[]).expect("meet");
         drop(graph);
     });

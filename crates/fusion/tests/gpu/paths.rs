@@ -4,6 +4,7 @@
 use crate::{gpu_available, UNFUSED};
 use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
 use arfuse_ipc::ThreadRendezvous;
+use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
 use arfuse_testkit::{assert_all_written, poison, run_threads_each, Fixture, Problem, Reference, TestSeed};
 use half::{bf16, f16};
@@ -31,18 +32,18 @@ fn check<B: GpuBackend, T: Element>(world: usize, shapes: &[(usize, usize)], see
         let stream = B::create_stream(&device).expect("stream");
         let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
         for (fixture, reference) in &cases {
-            let input = B::from_slice(&stream, &fixture.inputs[rank]).expect("input");
-            let residual = B::from_slice(&stream, &fixture.residual).expect("residual");
-            let weight = B::from_slice(&stream, &fixture.weight).expect("weight");
+            let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[rank]).expect("input");
+            let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
+            let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
             let mut poisoned = vec![T::from_f32(0.0); fixture.residual.len()];
             poison(&mut poisoned);
-            let mut out = B::from_slice(&stream, &poisoned).expect("out");
-            let mut residual_out = B::from_slice(&stream, &poisoned).expect("residual_out");
+            let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
+            let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
             phase.wait();
             let mut first_out: Option<Vec<T>> = None;
             for path in [None, Some(Path::OneStage), Some(Path::TwoStage), Some(UNFUSED)] {
-                B::upload(&mut out, &stream, &poisoned).expect("poison out");
-                B::upload(&mut residual_out, &stream, &poisoned).expect("poison residual_out");
+                out.upload(&stream, &poisoned).expect("poison out");
+                residual_out.upload(&stream, &poisoned).expect("poison residual_out");
                 let args = Args {
                     input: TensorRef::new(&input),
                     residual: TensorRef::new(&residual),
@@ -58,8 +59,8 @@ fn check<B: GpuBackend, T: Element>(world: usize, shapes: &[(usize, usize)], see
                 .expect("forward");
                 op.check(&stream).expect("no peer failure");
                 let what = format!("{} rank {rank} {} {ran}", B::KIND, fixture.problem);
-                let out = B::download(&out, &stream).expect("download");
-                let residual_out = B::download(&residual_out, &stream).expect("download");
+                let out = out.download(&stream).expect("download");
+                let residual_out = residual_out.download(&stream).expect("download");
                 assert_all_written(&what, &out);
                 assert_all_written(&what, &residual_out);
                 reference.assert_residual_out_exact(&what, &residual_out);

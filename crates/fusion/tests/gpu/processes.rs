@@ -4,6 +4,7 @@
 use crate::gpu_available;
 use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
 use arfuse_ipc::{Rendezvous, UnixRendezvous};
+use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
 use arfuse_testkit::{assert_ranks_succeeded, child, poison, run_processes, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
@@ -37,13 +38,13 @@ pub(crate) fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_me
             let mut rendezvous =
                 UnixRendezvous::connect(&dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
             let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
-            let input = B::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
-            let residual = B::from_slice(&stream, &fixture.residual).expect("residual");
-            let weight = B::from_slice(&stream, &fixture.weight).expect("weight");
+            let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
+            let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
+            let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
             let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
             poison(&mut poisoned);
-            let mut out = B::from_slice(&stream, &poisoned).expect("out");
-            let mut residual_out = B::from_slice(&stream, &poisoned).expect("residual_out");
+            let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
+            let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
             op.forward(
                 &stream,
                 Args {
@@ -57,7 +58,7 @@ pub(crate) fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_me
             )
             .expect("forward");
             op.check(&stream).unwrap_or_else(|e| panic!("cycle {n}: {e}"));
-            let got = B::download(&residual_out, &stream).expect("download");
+            let got = residual_out.download(&stream).expect("download");
             reference.assert_residual_out_exact(&format!("rank {} cycle {n}", me.rank), &got);
             // Free only once the peer's kernel has finished reading this rank's buffer.
             rendezvous.all_gather(&[]).expect("end of cycle");
@@ -116,16 +117,16 @@ pub(crate) fn a_dead_rank_process_makes_its_peer_time_out_not_hang<B: GpuBackend
         let mut rendezvous =
             UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
         let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
-        let input = B::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
-        let residual = B::from_slice(&stream, &fixture.residual).expect("residual");
-        let weight = B::from_slice(&stream, &fixture.weight).expect("weight");
+        let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
+        let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
+        let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
         let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
         poison(&mut poisoned);
-        let mut out = B::from_slice(&stream, &poisoned).expect("out");
-        let mut residual_out = B::from_slice(&stream, &poisoned).expect("residual_out");
+        let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
+        let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
         // Good calls on 1-stage; the calls that meet the fault on 2-stage.
         let mut call = |op: &mut AllReduceRmsNorm<B>, path: Path| -> arfuse_fusion::Result<Vec<bf16>> {
-            B::upload(&mut residual_out, &stream, &poisoned).expect("poison");
+            residual_out.upload(&stream, &poisoned).expect("poison");
             op.forward_on(
                 &stream,
                 path,
@@ -139,7 +140,7 @@ pub(crate) fn a_dead_rank_process_makes_its_peer_time_out_not_hang<B: GpuBackend
                 },
             )?;
             op.check(&stream)?;
-            Ok(B::download(&residual_out, &stream).expect("download"))
+            Ok(residual_out.download(&stream).expect("download"))
         };
         for n in 0..GOOD_CALLS {
             let got = call(&mut op, Path::OneStage).unwrap_or_else(|e| panic!("good call {n}: {e}"));

@@ -3,9 +3,9 @@
 
 use super::module::{self, LoadedModule};
 use super::result::{self, CallExt};
+use crate::gpu::parked::Parked;
 use crate::{BackendKind, Error, Result};
 use cudarc::driver::{sys, CudaContext};
-use parking_lot::Mutex;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -27,7 +27,7 @@ pub(crate) struct DeviceInner {
     co_resident_ranks: usize,
     driver_version: i32,
     kernels: OnceLock<Arc<LoadedModule>>,
-    parked: Mutex<Option<Error>>,
+    parked: Parked,
 }
 
 /// Checks that the driver library loads and initialises; the first step of every entry point.
@@ -86,7 +86,7 @@ impl CudaDevice {
             co_resident_ranks: co_resident_ranks.max(1),
             driver_version,
             kernels: OnceLock::new(),
-            parked: Mutex::new(None),
+            parked: Parked::default(),
         })))
     }
 
@@ -148,9 +148,7 @@ impl CudaDevice {
 
     /// Returns (and clears) the first error parked by a `Drop` since the last check.
     pub fn check_err(&self) -> Result<()> {
-        if let Some(err) = self.0.parked.lock().take() {
-            return Err(err);
-        }
+        self.0.parked.take()?;
         self.0.ctx.check_err().call("(an earlier cudarc drop)")
     }
 
@@ -167,12 +165,7 @@ impl CudaDevice {
 
     /// Keeps the first failure of a call that cannot return one (a `Drop`).
     pub(crate) fn record_err(&self, res: Result<()>) {
-        if let Err(err) = res {
-            let mut parked = self.0.parked.lock();
-            if parked.is_none() {
-                *parked = Some(err);
-            }
-        }
+        self.0.parked.record(res);
     }
 
     /// The loaded kernels, loading them on first use.

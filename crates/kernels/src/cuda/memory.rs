@@ -1,35 +1,21 @@
 //! Device memory: [`CudaShared`] (what peers map), [`CudaIpcHandle`] (how they find it),
-//! [`CudaPeerMapping`] (a peer's buffer here), and [`CudaBuffer`] (a typed local allocation).
+//! [`CudaPeerMapping`] (a peer's buffer here), and [`CudaBuffer`] (a typed local allocation, the
+//! backends' shared [`DeviceBuffer`]).
 //!
 //! Every allocation comes from `cuMemAlloc_v2`: memory from a stream-ordered pool
 //! (`cuMemAllocAsync`) cannot be exported with `cuIpcGetMemHandle`.
 
 use super::device::CudaDevice;
 use super::result::{self, ipc, mem};
-use super::stream::CudaStream;
 use super::Cuda;
 use crate::gpu::opens::SharedOpens;
-use crate::{DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, Result};
+use crate::gpu::DeviceBuffer;
+use crate::gpu::HandleOrigin;
+use crate::{DevicePtr, Error, Result};
 use cudarc::driver::sys;
-use std::hash::{BuildHasher, Hasher};
-use std::marker::PhantomData;
-use std::sync::OnceLock;
-
-/// A random number fixed for the life of this process, so that a handle can tell "exported by this
-/// process" apart from "exported by another process that happens to have our pid" (containers with
-/// their own pid namespaces). Never 0.
-fn process_token() -> u64 {
-    static TOKEN: OnceLock<u64> = OnceLock::new();
-    *TOKEN.get_or_init(|| {
-        // `RandomState` is seeded from the operating system's randomness.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        hasher.finish() | 1
-    })
-}
 
 /// Allocates `bytes` (at least 1) of device memory on `device`, zero-filled.
-fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<sys::CUdeviceptr> {
+pub(super) fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<sys::CUdeviceptr> {
     device.bind()?;
     let ptr = mem::alloc(bytes.max(1))?;
     // SAFETY: `ptr` was just allocated with at least `bytes.max(1)` bytes.
@@ -42,7 +28,7 @@ fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<sys::CUdeviceptr> {
 }
 
 /// Frees an allocation from [`alloc_zeroed`], parking a failure on `device`.
-fn free(device: &CudaDevice, ptr: sys::CUdeviceptr) {
+pub(super) fn free(device: &CudaDevice, ptr: sys::CUdeviceptr) {
     let res = device.bind().and_then(|()| {
         // SAFETY: the owner calls this once, from `Drop`; its documentation makes the caller
         // responsible for queued work that still uses the memory.
@@ -87,14 +73,7 @@ impl CudaShared {
     pub fn export(&self) -> Result<CudaIpcHandle> {
         self.device.bind()?;
         let handle = ipc::get_mem_handle(self.ptr)?;
-        Ok(CudaIpcHandle {
-            pid: std::process::id(),
-            ordinal: self.device.ordinal() as u32,
-            process_token: process_token(),
-            ptr: self.ptr,
-            len: self.len as u64,
-            handle,
-        })
+        Ok(CudaIpcHandle { origin: HandleOrigin::here(self.device.ordinal(), self.ptr, self.len as u64), handle })
     }
 }
 
@@ -106,14 +85,7 @@ pub(super) fn export_allocation(device: &CudaDevice, ptr: DevicePtr) -> Result<(
     device.bind()?;
     let (base, len) = mem::address_range(ptr.0)?;
     let handle = ipc::get_mem_handle(base)?;
-    let exported = CudaIpcHandle {
-        pid: std::process::id(),
-        ordinal: device.ordinal() as u32,
-        process_token: process_token(),
-        ptr: base,
-        len: len as u64,
-        handle,
-    };
+    let exported = CudaIpcHandle { origin: HandleOrigin::here(device.ordinal(), base, len as u64), handle };
     Ok((exported, ptr.0 - base))
 }
 
@@ -125,30 +97,15 @@ impl Drop for CudaShared {
 
 /// What a rank sends its peers so they can map its [`CudaShared`]: plain bytes (`Pod`), 96 of them.
 ///
-/// A peer in the exporting process uses `ptr` directly (opening a handle of one's own process fails
-/// with `CUDA_ERROR_INVALID_CONTEXT`); a peer in another process opens `handle`.
+/// A peer in the exporting process uses `origin.ptr` directly (opening a handle of one's own process
+/// fails with `CUDA_ERROR_INVALID_CONTEXT`); a peer in another process opens `handle`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 pub struct CudaIpcHandle {
-    /// The exporting process's id.
-    pub pid: u32,
-    /// The exporting process's ordinal of the device the memory lives on.
-    pub ordinal: u32,
-    /// A random number of the exporting process (tells two processes with one pid apart).
-    pub process_token: u64,
-    /// The device address in the exporting process.
-    pub ptr: u64,
-    /// The size in bytes.
-    pub len: u64,
+    /// Who exported it, and the allocation.
+    pub origin: HandleOrigin,
     /// The driver's `CUipcMemHandle`.
     pub handle: [u8; 64],
-}
-
-impl CudaIpcHandle {
-    /// Whether this process exported the handle.
-    pub fn is_from_this_process(&self) -> bool {
-        self.pid == std::process::id() && self.process_token == process_token()
-    }
 }
 
 /// IPC mappings open in this process (see [`SharedOpens`]): every [`CudaPeerMapping`] of one handle
@@ -181,19 +138,20 @@ pub struct CudaPeerMapping {
 impl CudaPeerMapping {
     /// Maps the buffer behind `handle` into `device`'s address space.
     pub fn open(device: &CudaDevice, handle: &CudaIpcHandle) -> Result<CudaPeerMapping> {
-        if handle.ptr == 0 || handle.len == 0 || handle.process_token == 0 {
+        let origin = &handle.origin;
+        if origin.is_empty() {
             return Err(Error::InvalidHandle(format!("empty CUDA IPC handle: {handle:?}")));
         }
         device.bind()?;
-        let len = handle.len as usize;
-        if !handle.is_from_this_process() {
+        let len = origin.len as usize;
+        if !origin.is_from_this_process() {
             let ptr = OPENED.open(device.ordinal(), &handle.handle, || ipc::open_mem_handle(&handle.handle))?;
             let reach = Reach::Ipc { handle: handle.handle };
             return Ok(CudaPeerMapping { ptr, len, reach, device: device.clone() });
         }
-        let peer_ordinal = handle.ordinal as usize;
+        let peer_ordinal = origin.ordinal as usize;
         if peer_ordinal == device.ordinal() {
-            return Ok(CudaPeerMapping { ptr: handle.ptr, len, reach: Reach::Local, device: device.clone() });
+            return Ok(CudaPeerMapping { ptr: origin.ptr, len, reach: Reach::Local, device: device.clone() });
         }
         let peer_device = result::device::get(peer_ordinal)?;
         if !result::device::can_access_peer(device.cu_device(), peer_device)? {
@@ -210,7 +168,7 @@ impl CudaPeerMapping {
             device.record_err(result::ctx::release_primary(peer_device));
             return Err(err);
         }
-        Ok(CudaPeerMapping { ptr: handle.ptr, len, reach: Reach::Peer { peer_device }, device: device.clone() })
+        Ok(CudaPeerMapping { ptr: origin.ptr, len, reach: Reach::Peer { peer_device }, device: device.clone() })
     }
 
     /// The peer buffer's address in this rank's address space.
@@ -250,94 +208,16 @@ impl Drop for CudaPeerMapping {
 }
 
 /// An owned device allocation of `len` elements of `T` (`cuMemAlloc_v2`), zero-filled; freed on drop.
-#[derive(Debug)]
-pub struct CudaBuffer<T: bytemuck::Pod> {
-    ptr: sys::CUdeviceptr,
-    len: usize,
-    device: CudaDevice,
-    _elem: PhantomData<T>,
-}
-
-impl<T: bytemuck::Pod> CudaBuffer<T> {
-    /// Allocates `len` zero-filled elements.
-    pub fn zeros(device: &CudaDevice, len: usize) -> Result<CudaBuffer<T>> {
-        // An impossible size saturates and fails in the driver as out of memory.
-        let ptr = alloc_zeroed(device, len.saturating_mul(std::mem::size_of::<T>()))?;
-        Ok(CudaBuffer { ptr, len, device: device.clone(), _elem: PhantomData })
-    }
-
-    /// Allocates a buffer holding a copy of `data` (uploaded through `stream`, finished on return).
-    pub fn from_slice(stream: &CudaStream, data: &[T]) -> Result<CudaBuffer<T>> {
-        let mut buffer = CudaBuffer::zeros(stream.device(), data.len())?;
-        buffer.upload(stream, data)?;
-        Ok(buffer)
-    }
-
-    /// Copies `data` into the buffer, after all work queued on `stream`; done when this returns.
-    ///
-    /// # Panics
-    /// If `data.len()` differs from the buffer's length.
-    pub fn upload(&mut self, stream: &CudaStream, data: &[T]) -> Result<()> {
-        assert_eq!(data.len(), self.len, "CudaBuffer::upload: length mismatch");
-        // SAFETY: the buffer holds exactly `size_of_val(data)` bytes, and `write` returns only once
-        // the copy has run.
-        unsafe { stream.write(self.device_ptr(), bytemuck::cast_slice(data)) }
-    }
-
-    /// Copies the buffer to the host, after all work queued on `stream`.
-    pub fn download(&self, stream: &CudaStream) -> Result<Vec<T>> {
-        let mut host = vec![T::zeroed(); self.len];
-        // SAFETY: the buffer holds exactly `size_of_val(host)` bytes.
-        unsafe { stream.read_back(self.device_ptr(), bytemuck::cast_slice_mut(&mut host))? };
-        Ok(host)
-    }
-
-    /// The device address of the first element.
-    pub fn device_ptr(&self) -> DevicePtr {
-        DevicePtr(self.ptr)
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the buffer has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// The device it lives on.
-    pub fn device(&self) -> &CudaDevice {
-        &self.device
-    }
-}
-
-impl<T: bytemuck::Pod> Drop for CudaBuffer<T> {
-    fn drop(&mut self) {
-        free(&self.device, self.ptr);
-    }
-}
-
-// SAFETY: the buffer owns `len` initialised (zero-filled, then written) elements of `T` in device
-// memory from `cuMemAlloc_v2`, the cuda backend's memory space, until it is dropped.
-unsafe impl<T: Element> DeviceSlice<Cuda> for CudaBuffer<T> {
-    type Elem = T;
-    fn device_ptr(&self) -> DevicePtr {
-        DevicePtr(self.ptr)
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-// SAFETY: a `&mut CudaBuffer` is the only handle on its allocation.
-unsafe impl<T: Element> DeviceSliceMut<Cuda> for CudaBuffer<T> {}
+pub type CudaBuffer<T> = DeviceBuffer<Cuda, T>;
 
 #[cfg(test)]
 mod tests {
-    use super::CudaIpcHandle;
+    use super::{CudaIpcHandle, HandleOrigin};
 
     #[test]
     fn handle_is_96_plain_bytes() {
-        let handle = CudaIpcHandle { pid: 7, ordinal: 1, process_token: 9, ptr: 0x1000, len: 4096, handle: [3; 64] };
+        let origin = HandleOrigin { pid: 7, ordinal: 1, process_token: 9, ptr: 0x1000, len: 4096 };
+        let handle = CudaIpcHandle { origin, handle: [3; 64] };
         let bytes = bytemuck::bytes_of(&handle);
         assert_eq!(bytes.len(), 96);
         assert_eq!(*bytemuck::from_bytes::<CudaIpcHandle>(bytes), handle);

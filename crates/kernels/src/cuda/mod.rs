@@ -11,11 +11,13 @@
 //! | memory peers map (`cuMemAlloc_v2`, never pool memory) | [`CudaShared`] |
 //! | what peers receive | [`CudaIpcHandle`] (`Pod`) |
 //! | a peer's buffer here: raw pointer (same process) or `cuIpcOpenMemHandle` | [`CudaPeerMapping`] |
-//! | a typed local allocation | [`CudaBuffer`] |
+//! | a typed local allocation (the shared [`crate::gpu::DeviceBuffer`]) | [`CudaBuffer`] |
 //!
 //! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call),
 //! then the RAII types above, each holding its [`CudaDevice`]; `Drop` never panics, it parks a
 //! failure on the device, surfaced by the next [`CudaDevice::check_err`] or stream synchronisation.
+//! What both GPU backends need the same way (typed buffers, the IPC handle's origin, shared IPC
+//! opens, the disk cache's format, the function table, parked errors) is [`crate::gpu`]'s.
 //! cudarc's safe layer is used where it fits (context, stream, event, module); NVRTC is driven through
 //! its `sys` level because cudarc's compiler wrapper yields PTX only.
 //!
@@ -39,7 +41,7 @@ pub use module::{compile_offline, OfflineImage};
 pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
 
 use crate::gpu::HandleOrigin;
-use crate::{Backend, BackendKind, DevicePtr, Element, Error, GpuBackend, KernelId, LaunchParams, Result};
+use crate::{Backend, BackendKind, DevicePtr, Error, GpuBackend, KernelId, LaunchParams, Result};
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -213,11 +215,14 @@ impl Backend for Cuda {
 }
 
 impl GpuBackend for Cuda {
-    type Buffer<T: Element> = CudaBuffer<T>;
     type Graph = CudaGraphExec;
 
-    fn zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaBuffer<T>> {
-        CudaBuffer::zeros(device, len)
+    fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<DevicePtr> {
+        memory::alloc_zeroed(device, bytes).map(DevicePtr)
+    }
+
+    unsafe fn free(device: &CudaDevice, ptr: DevicePtr) {
+        memory::free(device, ptr.0)
     }
 
     fn begin_capture(stream: &CudaStream) -> Result<()> {
@@ -260,15 +265,8 @@ impl GpuBackend for Cuda {
         device.warp_size()
     }
 
-    fn handle_origin(handle: &CudaIpcHandle) -> HandleOrigin {
-        HandleOrigin {
-            pid: handle.pid,
-            ordinal: handle.ordinal,
-            process_token: handle.process_token,
-            ptr: DevicePtr(handle.ptr),
-            len: handle.len,
-            from_this_process: handle.is_from_this_process(),
-        }
+    fn handle_origin(handle: &CudaIpcHandle) -> &HandleOrigin {
+        &handle.origin
     }
 
     fn is_ipc(mapping: &CudaPeerMapping) -> bool {

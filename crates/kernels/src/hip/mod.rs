@@ -9,12 +9,14 @@
 //! | memory peers map (uncached, `hipExtMallocWithFlags`) | [`HipShared`] |
 //! | what peers receive | [`HipIpcHandle`] (`Pod`, 104 bytes) |
 //! | a peer's buffer here: raw pointer (same process) or `hipIpcOpenMemHandle` | [`HipPeerMapping`] |
-//! | a typed local allocation | [`HipBuffer`] |
+//! | a typed local allocation (the shared [`crate::gpu::DeviceBuffer`]) | [`HipBuffer`] |
 //!
 //! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call;
 //! the only file that calls into HIP or hipRTC), then the RAII types above, each holding its
 //! [`HipDevice`]; `Drop` never panics, it parks a failure on the device, surfaced by the next
-//! [`HipDevice::check_err`] or stream synchronisation.
+//! [`HipDevice::check_err`] or stream synchronisation. What both GPU backends need the same way
+//! (typed buffers, the IPC handle's origin, shared IPC opens, the disk cache's format, the function
+//! table, parked errors) is [`crate::gpu`]'s.
 //!
 //! # Building
 //! `hip-runtime-sys` links `libamdhip64` at build time: its build script needs
@@ -52,7 +54,7 @@ pub use module::{offline_image_path, rtc_options, KERNEL_DIR_ENV};
 pub use stream::{HipEvent, HipGraphExec, HipStream};
 
 use crate::gpu::HandleOrigin;
-use crate::{Backend, BackendKind, DevicePtr, Element, Error, GpuBackend, KernelId, LaunchParams, Result};
+use crate::{Backend, BackendKind, DevicePtr, Error, GpuBackend, KernelId, LaunchParams, Result};
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -218,11 +220,14 @@ impl Backend for Hip {
 }
 
 impl GpuBackend for Hip {
-    type Buffer<T: Element> = HipBuffer<T>;
     type Graph = HipGraphExec;
 
-    fn zeros<T: Element>(device: &HipDevice, len: usize) -> Result<HipBuffer<T>> {
-        HipBuffer::zeros(device, len)
+    fn alloc_zeroed(device: &HipDevice, bytes: usize) -> Result<DevicePtr> {
+        memory::alloc_zeroed(device, bytes).map(DevicePtr)
+    }
+
+    unsafe fn free(device: &HipDevice, ptr: DevicePtr) {
+        memory::free(device, ptr.0)
     }
 
     fn begin_capture(stream: &HipStream) -> Result<()> {
@@ -263,15 +268,8 @@ impl GpuBackend for Hip {
         device.warp_size()
     }
 
-    fn handle_origin(handle: &HipIpcHandle) -> HandleOrigin {
-        HandleOrigin {
-            pid: handle.pid,
-            ordinal: handle.ordinal,
-            process_token: handle.process_token,
-            ptr: DevicePtr(handle.ptr),
-            len: handle.len,
-            from_this_process: handle.is_from_this_process(),
-        }
+    fn handle_origin(handle: &HipIpcHandle) -> &HandleOrigin {
+        &handle.origin
     }
 
     fn is_ipc(mapping: &HipPeerMapping) -> bool {

@@ -14,9 +14,10 @@ use super::device::{
     arch_from_compute_capability, arch_from_target_version, find_arch, node_arch_at, parse_arch_name,
     parse_kfd_properties, ArchSource, PciLocation,
 };
-use super::module::{check_image, fnv1a, read_cache, write_cache};
+use super::module::{check_image, read_cache, write_cache};
 use super::result::{self, attr, code, flags};
 use super::*;
+use crate::source::fnv1a;
 use crate::Error;
 use hip_runtime_sys as sys;
 use std::mem::{offset_of, size_of};
@@ -30,11 +31,11 @@ fn handle_is_104_plain_bytes() {
     assert_eq!(std::mem::align_of::<HipIpcHandle>(), 8);
     assert_eq!(
         [
-            offset_of!(HipIpcHandle, pid),
-            offset_of!(HipIpcHandle, ordinal),
-            offset_of!(HipIpcHandle, process_token),
-            offset_of!(HipIpcHandle, ptr),
-            offset_of!(HipIpcHandle, len),
+            offset_of!(HipIpcHandle, origin.pid),
+            offset_of!(HipIpcHandle, origin.ordinal),
+            offset_of!(HipIpcHandle, origin.process_token),
+            offset_of!(HipIpcHandle, origin.ptr),
+            offset_of!(HipIpcHandle, origin.len),
             offset_of!(HipIpcHandle, memory),
             offset_of!(HipIpcHandle, reserved),
             offset_of!(HipIpcHandle, handle),
@@ -43,11 +44,7 @@ fn handle_is_104_plain_bytes() {
     );
     assert_eq!(size_of::<sys::hipIpcMemHandle_t>(), 64, "the runtime's handle is 64 bytes");
     let handle = HipIpcHandle {
-        pid: 7,
-        ordinal: 1,
-        process_token: 9,
-        ptr: 0x1000,
-        len: 4096,
+        origin: crate::gpu::HandleOrigin { pid: 7, ordinal: 1, process_token: 9, ptr: 0x1000, len: 4096 },
         memory: 1,
         reserved: 0,
         handle: std::array::from_fn(|i| i as u8),
@@ -56,7 +53,7 @@ fn handle_is_104_plain_bytes() {
     assert_eq!(bytes.len(), 104);
     assert_eq!(bytemuck::pod_read_unaligned::<HipIpcHandle>(bytes), handle);
     assert!(handle.is_uncached());
-    assert!(!handle.is_from_this_process());
+    assert!(!handle.origin.is_from_this_process());
 }
 
 #[test]

@@ -193,7 +193,7 @@ pub(crate) fn gave_up<B: GpuBackend>(r: &Rank<B>, what: &str) -> Result<(), Stri
 
 /// Runs `calls` (each with its call index) on every rank, on the same inputs: uploads, poisons the
 /// outputs, launches, waits, checks the error word, reads back. `[rank][call]`.
-pub(crate) fn gpu_calls<B: GpuBackend<Stream: Sync>, T: Element>(
+pub(crate) fn gpu_calls<B: GpuBackend, T: Element>(
     ranks: &[Rank<B>],
     inputs: &Inputs<T>,
     calls: &[(Call, u64)],

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 
 /// What the suite checks that only one backend has (its device's and shared memory's own
 /// properties); everything else is common.
-trait Specific: GpuBackend<Stream: Sync> {
+trait Specific: GpuBackend {
     /// Checks of a device opened for one rank.
     fn check_device(device: &Self::Device) {
         let _ = device;

@@ -2,8 +2,9 @@
 //! local tensors; the launch parameters of call number `index`; waiting with a watchdog.
 
 use crate::calls::Call;
+use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::params::{push_region_bytes, PUSH_SENTINEL, SIGNAL_ERROR_OFFSET};
-use arfuse_kernels::{DType, DevicePtr, DeviceSlice, Element, Error, ErrorWord, GpuBackend, KernelId, LaunchParams};
+use arfuse_kernels::{DType, DevicePtr, Element, Error, ErrorWord, GpuBackend, KernelId, LaunchParams};
 use arfuse_kernels::{MAX_RANKS, SIGNAL_BYTES};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -48,9 +49,8 @@ pub(crate) fn arm_push_region<B: GpuBackend>(
     B::fill_shared(device, shared, at, bytes, PUSH_SENTINEL).expect("arm push region");
 }
 
-/// A local tensor: raw bytes at a device address (the dtype is the case's), allocated as 16-bit
-/// elements because typed buffers hold kernel element types.
-pub(crate) type Bytes<B> = <B as GpuBackend>::Buffer<half::bf16>;
+/// A local tensor: raw bytes at a device address (the dtype is the case's).
+pub(crate) type Bytes<B> = DeviceBuffer<B, u8>;
 
 /// One rank's local tensors.
 pub(crate) struct Local<B: GpuBackend> {
@@ -62,9 +62,9 @@ pub(crate) struct Local<B: GpuBackend> {
 }
 
 impl<B: GpuBackend> Local<B> {
-    /// Five zero-filled tensors of (at least) `capacity` bytes each.
+    /// Five zero-filled tensors of `capacity` bytes each.
     pub(crate) fn zeros(device: &B::Device, capacity: usize) -> Self {
-        let buffer = || B::zeros::<half::bf16>(device, capacity.div_ceil(2)).expect("alloc local");
+        let buffer = || DeviceBuffer::<B, u8>::zeros(device, capacity).expect("alloc local");
         Local { input: buffer(), residual: buffer(), weight: buffer(), out: buffer(), residual_out: buffer() }
     }
 }
@@ -86,7 +86,7 @@ pub(crate) struct Rank<B: GpuBackend> {
 
 impl<B: GpuBackend> Rank<B> {
     pub(crate) fn addr(buffer: &Bytes<B>) -> u64 {
-        DeviceSlice::<B>::device_ptr(buffer).0
+        buffer.device_ptr().0
     }
 
     /// Parameters of call number `index` (0, 1, ...) of this rank's group, on its local tensors at
@@ -180,7 +180,7 @@ impl<B: GpuBackend> Rank<B> {
 /// Opens `world` ranks on device 0, each in its own thread: device, stream, shared buffer, local
 /// tensors of `capacity` bytes each; handles are exchanged through the threads and opened (same
 /// process: the raw pointers).
-pub(crate) fn open_group<B: GpuBackend<Stream: Sync>>(world: usize, layout: Layout, capacity: usize) -> Vec<Rank<B>> {
+pub(crate) fn open_group<B: GpuBackend>(world: usize, layout: Layout, capacity: usize) -> Vec<Rank<B>> {
     let handles: Mutex<Vec<Option<B::IpcHandle>>> = Mutex::new(vec![None; world]);
     let barrier = Barrier::new(world);
     std::thread::scope(|scope| {
@@ -206,7 +206,7 @@ pub(crate) fn open_group<B: GpuBackend<Stream: Sync>>(world: usize, layout: Layo
                         let mapping = B::open_handle(&device, handle).expect("open peer handle");
                         assert_eq!(
                             B::peer_ptr(&mapping),
-                            B::handle_origin(handle).ptr,
+                            B::handle_origin(handle).device_ptr(),
                             "same process: the raw pointer"
                         );
                         assert!(!B::is_ipc(&mapping));

@@ -4,7 +4,8 @@
 use crate::calls::{check_case, compare, cpu_reference, gpu_calls, random_inputs, Call, Inputs, Outputs};
 use crate::ranks::{open_group, Layout, Rank};
 use crate::{gpu, Specific};
-use arfuse_kernels::{DType, DeviceSlice, Element, Error, ErrorWord, GpuBackend};
+use arfuse_kernels::gpu::DeviceBuffer;
+use arfuse_kernels::{DType, Element, Error, ErrorWord, GpuBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fmt::Write as _;
@@ -48,8 +49,8 @@ pub(crate) fn device_memory_handles_and_events<B: Specific>(test: &str) {
 
     let handle = B::export_handle(&shared).expect("export");
     let origin = B::handle_origin(&handle);
-    assert!(origin.from_this_process);
-    assert_eq!((origin.ptr, origin.len), (B::shared_ptr(&shared), BYTES as u64));
+    assert!(origin.is_from_this_process());
+    assert_eq!((origin.device_ptr(), origin.len), (B::shared_ptr(&shared), BYTES as u64));
     B::check_shared(&shared, &handle);
     let mapping = B::open_handle(&device, &handle).expect("open own handle");
     assert_eq!(B::peer_ptr(&mapping), B::shared_ptr(&shared));
@@ -74,17 +75,16 @@ pub(crate) fn device_memory_handles_and_events<B: Specific>(test: &str) {
     }
 
     let floats: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
-    let buffer = B::from_slice(&stream, &floats).expect("buffer");
-    assert_eq!(B::download(&buffer, &stream).expect("download"), floats);
+    let buffer = DeviceBuffer::<B, _>::from_slice(&stream, &floats).expect("buffer");
+    assert_eq!(buffer.download(&stream).expect("download"), floats);
 
     const BIG: usize = 64 << 20;
-    let src = B::zeros::<half::bf16>(&device, BIG / 2).expect("alloc");
-    let dst = B::zeros::<half::bf16>(&device, BIG / 2).expect("alloc");
+    let src = DeviceBuffer::<B, u8>::zeros(&device, BIG).expect("alloc");
+    let dst = DeviceBuffer::<B, u8>::zeros(&device, BIG).expect("alloc");
     let start = B::record_event(&stream).expect("event");
     for _ in 0..4 {
         // SAFETY: both buffers hold `BIG` bytes and outlive the synchronisation below.
-        unsafe { B::copy(&stream, DeviceSlice::<B>::device_ptr(&dst), DeviceSlice::<B>::device_ptr(&src), BIG) }
-            .expect("copy");
+        unsafe { B::copy(&stream, dst.device_ptr(), src.device_ptr(), BIG) }.expect("copy");
     }
     let end = B::record_event(&stream).expect("event");
     let elapsed = B::elapsed(&start, &end).expect("elapsed");
@@ -178,7 +178,7 @@ pub(crate) fn kernels_match_the_cpu_backend<B: Specific>(test: &str) {
 }
 
 /// One shape: GPU calls, CPU references, comparisons. `Err` when the protocol itself failed.
-fn run_case<B: GpuBackend<Stream: Sync>, T: Element>(
+fn run_case<B: GpuBackend, T: Element>(
     ranks: &[Rank<B>],
     label: &str,
     rows: usize,
