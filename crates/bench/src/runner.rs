@@ -19,7 +19,7 @@ use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, P
 use arfuse_ipc::ThreadRendezvous;
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
-use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
+use arfuse_testkit::{poisoned, unwritten, Fixture, Problem, Reference};
 use parking_lot::{Condvar, Mutex};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -344,8 +344,7 @@ fn run_case<B: GpuBackend, T: Element>(
 ) -> Result<Vec<PathTiming>> {
     let what = format!("rank {rank} {:?} {}", case.mode, case.shape);
     phase.wait()?;
-    let mut poisoned = vec![T::from_f32(0.0); case.shape.rows * case.shape.hidden];
-    poison(&mut poisoned);
+    let poisoned = poisoned::<T>(case.shape.rows * case.shape.hidden);
     let weight = DeviceBuffer::<B, _>::from_slice(stream, &case.sets[0].weight)?;
     let mut sets = Vec::new();
     for fixture in &case.sets {

@@ -16,7 +16,7 @@ use arfuse_kernels::collective::{CollectiveBackend, Library, Vendor};
 use arfuse_kernels::cuda::CudaBuffer;
 use arfuse_kernels::{Backend, Element};
 use arfuse_testkit::reference::add_residual_element;
-use arfuse_testkit::{assert_all_written, poison, run_threads_each, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{assert_all_written, poisoned, run_threads_each, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
 use std::time::Duration;
 
@@ -72,8 +72,7 @@ fn rank_calls(
         let input = CudaBuffer::from_slice(stream, &fixture.inputs[rank]).expect("input");
         let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
         let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
-        let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
-        poison(&mut poisoned);
+        let poisoned = poisoned::<bf16>(fixture.residual.len());
         let mut out = CudaBuffer::from_slice(stream, &poisoned).expect("out");
         let mut residual_out = CudaBuffer::from_slice(stream, &poisoned).expect("residual_out");
         for forced in [Some(VENDOR), None] {
@@ -167,8 +166,7 @@ fn nccl_residual_out_is_exact_against_the_librarys_own_sum() {
     let input = CudaBuffer::from_slice(stream, &fixture.inputs[0]).expect("input");
     let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
     let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
-    let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
-    poison(&mut poisoned);
+    let poisoned = poisoned::<bf16>(fixture.residual.len());
     let sum = CudaBuffer::from_slice(stream, &poisoned).expect("sum");
     // SAFETY: `input` and `sum` are live allocations of `rows * hidden` bf16 on this device, kept
     // until the download below has synchronised the stream.

@@ -21,8 +21,10 @@
 //! - One [`LaunchParams`] struct for every kernel and backend, mirrored in the C++ header.
 //!
 //! # Safety model
-//! `unsafe` lives in `cpu/` (shared memory, raw views), in the GPU backends' FFI wrappers and in
-//! `collective/` (the vendor library's entry points, loaded at run time).
+//! FFI lives in `cpu/` (shared memory, raw views), in the GPU backends' wrappers (`cuda/`, `hip/`)
+//! and in `collective/` (the vendor library's entry points, loaded at run time); the GPU core
+//! (`gpu/`) and [`Backend::fill_shared`] only call the trait's unsafe copies on memory they own or
+//! bounds-checked (ARCHITECTURE.md's invariant, checked by tidy).
 //! Callers of [`Backend::launch`] promise the pointer extents; the barrier protocol promises that
 //! no rank writes memory a peer is still reading.
 
@@ -48,7 +50,7 @@ pub use error::{Error, Result};
 pub use gpu::{DeviceBuffer, GpuBackend};
 pub use kernel_id::{KernelId, Op};
 pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
-pub use source::MAX_ROW_PACKS;
+pub use source::{max_hidden, MAX_ROW_PACKS};
 
 /// Backends by name: `api::{Cpu, Cuda, Hip}`.
 pub mod api {

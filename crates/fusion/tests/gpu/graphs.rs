@@ -8,7 +8,7 @@ use arfuse_ipc::{Rendezvous, ThreadRendezvous, UnixRendezvous};
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
 use arfuse_testkit::{
-    assert_all_written, assert_ranks_succeeded, child, poison, run_processes, run_threads_each, Fixture, Problem,
+    assert_all_written, assert_ranks_succeeded, child, poisoned, run_processes, run_threads_each, Fixture, Problem,
     Reference, TestSeed,
 };
 use half::bf16;
@@ -45,8 +45,7 @@ pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(
                 let mut input = DeviceBuffer::<B, _>::from_slice(&stream, &first.inputs[rank]).expect("input");
                 let mut residual = DeviceBuffer::<B, _>::from_slice(&stream, &first.residual).expect("residual");
                 let mut weight = DeviceBuffer::<B, _>::from_slice(&stream, &first.weight).expect("weight");
-                let mut poisoned = vec![bf16::from_f32(0.0); first.residual.len()];
-                poison(&mut poisoned);
+                let poisoned = poisoned::<bf16>(first.residual.len());
                 let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
                 let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
                 B::begin_capture(&stream).expect("begin capture");
@@ -146,8 +145,7 @@ impl<B: GpuBackend> GraphTensors<B> {
         self.input.upload(stream, &input).expect("input");
         self.residual.upload(stream, &fixture.residual).expect("residual");
         self.weight.upload(stream, &fixture.weight).expect("weight");
-        let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
-        poison(&mut poisoned);
+        let poisoned = poisoned::<bf16>(fixture.residual.len());
         self.out.upload(stream, &poisoned).expect("poison out");
         self.residual_out.upload(stream, &poisoned).expect("poison residual_out");
     }
@@ -349,8 +347,7 @@ pub(crate) fn graph_replayed_before_registration_fails_cleanly<B: GpuBackend>(te
         assert!(matches!(err, arfuse_fusion::Error::NotRegistered { .. }), "rank {rank}: {err}");
         assert!(start.elapsed() < Duration::from_secs(5), "rank {rank}: took {:?}", start.elapsed());
         let out = t.out.download(&stream).expect("download");
-        let mut poisoned = vec![bf16::ZERO; out.len()];
-        poison(&mut poisoned);
+        let poisoned = poisoned::<bf16>(out.len());
         assert!(out.iter().zip(&poisoned).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {rank}: out was written");
         phase.wait();
         drop(graph);

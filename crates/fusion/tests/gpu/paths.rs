@@ -6,7 +6,7 @@ use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
 use arfuse_ipc::ThreadRendezvous;
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
-use arfuse_testkit::{assert_all_written, poison, run_threads_each, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{assert_all_written, poisoned, run_threads_each, Fixture, Problem, Reference, TestSeed};
 use half::{bf16, f16};
 use std::time::Duration;
 
@@ -35,8 +35,7 @@ fn check<B: GpuBackend, T: Element>(world: usize, shapes: &[(usize, usize)], see
             let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[rank]).expect("input");
             let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
             let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
-            let mut poisoned = vec![T::from_f32(0.0); fixture.residual.len()];
-            poison(&mut poisoned);
+            let poisoned = poisoned::<T>(fixture.residual.len());
             let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
             let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
             phase.wait();

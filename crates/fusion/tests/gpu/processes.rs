@@ -6,7 +6,7 @@ use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
 use arfuse_ipc::{Rendezvous, UnixRendezvous};
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
-use arfuse_testkit::{assert_ranks_succeeded, child, poison, run_processes, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{assert_ranks_succeeded, child, poisoned, run_processes, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
 use std::time::Duration;
 
@@ -41,8 +41,7 @@ pub(crate) fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_me
             let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
             let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
             let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
-            let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
-            poison(&mut poisoned);
+            let poisoned = poisoned::<bf16>(fixture.residual.len());
             let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
             let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
             op.forward(
@@ -120,8 +119,7 @@ pub(crate) fn a_dead_rank_process_makes_its_peer_time_out_not_hang<B: GpuBackend
         let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[me.rank]).expect("input");
         let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
         let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
-        let mut poisoned = vec![bf16::ZERO; fixture.residual.len()];
-        poison(&mut poisoned);
+        let poisoned = poisoned::<bf16>(fixture.residual.len());
         let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("out");
         let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poisoned).expect("residual_out");
         // Good calls on 1-stage; the calls that meet the fault on 2-stage.

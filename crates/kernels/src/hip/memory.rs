@@ -80,12 +80,6 @@ impl HipShared {
         Ok(HipShared { ptr, len: bytes, uncached, device: device.clone() })
     }
 
-    /// Allocates `bytes` of zero-filled plain (`hipMalloc`, coarse-grained, cached) device memory
-    /// that peers can map: for bulk data that no kernel polls, where the GPU's caches pay.
-    pub fn new_plain(device: &HipDevice, bytes: usize) -> Result<HipShared> {
-        let ptr = alloc_zeroed(device, bytes)?;
-        Ok(HipShared { ptr, len: bytes, uncached: false, device: device.clone() })
-    }
     /// The device address.
     pub fn ptr(&self) -> DevicePtr {
         DevicePtr(self.ptr)

@@ -3,11 +3,9 @@
 
 use crate::ranks::{Rank, EPS};
 use arfuse_kernels::{cpu, Element, GpuBackend, KernelId, LaunchParams, Op, SIGNAL_BYTES};
+use arfuse_testkit::poisoned;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// NaN in both bf16 and f16, four patterns.
-const POISON: [u32; 4] = [0x7fff, 0xffff, 0x7fc1, 0xffc1];
 
 /// One operator call as `fusion` makes it: one or two kernels, one barrier base, one parity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,10 +84,6 @@ pub(crate) fn random_inputs<T: Element>(world: usize, rows: usize, hidden: usize
         }
     }
     Inputs { rows, hidden, x, residual, weight }
-}
-
-pub(crate) fn poison<T: Element>(len: usize) -> Vec<T> {
-    (0..len).map(|i| T::from_bits_u32(POISON[i % POISON.len()])).collect()
 }
 
 /// What one rank's call produced.
@@ -209,8 +203,8 @@ pub(crate) fn gpu_calls<B: GpuBackend, T: Element>(
                     r.upload(Rank::<B>::addr(&r.local.weight), &inputs.weight);
                     let mut results = Vec::new();
                     for &(call, index) in calls {
-                        r.upload(Rank::<B>::addr(&r.local.out), &poison::<T>(elems));
-                        r.upload(Rank::<B>::addr(&r.local.residual_out), &poison::<T>(elems));
+                        r.upload(Rank::<B>::addr(&r.local.out), &poisoned::<T>(elems));
+                        r.upload(Rank::<B>::addr(&r.local.residual_out), &poisoned::<T>(elems));
                         let params = r.params(inputs.rows, inputs.hidden, 0, index);
                         r.launch(call, T::DTYPE, &params).map_err(|e| format!("rank {}: {call:?}: {e}", r.rank))?;
                         r.wait(&format!("{call:?}"));

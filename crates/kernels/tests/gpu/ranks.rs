@@ -138,8 +138,8 @@ impl<B: GpuBackend> Rank<B> {
         self.upload(Self::addr(&self.local.input) + offset, &inputs.x[self.rank]);
         self.upload(Self::addr(&self.local.residual) + offset, &inputs.residual);
         self.upload(Self::addr(&self.local.weight) + offset, &inputs.weight);
-        self.upload(Self::addr(&self.local.out) + offset, &crate::calls::poison::<T>(elems));
-        self.upload(Self::addr(&self.local.residual_out) + offset, &crate::calls::poison::<T>(elems));
+        self.upload(Self::addr(&self.local.out) + offset, &arfuse_testkit::poisoned::<T>(elems));
+        self.upload(Self::addr(&self.local.residual_out) + offset, &arfuse_testkit::poisoned::<T>(elems));
     }
 
     /// Waits for the stream, failing (instead of hanging) if it does not finish within `WATCHDOG`.
