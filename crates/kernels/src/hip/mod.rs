@@ -11,8 +11,9 @@
 //! | a peer's buffer here: raw pointer (same process) or `hipIpcOpenMemHandle` | [`HipPeerMapping`] |
 //! | a typed local allocation (the shared [`crate::gpu::DeviceBuffer`]) | [`HipBuffer`] |
 //!
-//! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call;
-//! the only file that calls into HIP or hipRTC), then the RAII types above, each holding its
+//! Layers, as in cudarc: `sys` (the C interface as declared here, and the hipRTC symbol table),
+//! `result` (one checked call each → [`crate::Error::Driver`] naming the call; the only file that
+//! calls into HIP or hipRTC), then the RAII types above, each holding its
 //! [`HipDevice`]; `Drop` never panics, it parks a failure on the device, surfaced by the next
 //! [`HipDevice::check_err`] or stream synchronisation. What both GPU backends need the same way
 //! (typed buffers, the IPC handle's origin, shared IPC opens, the disk cache's format, the function
@@ -29,9 +30,9 @@
 //!
 //! # ABI
 //! Only calls whose C signature is the same from HIP 5.2 to ROCm 7 are made, each declared by
-//! `result` with integer status codes (never read as `hip-runtime-sys`'s Rust `enum`, for which an
+//! `sys` with integer status codes (never read as `hip-runtime-sys`'s Rust `enum`, for which an
 //! unknown code would be undefined behaviour); `hipGetDeviceProperties` is never called. See
-//! `result.rs` for the details, `device.rs` for how the architecture is found (`ARFUSE_HIP_ARCH`,
+//! `sys.rs` for the details, `device.rs` for how the architecture is found (`ARFUSE_HIP_ARCH`,
 //! else the KFD topology in sysfs), `module.rs` for where code objects come from
 //! (`ARFUSE_KERNEL_DIR`, the disk cache, hipRTC).
 //!
@@ -45,6 +46,7 @@ mod memory;
 mod module;
 mod result;
 mod stream;
+mod sys;
 #[cfg(test)]
 mod tests;
 

@@ -18,11 +18,11 @@
 
 use super::device::HipDevice;
 use super::result::{self, rtc};
+use super::sys;
 use crate::gpu::cache::DiskCache;
 use crate::gpu::functions::FunctionTable;
 use crate::source::fnv1a;
 use crate::{Error, KernelId, Result};
-use hip_runtime_sys as sys;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ffi::CString;
