@@ -5,6 +5,7 @@ use super::module::{self, LoadedModule};
 use super::result::{self, CallExt};
 use crate::gpu::parked::Parked;
 use crate::{BackendKind, Error, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::{sys, CudaContext};
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -51,7 +52,7 @@ impl CudaDevice {
     /// Opens device `ordinal` (see [`crate::Backend::open_device`]).
     pub(crate) fn open(ordinal: usize, co_resident_ranks: usize) -> Result<CudaDevice> {
         probe_driver()?;
-        let count = result::device::count()?;
+        let count = cu::device::get_count().call("cuDeviceGetCount")?.max(0) as usize;
         if ordinal >= count {
             return Err(Error::BackendUnavailable {
                 backend: BackendKind::Cuda,
@@ -64,7 +65,9 @@ impl CudaDevice {
         // would wait for a peer rank's spinning kernel on the same GPU).
         unsafe { ctx.disable_event_tracking() };
         let cu_device = ctx.cu_device();
-        let attribute = |attribute| result::device::attribute(cu_device, attribute);
+        // SAFETY: `cu_device` is the device of a live primary context, as `cuDeviceGetAttribute` requires.
+        let attribute =
+            |attribute| unsafe { cu::device::get_attribute(cu_device, attribute) }.call("cuDeviceGetAttribute");
         use sys::CUdevice_attribute as A;
         let compute_capability = (
             attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -155,7 +158,7 @@ impl CudaDevice {
     /// Free and total device memory in bytes (`cuMemGetInfo`), as this context sees them.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.bind()?;
-        cudarc::driver::result::mem_get_info().call("cuMemGetInfo")
+        cu::mem_get_info().call("cuMemGetInfo")
     }
 
     /// Makes this device's context current on the calling thread.

@@ -6,22 +6,25 @@
 //! (`cuMemAllocAsync`) cannot be exported with `cuIpcGetMemHandle`.
 
 use super::device::CudaDevice;
-use super::result::{self, ipc, mem};
+use super::result::{self, ipc, mem, CallExt};
 use super::Cuda;
 use crate::gpu::opens::SharedOpens;
 use crate::gpu::DeviceBuffer;
 use crate::gpu::HandleOrigin;
 use crate::{DevicePtr, Error, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 
 /// Allocates `bytes` (at least 1) of device memory on `device`, zero-filled.
 pub(super) fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<sys::CUdeviceptr> {
     device.bind()?;
-    let ptr = mem::alloc(bytes.max(1))?;
+    // SAFETY: a context is current (bound above); `cuMemAlloc_v2` memory, exportable with
+    // `cuIpcGetMemHandle` (unlike pool memory).
+    let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }.call("cuMemAlloc_v2")?;
     // SAFETY: `ptr` was just allocated with at least `bytes.max(1)` bytes.
     if let Err(err) = unsafe { mem::memset_d8_sync(ptr, 0, bytes.max(1)) } {
         // SAFETY: `ptr` is ours, unused, and freed once.
-        device.record_err(unsafe { mem::free(ptr) });
+        device.record_err(unsafe { cu::free_sync(ptr) }.call("cuMemFree_v2"));
         return Err(err);
     }
     Ok(ptr)
@@ -32,7 +35,7 @@ pub(super) fn free(device: &CudaDevice, ptr: sys::CUdeviceptr) {
     let res = device.bind().and_then(|()| {
         // SAFETY: the owner calls this once, from `Drop`; its documentation makes the caller
         // responsible for queued work that still uses the memory.
-        unsafe { mem::free(ptr) }
+        unsafe { cu::free_sync(ptr) }.call("cuMemFree_v2")
     });
     device.record_err(res);
 }
@@ -108,6 +111,12 @@ pub struct CudaIpcHandle {
     pub handle: [u8; 64],
 }
 
+/// `cuDevicePrimaryCtxRelease_v2` of the reference a [`CudaPeerMapping`] took on `peer_device`.
+fn release_primary(peer_device: sys::CUdevice) -> Result<()> {
+    // SAFETY: `peer_device` came from `cuDeviceGet`; the mapping owns one reference, released once.
+    unsafe { cu::primary_ctx::release(peer_device) }.call("cuDevicePrimaryCtxRelease")
+}
+
 /// IPC mappings open in this process (see [`SharedOpens`]): every [`CudaPeerMapping`] of one handle
 /// on one device shares one `cuIpcOpenMemHandle`, closed with its last user.
 static OPENED: SharedOpens = SharedOpens::new();
@@ -153,7 +162,7 @@ impl CudaPeerMapping {
         if peer_ordinal == device.ordinal() {
             return Ok(CudaPeerMapping { ptr: origin.ptr, len, reach: Reach::Local, device: device.clone() });
         }
-        let peer_device = result::device::get(peer_ordinal)?;
+        let peer_device = cu::device::get(peer_ordinal as i32).call("cuDeviceGet")?;
         if !result::device::can_access_peer(device.cu_device(), peer_device)? {
             return Err(Error::Driver {
                 backend: crate::BackendKind::Cuda,
@@ -162,10 +171,11 @@ impl CudaPeerMapping {
                 message: format!("device {} cannot access the memory of device {peer_ordinal}", device.ordinal()),
             });
         }
-        let peer_context = result::ctx::retain_primary(peer_device)?;
+        // SAFETY: `peer_device` came from `cuDeviceGet`; the reference is released on drop (or below).
+        let peer_context = unsafe { cu::primary_ctx::retain(peer_device) }.call("cuDevicePrimaryCtxRetain")?;
         let enabled = device.bind().and_then(|()| result::ctx::enable_peer_access(peer_context));
         if let Err(err) = enabled {
-            device.record_err(result::ctx::release_primary(peer_device));
+            device.record_err(release_primary(peer_device));
             return Err(err);
         }
         Ok(CudaPeerMapping { ptr: origin.ptr, len, reach: Reach::Peer { peer_device }, device: device.clone() })
@@ -193,7 +203,7 @@ impl Drop for CudaPeerMapping {
     fn drop(&mut self) {
         match &self.reach {
             Reach::Local => {}
-            Reach::Peer { peer_device } => self.device.record_err(result::ctx::release_primary(*peer_device)),
+            Reach::Peer { peer_device } => self.device.record_err(release_primary(*peer_device)),
             Reach::Ipc { handle } => {
                 let res = OPENED.close(self.device.ordinal(), handle, |ptr| {
                     self.device.bind()?;

@@ -42,6 +42,7 @@ pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
 
 use crate::gpu::HandleOrigin;
 use crate::{Backend, BackendKind, DevicePtr, Error, GpuBackend, KernelId, LaunchParams, Result};
+use result::CallExt;
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -95,7 +96,7 @@ impl Backend for Cuda {
             return device::probe_driver().map(|()| 0);
         }
         match result::init() {
-            Ok(()) => result::device::count(),
+            Ok(()) => cudarc::driver::result::device::get_count().call("cuDeviceGetCount").map(|n| n.max(0) as usize),
             // A driver without a GPU (or with all of them hidden) has no devices, rather than no backend.
             Err(err) if err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
             Err(_) => device::probe_driver().map(|()| 0),
@@ -176,19 +177,21 @@ impl Backend for Cuda {
         device.bind()?;
         let mut argument = *params;
         let mut arguments = [(&mut argument as *mut LaunchParams).cast::<c_void>()];
+        let (grid, block) = ((config.grid, 1, 1), (config.block, 1, 1));
         // SAFETY: the function is live (the module outlives `device`), its one parameter is a
         // `LaunchParams` by value (the C++ mirror of the struct, pinned by a layout test), the driver
         // copies `argument` before returning, and the caller guarantees every pointer in it.
         unsafe {
-            result::launch::kernel(
+            cudarc::driver::result::launch_kernel(
                 function.raw(),
-                config.grid,
-                config.block,
+                grid,
+                block,
                 config.shared_bytes,
                 stream.cu_stream(),
                 &mut arguments,
             )
         }
+        .call("cuLaunchKernel")
     }
 
     unsafe fn read_back(stream: &CudaStream, src: DevicePtr, dst: &mut [u8]) -> Result<()> {

@@ -18,6 +18,7 @@ use super::result::{self, nvrtc, CallExt};
 use crate::gpu::cache::DiskCache;
 use crate::gpu::functions::FunctionTable;
 use crate::{BackendKind, Error, KernelId, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::{sys, CudaFunction, CudaModule};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -171,10 +172,16 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
             if can_finish_loading {
                 result::function::load(raw)?;
             }
-            let static_shared = result::function::attribute(raw, F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+            let static_shared = cu::function::get_function_attribute(raw, F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .call("cuFuncGetAttribute")?;
             let limit = optin.max(DEFAULT_SHARED_LIMIT).saturating_sub(static_shared.max(0) as u32);
             if optin > DEFAULT_SHARED_LIMIT {
-                result::function::set_attribute(raw, F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit as i32)?;
+                cu::function::set_function_attribute(
+                    raw,
+                    F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    limit as i32,
+                )
+                .call("cuFuncSetAttribute")?;
             }
             limit
         };
