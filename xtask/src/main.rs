@@ -188,6 +188,10 @@ fn test(sh: &Shell, require: &[String], hip: bool) -> Result<()> {
         cmd!(sh, "cargo test -p arfuse-kernels --no-default-features --features {feature}")
             .run()
             .context("hip feature")?;
+        // The operator's GPU suite instantiated for HIP (its CPU tests ran above, with the workspace).
+        cmd!(sh, "cargo test -p arfuse-fusion --no-default-features --features {feature} --test gpu")
+            .run()
+            .context("hip feature, operator")?;
     }
     cmd!(sh, "cargo test -p xtask").run().context("tidy")?;
     Ok(())

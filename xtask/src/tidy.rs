@@ -75,6 +75,69 @@ mod tests {
         }
     }
 
+    /// Library folders (and files) where FFI may live: arfuse-kernels' backends and the vendor
+    /// collective binding (ARCHITECTURE.md, "Architecture invariants").
+    const FFI_HOMES: [&str; 4] = [
+        "crates/kernels/src/cpu/",
+        "crates/kernels/src/cuda/",
+        "crates/kernels/src/hip/",
+        "crates/kernels/src/collective/",
+    ];
+    /// Library files outside [`FFI_HOMES`] that may hold `unsafe`: the GPU core and the `Backend`
+    /// trait's default `fill_shared` (calls of the trait's unsafe copies on memory they own or
+    /// bounds-checked, the `DeviceSlice` impls of `DeviceBuffer`), and the callers of arfuse's own
+    /// unsafe launch/copy/replay methods (the operator, its graph table, the bench runner).
+    const UNSAFE_CALLERS: [&str; 5] = [
+        "crates/kernels/src/gpu/",
+        "crates/kernels/src/backend.rs",
+        "crates/fusion/src/operator.rs",
+        "crates/fusion/src/graph.rs",
+        "crates/bench/src/runner.rs",
+    ];
+
+    /// What marks foreign-function code: declared or loaded foreign symbols, pointer casts of them.
+    const FFI_MARKERS: [&str; 5] = [concat!("extern \"C\"", " {"), "transmute", "libloading::", "libc::dl", "#[link("];
+
+    /// The invariant of ARCHITECTURE.md holds for library code (`crates/<crate>/src/`): FFI only in
+    /// [`FFI_HOMES`], any other `unsafe` only in [`UNSAFE_CALLERS`]. Tests, examples and benches
+    /// may call arfuse's unsafe methods (and `libc` to kill a rank process) wherever they need to.
+    #[test]
+    fn unsafe_lives_where_architecture_md_says() {
+        let root = super::super::project_root();
+        let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap_or_default();
+        for home in FFI_HOMES.iter().chain(&UNSAFE_CALLERS) {
+            let named = home.trim_start_matches("crates/").trim_end_matches('/');
+            let named = named.rsplit_once("/src/").map(|(_, f)| f).unwrap_or(named);
+            assert!(architecture.contains(named), "ARCHITECTURE.md does not name {named} as a home of `unsafe`");
+        }
+        for (path, text) in sources() {
+            let relative = path.strip_prefix(&root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let library = relative.starts_with("crates/") && relative.contains("/src/");
+            if !library {
+                continue;
+            }
+            let in_ffi_home = FFI_HOMES.iter().any(|home| relative.starts_with(home));
+            let may_call = in_ffi_home || UNSAFE_CALLERS.iter().any(|home| relative.starts_with(home));
+            for (i, line) in text.lines().enumerate() {
+                let code = line.trim_start();
+                if code.starts_with("//") {
+                    continue;
+                }
+                if let Some(marker) = FFI_MARKERS.iter().find(|m| code.contains(*m)) {
+                    assert!(in_ffi_home, "{relative}:{}: FFI (`{marker}`) outside the kernels' backends", i + 1);
+                }
+                // Built from pieces so this file does not trip the check for justified blocks above.
+                let uses = [concat!("unsafe", " {"), "unsafe impl", "unsafe fn", "unsafe extern"];
+                let unsafe_code = uses.iter().any(|u| code.contains(u));
+                assert!(
+                    !unsafe_code || may_call,
+                    "{relative}:{}: `unsafe` in a file ARCHITECTURE.md does not allow",
+                    i + 1
+                );
+            }
+        }
+    }
+
     /// `major.minor.patch` → comparable numbers (a missing patch is 0).
     fn version(text: &str) -> [u64; 3] {
         let mut parts = text.split('.').map(|p| p.parse::<u64>().unwrap_or(0));

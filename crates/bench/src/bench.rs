@@ -161,8 +161,9 @@ fn write_tune_table(report: &crate::report::Report, path: &std::path::Path) -> R
 /// Runs the plan on the backend `args.backend` names, for the dtype it names.
 #[cfg(any(feature = "cuda", feature = "hip"))]
 fn run_backend(args: &BenchArgs, cases: Vec<(Mode, Shape)>, command: String) -> Result<crate::report::Report> {
-    use crate::runner::{run, GpuRuntime, Plan};
-    fn on<B: GpuRuntime>(args: &BenchArgs, plan: &Plan) -> Result<crate::report::Report> {
+    use crate::runner::{run, Plan};
+    use arfuse_kernels::GpuBackend;
+    fn on<B: GpuBackend>(args: &BenchArgs, plan: &Plan) -> Result<crate::report::Report> {
         let progress = indicatif::ProgressBar::new(0);
         progress.set_style(
             indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")

@@ -1,4 +1,4 @@
-//! The measurements of `arfuse-bench` on a GPU backend (cuda, hip; see [`GpuRuntime`]): ranks
+//! The measurements of `arfuse-bench` on a GPU backend (cuda, hip; any [`GpuBackend`]): ranks
 //! are threads of this process, one per GPU when there are enough GPUs, otherwise several sharing
 //! one (each then gets its share of the multiprocessors, as the operator does for co-resident ranks).
 //!
@@ -17,114 +17,13 @@ use crate::report::{floor_bytes, Floors, Mode, PathTiming, Report, Row, Shape, S
 use anyhow::{anyhow, bail, Context, Result};
 use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
 use arfuse_ipc::ThreadRendezvous;
-use arfuse_kernels::{Backend, DeviceSlice, DeviceSliceMut, Element};
-use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
+use arfuse_kernels::gpu::DeviceBuffer;
+use arfuse_kernels::{Element, GpuBackend};
+use arfuse_testkit::{poisoned, unwritten, Fixture, Problem, Reference};
 use parking_lot::{Condvar, Mutex};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// What the bench needs of a GPU backend beyond [`Backend`]: owned device buffers and captured
-/// graphs. Implemented for the cuda backend and (feature `hip`) the hip backend.
-pub trait GpuRuntime: Backend {
-    /// An owned device buffer of `T`, freed on drop.
-    type Buffer<T: Element>: DeviceSliceMut<Self, Elem = T>;
-    /// An instantiated graph of captured work, destroyed on drop.
-    type Graph;
-    /// A buffer holding a copy of `data` (finished on return).
-    fn buffer_from<T: Element>(stream: &Self::Stream, data: &[T]) -> arfuse_kernels::Result<Self::Buffer<T>>;
-    /// `len` zero-filled elements.
-    fn zeros<T: Element>(device: &Self::Device, len: usize) -> arfuse_kernels::Result<Self::Buffer<T>>;
-    /// Overwrites `buffer` with `data` (same length; finished on return).
-    fn upload<T: Element>(
-        buffer: &mut Self::Buffer<T>,
-        stream: &Self::Stream,
-        data: &[T],
-    ) -> arfuse_kernels::Result<()>;
-    /// Reads `buffer` back after the work queued on `stream`.
-    fn download<T: Element>(buffer: &Self::Buffer<T>, stream: &Self::Stream) -> arfuse_kernels::Result<Vec<T>>;
-    /// Starts capturing the work enqueued on `stream`.
-    fn begin_capture(stream: &Self::Stream) -> arfuse_kernels::Result<()>;
-    /// Ends the capture and instantiates (and, where the runtime can, uploads) the graph.
-    fn end_capture(stream: &Self::Stream) -> arfuse_kernels::Result<Self::Graph>;
-    /// Enqueues one replay of `graph` on `stream`.
-    ///
-    /// # Safety
-    /// Every pointer the captured work uses must be valid until the replay has executed.
-    unsafe fn replay(graph: &Self::Graph, stream: &Self::Stream) -> arfuse_kernels::Result<()>;
-}
-
-#[cfg(feature = "cuda")]
-mod cuda_runtime {
-    use super::GpuRuntime;
-    use arfuse_kernels::api::Cuda;
-    use arfuse_kernels::cuda::{CudaBuffer, CudaDevice, CudaGraphExec, CudaStream};
-    use arfuse_kernels::{Element, Result};
-
-    impl GpuRuntime for Cuda {
-        type Buffer<T: Element> = CudaBuffer<T>;
-        type Graph = CudaGraphExec;
-        fn buffer_from<T: Element>(stream: &CudaStream, data: &[T]) -> Result<CudaBuffer<T>> {
-            CudaBuffer::from_slice(stream, data)
-        }
-        fn zeros<T: Element>(device: &CudaDevice, len: usize) -> Result<CudaBuffer<T>> {
-            CudaBuffer::zeros(device, len)
-        }
-        fn upload<T: Element>(buffer: &mut CudaBuffer<T>, stream: &CudaStream, data: &[T]) -> Result<()> {
-            buffer.upload(stream, data)
-        }
-        fn download<T: Element>(buffer: &CudaBuffer<T>, stream: &CudaStream) -> Result<Vec<T>> {
-            buffer.download(stream)
-        }
-        fn begin_capture(stream: &CudaStream) -> Result<()> {
-            stream.begin_capture()
-        }
-        fn end_capture(stream: &CudaStream) -> Result<CudaGraphExec> {
-            let graph = stream.end_capture()?;
-            graph.upload(stream)?;
-            Ok(graph)
-        }
-        unsafe fn replay(graph: &CudaGraphExec, stream: &CudaStream) -> Result<()> {
-            // SAFETY: the caller keeps the captured work's memory valid (this function's contract).
-            unsafe { graph.launch(stream) }
-        }
-    }
-}
-
-#[cfg(feature = "hip")]
-mod hip_runtime {
-    use super::GpuRuntime;
-    use arfuse_kernels::api::Hip;
-    use arfuse_kernels::hip::{HipBuffer, HipDevice, HipGraphExec, HipStream};
-    use arfuse_kernels::{Element, Result};
-
-    impl GpuRuntime for Hip {
-        type Buffer<T: Element> = HipBuffer<T>;
-        type Graph = HipGraphExec;
-        fn buffer_from<T: Element>(stream: &HipStream, data: &[T]) -> Result<HipBuffer<T>> {
-            HipBuffer::from_slice(stream, data)
-        }
-        fn zeros<T: Element>(device: &HipDevice, len: usize) -> Result<HipBuffer<T>> {
-            HipBuffer::zeros(device, len)
-        }
-        fn upload<T: Element>(buffer: &mut HipBuffer<T>, stream: &HipStream, data: &[T]) -> Result<()> {
-            buffer.upload(stream, data)
-        }
-        fn download<T: Element>(buffer: &HipBuffer<T>, stream: &HipStream) -> Result<Vec<T>> {
-            buffer.download(stream)
-        }
-        fn begin_capture(stream: &HipStream) -> Result<()> {
-            stream.begin_capture()
-        }
-        fn end_capture(stream: &HipStream) -> Result<HipGraphExec> {
-            stream.end_capture()
-        }
-        unsafe fn replay(graph: &HipGraphExec, stream: &HipStream) -> Result<()> {
-            // SAFETY: the caller keeps the captured work's memory valid (this function's contract).
-            unsafe { graph.launch(stream) }
-        }
-    }
-}
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -235,19 +134,19 @@ struct RankResult {
 }
 
 /// One input set on the device.
-struct DeviceSet<B: GpuRuntime, T: Element> {
-    input: B::Buffer<T>,
-    residual: B::Buffer<T>,
-    out: B::Buffer<T>,
-    residual_out: B::Buffer<T>,
+struct DeviceSet<B: GpuBackend, T: Element> {
+    input: DeviceBuffer<B, T>,
+    residual: DeviceBuffer<B, T>,
+    out: DeviceBuffer<B, T>,
+    residual_out: DeviceBuffer<B, T>,
 }
 
 /// The device's floors: copy bandwidth and one graph node.
-fn measure_floors<B: GpuRuntime>(device: &B::Device, stream: &B::Stream) -> Result<Floors> {
+fn measure_floors<B: GpuBackend>(device: &B::Device, stream: &B::Stream) -> Result<Floors> {
     const BYTES: usize = 256 << 20;
-    let src = B::zeros::<half::bf16>(device, BYTES / 2)?;
-    let dst = B::zeros::<half::bf16>(device, BYTES / 2)?;
-    let (src_ptr, dst_ptr) = (DeviceSlice::<B>::device_ptr(&src), DeviceSlice::<B>::device_ptr(&dst));
+    let src = DeviceBuffer::<B, half::bf16>::zeros(device, BYTES / 2)?;
+    let dst = DeviceBuffer::<B, half::bf16>::zeros(device, BYTES / 2)?;
+    let (src_ptr, dst_ptr) = (src.device_ptr(), dst.device_ptr());
     let copy = || -> Result<f64> {
         let start = B::record_event(stream)?;
         // SAFETY: both buffers hold BYTES bytes and outlive the synchronisation below.
@@ -286,7 +185,7 @@ fn measure_floors<B: GpuRuntime>(device: &B::Device, stream: &B::Stream) -> Resu
 }
 
 /// Runs the plan on backend `B` for storage type `T`; returns the report.
-pub fn run<B: GpuRuntime, T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result<Report> {
+pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::ProgressBar) -> Result<Report> {
     let available = B::device_count().with_context(|| format!("the {} backend", B::KIND))?;
     if available == 0 {
         bail!("no {} device", B::KIND);
@@ -440,7 +339,7 @@ fn prepare_case<T: Element>(plan: &Plan, mode: Mode, shape: Shape) -> Case<T> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_case<B: GpuRuntime, T: Element>(
+fn run_case<B: GpuBackend, T: Element>(
     plan: &Plan,
     rank: usize,
     stream: &B::Stream,
@@ -452,16 +351,15 @@ fn run_case<B: GpuRuntime, T: Element>(
 ) -> Result<Vec<PathTiming>> {
     let what = format!("rank {rank} {:?} {}", case.mode, case.shape);
     phase.wait()?;
-    let mut poisoned = vec![T::from_f32(0.0); case.shape.rows * case.shape.hidden];
-    poison(&mut poisoned);
-    let weight = B::buffer_from(stream, &case.sets[0].weight)?;
+    let poisoned = poisoned::<T>(case.shape.rows * case.shape.hidden);
+    let weight = DeviceBuffer::<B, _>::from_slice(stream, &case.sets[0].weight)?;
     let mut sets = Vec::new();
     for fixture in &case.sets {
         sets.push(DeviceSet::<B, T> {
-            input: B::buffer_from(stream, &fixture.inputs[rank])?,
-            residual: B::buffer_from(stream, &fixture.residual)?,
-            out: B::buffer_from(stream, &poisoned)?,
-            residual_out: B::buffer_from(stream, &poisoned)?,
+            input: DeviceBuffer::<B, _>::from_slice(stream, &fixture.inputs[rank])?,
+            residual: DeviceBuffer::<B, _>::from_slice(stream, &fixture.residual)?,
+            out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
+            residual_out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
         });
     }
     let iters = match case.mode {
@@ -471,8 +369,8 @@ fn run_case<B: GpuRuntime, T: Element>(
     .max(1);
     let mut timings = Vec::new();
     for path in [UNFUSED, Path::OneStage, Path::TwoStage] {
-        B::upload(&mut sets[0].out, stream, &poisoned)?;
-        B::upload(&mut sets[0].residual_out, stream, &poisoned)?;
+        sets[0].out.upload(stream, &poisoned)?;
+        sets[0].residual_out.upload(stream, &poisoned)?;
         let call = |op: &mut AllReduceRmsNorm<B>, sets: &mut [DeviceSet<B, T>], k: usize| -> Result<()> {
             let n = sets.len();
             let set = &mut sets[k % n];
@@ -547,8 +445,8 @@ fn run_case<B: GpuRuntime, T: Element>(
         }
         let exact = match &case.reference {
             Some(reference) => {
-                let out = B::download(&sets[0].out, stream)?;
-                let residual_out = B::download(&sets[0].residual_out, stream)?;
+                let out = sets[0].out.download(stream)?;
+                let residual_out = sets[0].residual_out.download(stream)?;
                 let ok = unwritten(&out).is_empty()
                     && unwritten(&residual_out).is_empty()
                     && reference.residual_out_mismatches(&residual_out).total == 0

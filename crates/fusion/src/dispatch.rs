@@ -6,16 +6,16 @@
 //! 2. A world size above [`MAX_RANKS`], no peer access, or ranks on several hosts: the vendor
 //!    collective library's all-reduce, then our add+RMSNorm ([`Path::Unfused`] with
 //!    [`AllReduce::Vendor`]).
-//! 3. Fusion disabled, or `bytes > max_size / 2`, or a hidden size beyond the fused kernels:
-//!    the unfused path (our custom all-reduce — in row chunks that fit the staging area when the
+//! 3. Fusion disabled, or `bytes > max_size / 2`: the unfused path (our custom all-reduce — in row chunks that fit the staging area when the
 //!    tensor is larger — or the vendor library for sizes beyond the buffers where one is available).
 //! 4. Otherwise fused: 1-stage iff `bytes <= one_stage_max_bytes` (inclusive; the measured
 //!    threshold of the world size where a tune table gives one, see [`crate::tune`]), unless the
-//!    override says otherwise; a hidden size the 1-stage kernel cannot take goes 2-stage.
+//!    override says otherwise; a call larger than a push slot goes 2-stage.
 //!
-//! A hidden size that is not a multiple of the 16-byte pack is not a path decision: the operator
-//! refuses it with [`crate::Error::HiddenNotMultipleOfPack`] before dispatch, on every path
-//! (the add+RMSNorm kernel of the unfused path uses the same packs).
+//! The hidden size is not a path decision: every path runs the same row routine, so a hidden size
+//! the kernels cannot take (not a multiple of the 16-byte pack, or beyond
+//! [`arfuse_kernels::max_hidden`], the kernels' own limit) is refused by the operator before
+//! dispatch ([`crate::Error::HiddenNotMultipleOfPack`], [`crate::Error::HiddenUnsupported`]).
 
 use arfuse_kernels::{DType, MAX_RANKS, PACK_BYTES};
 use std::fmt;
@@ -60,10 +60,6 @@ pub struct Policy {
     /// group's world size ([`Policy::push_slot_bytes_for`]). A rank allocates
     /// `3 x world x push slot` bytes for them.
     pub push_slot_bytes: usize,
-    /// Largest hidden size the 1-stage kernel takes.
-    pub one_stage_max_hidden: usize,
-    /// Largest hidden size the fused kernels take.
-    pub fused_max_hidden: usize,
     /// Whether every pair of ranks can access each other's memory.
     pub peer_access: bool,
     /// Whether every rank is on this host.
@@ -92,8 +88,6 @@ pub const fn default_one_stage_max_bytes(world_size: usize) -> usize {
         _ => 512 << 10,
     }
 }
-/// Largest hidden size the GPU kernels take (bf16/f16; packs kept in registers).
-pub const DEFAULT_MAX_HIDDEN: usize = 32768;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -104,8 +98,6 @@ impl Default for Policy {
             one_stage_max_bytes_by_world: [0; MAX_RANKS + 1],
             force_one_stage: None,
             push_slot_bytes: 0,
-            one_stage_max_hidden: DEFAULT_MAX_HIDDEN,
-            fused_max_hidden: DEFAULT_MAX_HIDDEN,
             peer_access: true,
             single_host: true,
             vendor_available: false,
@@ -157,8 +149,6 @@ pub enum FallbackReason {
     Disabled,
     /// `bytes > max_size / 2`.
     TooLarge,
-    /// The hidden size is beyond the fused kernels.
-    HiddenUnsupported,
     /// The world size is beyond the kernels.
     WorldSizeUnsupported,
     /// Some ranks cannot access each other's memory.
@@ -232,11 +222,7 @@ pub fn choose_path(req: &Request, policy: &Policy) -> Path {
             custom(FallbackReason::TooLarge)
         };
     }
-    if req.hidden > policy.fused_max_hidden {
-        return custom(FallbackReason::HiddenUnsupported);
-    }
-    let one_stage_fits =
-        req.hidden <= policy.one_stage_max_hidden && bytes <= policy.push_slot_bytes_for(req.world_size) as u64;
+    let one_stage_fits = bytes <= policy.push_slot_bytes_for(req.world_size) as u64;
     let wants_one_stage =
         policy.force_one_stage.unwrap_or(bytes <= policy.one_stage_max_bytes_for(req.world_size) as u64);
     if wants_one_stage && one_stage_fits {

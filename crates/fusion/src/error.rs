@@ -170,11 +170,22 @@ fn free(available: Option<u64>) -> String {
 }
 
 impl From<arfuse_kernels::Error> for Error {
+    /// The cross-rank failures a kernel reports (the CPU backend's launch errors, or the error word
+    /// of a GPU kernel decoded by `arfuse_kernels::ErrorWord::to_error`) become the operator's own
+    /// [`Error::PeerTimeout`], [`Error::CallMismatch`] and [`Error::NotRegistered`];
     /// [`Error::SharedMemoryTooSmall`] for a short `/dev/shm` (so that the message names the
-    /// operator's knob), [`Error::Kernels`] for everything else.
+    /// operator's knob); [`Error::Kernels`] for everything else.
     fn from(e: arfuse_kernels::Error) -> Self {
+        use arfuse_kernels::Error as K;
         match e {
-            arfuse_kernels::Error::ShmTooSmall { requested, available, path, .. } => {
+            K::PeerTimeout { rank, peer, deadline_ms, .. } => {
+                Error::PeerTimeout { rank, peer, deadline: Duration::from_millis(deadline_ms) }
+            }
+            K::CallMismatch { rank, peer, ours, theirs } => {
+                Error::CallMismatch { rank, peer, detail: format!("ours: {ours}; theirs: {theirs}") }
+            }
+            K::NotRegistered { rank, barrier } => Error::NotRegistered { rank, barrier },
+            K::ShmTooSmall { requested, available, path, .. } => {
                 Error::SharedMemoryTooSmall { requested, available, path, source: e }
             }
             other => Error::Kernels(other),

@@ -11,7 +11,7 @@ use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{
     Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
-    MAX_RANKS, MAX_ROW_PACKS, PACK_BYTES,
+    MAX_RANKS, PACK_BYTES,
 };
 use std::marker::PhantomData;
 
@@ -425,28 +425,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         // SAFETY: the error word lies inside this rank's live signal area.
         unsafe { B::read_back(stream, at, &mut word)? };
         let word = ErrorWord(u64::from_le_bytes(word));
-        if word.kind() == ErrorWord::KIND_PEER_TIMEOUT {
-            let err =
-                Error::PeerTimeout { rank: self.rank() as u32, peer: word.peer(), deadline: self.config.deadline };
-            self.poisoned = Some(err.to_string());
-            return Err(err);
-        }
-        if word.kind() == ErrorWord::KIND_CALL_MISMATCH {
-            let err = Error::CallMismatch {
-                rank: self.rank() as u32,
-                peer: word.peer(),
-                detail: format!(
-                    "the peer's call descriptor (epoch, op, dtype, world size, shape) differs from ours at barrier {}",
-                    word.barrier()
-                ),
-            };
-            self.poisoned = Some(err.to_string());
-            return Err(err);
-        }
-        if word.kind() == ErrorWord::KIND_NOT_REGISTERED {
-            let err = Error::NotRegistered { rank: self.rank() as u32, barrier: word.barrier() };
-            self.poisoned = Some(err.to_string());
-            return Err(err);
+        if let Some(err) = word.to_error(self.rank() as u32, self.config.deadline) {
+            return Err(self.poison(err.into()));
         }
         if let Some(vendor) = &mut self.vendor {
             if let Err(e) = vendor.comm.async_error() {
@@ -464,14 +444,15 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         let hidden = args.weight.len;
         let pack = T::DTYPE.pack_elems();
+        let max_hidden = arfuse_kernels::max_hidden(T::DTYPE);
         if hidden == 0 {
-            return Err(Error::HiddenUnsupported { hidden, max: self.config.policy.fused_max_hidden });
+            return Err(Error::HiddenUnsupported { hidden, max: max_hidden });
         }
         if hidden % pack != 0 {
             return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
         }
-        if hidden / pack > MAX_ROW_PACKS {
-            return Err(Error::HiddenUnsupported { hidden, max: MAX_ROW_PACKS * pack });
+        if hidden > max_hidden {
+            return Err(Error::HiddenUnsupported { hidden, max: max_hidden });
         }
         let elems = args.input.len;
         if elems % hidden != 0 {
@@ -567,27 +548,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         // SAFETY: `validate` checked every user tensor's extent against the call's shape and the
         // shared buffers are sized for `max_size / 2` bytes per half, which `run` never exceeds.
         let res = unsafe { B::launch(&self.device, stream, kernel, params) };
-        res.map_err(|e| match e {
-            arfuse_kernels::Error::PeerTimeout { rank, peer, .. } => {
-                let err = Error::PeerTimeout { rank, peer, deadline: self.config.deadline };
-                self.poisoned = Some(err.to_string());
-                err
-            }
-            arfuse_kernels::Error::NotRegistered { rank, barrier } => {
-                let err = Error::NotRegistered { rank, barrier };
-                self.poisoned = Some(err.to_string());
-                err
-            }
-            arfuse_kernels::Error::CallMismatch { rank, peer, ours, theirs } => {
-                let err = Error::CallMismatch { rank, peer, detail: format!("ours: {ours}; theirs: {theirs}") };
-                self.poisoned = Some(err.to_string());
-                err
-            }
-            other => {
-                self.poisoned = Some(other.to_string());
-                Error::Kernels(other)
-            }
-        })
+        res.map_err(|e| self.poison(e.into()))
+    }
+
+    /// Marks the operator unusable after `err` (a failed launch or a peer failure leaves the shared
+    /// buffers in an unknown state) and returns it.
+    fn poison(&mut self, err: Error) -> Error {
+        self.poisoned = Some(err.to_string());
+        err
     }
 
     fn run<T: Element>(&mut self, stream: &B::Stream, path: Path, call: Call, args: &Args<'_, B, T>) -> Result<()> {

@@ -16,7 +16,7 @@ use arfuse_kernels::collective::{CollectiveBackend, Library, Vendor};
 use arfuse_kernels::cuda::CudaBuffer;
 use arfuse_kernels::{Backend, Element};
 use arfuse_testkit::reference::add_residual_element;
-use arfuse_testkit::{assert_all_written, poison, run_threads_each, Fixture, Problem, Reference, TestSeed};
+use arfuse_testkit::{assert_all_written, poisoned, run_threads_each, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
 use std::time::Duration;
 
@@ -27,27 +27,24 @@ const SHAPES: [(usize, usize); 3] = [(1, 4096), (16, 8192), (128, 5120)];
 
 /// Whether this machine can run the test: `min_devices` CUDA devices and a loadable NCCL.
 fn nccl_available(test: &str, min_devices: usize) -> bool {
-    let required = std::env::var("ARFUSE_REQUIRE_BACKENDS").unwrap_or_default().split(',').any(|b| b.trim() == "nccl");
-    let why = match Cuda::device_count() {
-        Ok(0) => "no CUDA device".to_string(),
+    let available = match Cuda::device_count() {
+        Ok(0) => Err("no CUDA device".to_string()),
         Ok(n) if n < min_devices => {
             // A property of the machine, not a missing backend: skip even where nccl is required.
-            println!("SKIP {test}: {n} CUDA device(s), the test needs {min_devices} (NCCL: one GPU per rank)");
-            return false;
+            let why = format!("{n} CUDA device(s), the test needs {min_devices} (NCCL: one GPU per rank)");
+            return arfuse_testkit::skip::skip("nccl", test, why);
         }
         Ok(_) => match Library::open(Vendor::Nccl) {
             Ok(library) => {
                 let (major, minor, patch) = library.version();
                 println!("{test}: NCCL {major}.{minor}.{patch} from {}", library.path());
-                return true;
+                Ok(())
             }
-            Err(e) => e.to_string(),
+            Err(e) => Err(e.to_string()),
         },
-        Err(e) => e.to_string(),
+        Err(e) => Err(e.to_string()),
     };
-    assert!(!required, "{test}: ARFUSE_REQUIRE_BACKENDS names nccl, but: {why}");
-    println!("SKIP {test}: {why}");
-    false
+    arfuse_testkit::require_backend("nccl", test, available)
 }
 
 /// `fixture` with every `-0.0` input turned into `+0.0`. The contract's sum maps `-0.0` to `+0.0`;
@@ -75,8 +72,7 @@ fn rank_calls(
         let input = CudaBuffer::from_slice(stream, &fixture.inputs[rank]).expect("input");
         let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
         let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
-        let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
-        poison(&mut poisoned);
+        let poisoned = poisoned::<bf16>(fixture.residual.len());
         let mut out = CudaBuffer::from_slice(stream, &poisoned).expect("out");
         let mut residual_out = CudaBuffer::from_slice(stream, &poisoned).expect("residual_out");
         for forced in [Some(VENDOR), None] {
@@ -170,8 +166,7 @@ fn nccl_residual_out_is_exact_against_the_librarys_own_sum() {
     let input = CudaBuffer::from_slice(stream, &fixture.inputs[0]).expect("input");
     let residual = CudaBuffer::from_slice(stream, &fixture.residual).expect("residual");
     let weight = CudaBuffer::from_slice(stream, &fixture.weight).expect("weight");
-    let mut poisoned = vec![bf16::from_f32(0.0); fixture.residual.len()];
-    poison(&mut poisoned);
+    let poisoned = poisoned::<bf16>(fixture.residual.len());
     let sum = CudaBuffer::from_slice(stream, &poisoned).expect("sum");
     // SAFETY: `input` and `sum` are live allocations of `rows * hidden` bf16 on this device, kept
     // until the download below has synchronised the stream.

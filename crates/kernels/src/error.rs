@@ -27,12 +27,6 @@ pub enum Error {
         /// Why it is not available (library not found, no device, ...).
         reason: String,
     },
-    /// The backend was not compiled into this build.
-    #[error("{backend} backend not compiled in (enable the cargo feature `{backend}`)")]
-    BackendNotCompiled {
-        /// The backend that was asked for.
-        backend: BackendKind,
-    },
     /// A kernel failed to compile.
     #[error("compiling kernel {kernel} for {arch} failed:\n{log}")]
     Compile {

@@ -7,6 +7,7 @@
 //! | concept | here |
 //! |---|---|
 //! | backend (cpu, cuda, hip) | [`Backend`], [`cpu::Cpu`] |
+//! | what the GPU backends add: owned buffers, captured graphs | [`GpuBackend`] |
 //! | device memory peers can map | [`Backend::SharedBuffer`], exported as [`Backend::IpcHandle`] |
 //! | a peer's buffer in our address space | [`Backend::PeerMapping`] |
 //! | one kernel, its arguments | [`KernelId`], [`LaunchParams`] |
@@ -20,8 +21,10 @@
 //! - One [`LaunchParams`] struct for every kernel and backend, mirrored in the C++ header.
 //!
 //! # Safety model
-//! `unsafe` lives in `cpu/` (shared memory, raw views), in the GPU backends' FFI wrappers and in
-//! `collective/` (the vendor library's entry points, loaded at run time).
+//! FFI lives in `cpu/` (shared memory, raw views), in the GPU backends' wrappers (`cuda/`, `hip/`)
+//! and in `collective/` (the vendor library's entry points, loaded at run time); the GPU core
+//! (`gpu/`) and [`Backend::fill_shared`] only call the trait's unsafe copies on memory they own or
+//! bounds-checked (ARCHITECTURE.md's invariant, checked by tidy).
 //! Callers of [`Backend::launch`] promise the pointer extents; the barrier protocol promises that
 //! no rank writes memory a peer is still reading.
 
@@ -33,6 +36,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod gpu;
 #[cfg(feature = "hip")]
 pub mod hip;
 pub mod kernel_id;
@@ -43,9 +47,10 @@ pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
 pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use gpu::{DeviceBuffer, GpuBackend};
 pub use kernel_id::{KernelId, Op};
 pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
-pub use source::MAX_ROW_PACKS;
+pub use source::{max_hidden, MAX_ROW_PACKS};
 
 /// Backends by name: `api::{Cpu, Cuda, Hip}`.
 pub mod api {

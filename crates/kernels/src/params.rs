@@ -220,6 +220,26 @@ impl ErrorWord {
     pub fn barrier(self) -> u64 {
         self.0 >> 16
     }
+
+    /// The error this word reports for `rank` (whose launches waited up to `deadline`), or `None`
+    /// for no error (kind 0) and kinds this build does not know. The one decoder of the word: the
+    /// GPU backends' callers read it back from the signal area and ask here.
+    pub fn to_error(self, rank: u32, deadline: std::time::Duration) -> Option<crate::Error> {
+        let (peer, barrier) = (self.peer(), self.barrier());
+        match self.kind() {
+            Self::KIND_PEER_TIMEOUT => {
+                Some(crate::Error::PeerTimeout { rank, peer, barrier, deadline_ms: deadline.as_millis() as u64 })
+            }
+            Self::KIND_CALL_MISMATCH => Some(crate::Error::CallMismatch {
+                rank,
+                peer,
+                ours: format!("the call at barrier {barrier}"),
+                theirs: "a different call descriptor (epoch, op, dtype, world size, shape)".into(),
+            }),
+            Self::KIND_NOT_REGISTERED => Some(crate::Error::NotRegistered { rank, barrier }),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,5 +269,25 @@ mod tests {
     fn error_word_round_trips() {
         let w = ErrorWord::peer_timeout(5, 1234);
         assert_eq!((w.kind(), w.peer(), w.barrier()), (ErrorWord::KIND_PEER_TIMEOUT, 5, 1234));
+    }
+
+    #[test]
+    fn every_error_word_decodes_to_its_error() {
+        use crate::Error;
+        let deadline = std::time::Duration::from_millis(2500);
+        assert!(matches!(
+            ErrorWord::peer_timeout(5, 1234).to_error(2, deadline),
+            Some(Error::PeerTimeout { rank: 2, peer: 5, barrier: 1234, deadline_ms: 2500 })
+        ));
+        assert!(matches!(
+            ErrorWord::call_mismatch(3, 8).to_error(1, deadline),
+            Some(Error::CallMismatch { rank: 1, peer: 3, ref ours, .. }) if ours.contains("barrier 8")
+        ));
+        assert!(matches!(
+            ErrorWord::not_registered(6).to_error(0, deadline),
+            Some(Error::NotRegistered { rank: 0, barrier: 6 })
+        ));
+        assert!(ErrorWord(0).to_error(0, deadline).is_none());
+        assert!(ErrorWord(0x7f).to_error(0, deadline).is_none(), "a kind this build does not know");
     }
 }

@@ -14,6 +14,12 @@ pub const KERNELS: &str = include_str!("gpu/kernels.cu");
 /// Largest number of 16-byte packs in a row (the sum-of-squares tree lives in shared memory):
 /// hidden 32768 for bf16/f16, 16384 for f32. Mirrors `ARFUSE_MAX_ROW_PACKS`.
 pub const MAX_ROW_PACKS: usize = 4096;
+/// The largest hidden size the kernels take for `dtype` ([`MAX_ROW_PACKS`] packs): 32768 for
+/// bf16/f16, 16384 for f32. Every path runs the same row routine, so this is the one limit on the
+/// hidden size (the operator refuses anything beyond it before dispatch).
+pub const fn max_hidden(dtype: crate::DType) -> usize {
+    MAX_ROW_PACKS * dtype.pack_elems()
+}
 /// Packs each thread keeps in registers (`ARFUSE_MAX_PACKS_PER_THREAD`).
 const MAX_PACKS_PER_THREAD: usize = 4;
 /// Threads per block of the element-wise kernels.
@@ -24,9 +30,23 @@ pub fn full_source() -> String {
     KERNELS.replace("#include \"arfuse.h\"", HEADER)
 }
 
+/// The FNV-1a 64 offset basis: the hash of no bytes.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a 64 of `hash` (a running hash, [`FNV_OFFSET`] to start) extended by `bytes`.
+pub fn fnv1a_extend(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// FNV-1a 64 of `bytes`: the one hash of the workspace (source hash, cache keys and checksums, the
+/// test kit's snapshot digests). Stable across hosts and releases.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    fnv1a_extend(FNV_OFFSET, bytes)
+}
+
 /// A stable 64-bit FNV-1a hash of [`full_source`] (cache keys, offline image names).
 pub fn source_hash() -> u64 {
-    full_source().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    fnv1a(full_source().as_bytes())
 }
 
 /// Where an offline-built AMD code object of this source for `arch` lives, relative to the
@@ -204,6 +224,50 @@ mod tests {
         let dir = std::path::Path::new("/opt/arfuse/kernels");
         let hash = source_hash();
         assert_eq!(crate::hip::offline_image_path(dir, "gfx942", hash), dir.join(offline_hsaco_path("gfx942", hash)));
+    }
+
+    /// The kernel source writes each cross-rank kernel's op code and each element type's dtype
+    /// code into its call headers as literals (`cross_rank<E, ..>(p, 3, ..)`, `kCode = 1`); the one
+    /// owner of those numbers is Rust ([`Op::code`], the `DType` discriminant), and this holds the
+    /// source to them.
+    #[test]
+    fn the_kernel_source_writes_rusts_op_and_dtype_codes() {
+        let lines: Vec<&str> = KERNELS.lines().collect();
+        let mut seen = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.split("ARFUSE_KERNEL(").nth(1).filter(|_| !line.contains("#define")) else {
+                continue;
+            };
+            let Some((stem, _)) = rest.split_once("_##dtype") else { continue };
+            let op = Op::ALL.iter().copied().find(|op| op.stem() == stem);
+            let op = op.unwrap_or_else(|| panic!("kernel {stem} is no Op"));
+            // The entry's body: up to its closing line (a few lines), not into the next entry.
+            let body: Vec<&str> = lines[i..].iter().take(4).copied().collect();
+            let body = body.join(" ");
+            let body = body.split("ARFUSE_KERNEL(").take(2).collect::<Vec<_>>().join("");
+            let code = body.split("cross_rank<").nth(1).map(|call| {
+                let after = call.split_once("(p, ").map(|(_, after)| after).unwrap_or_default();
+                after.split(',').next().unwrap_or_default().trim().parse::<u64>().unwrap_or(u64::MAX)
+            });
+            match code {
+                Some(code) => {
+                    assert_eq!(code, op.code(), "{stem}: op code {code} in kernels.cu, Op::code() {}", op.code())
+                }
+                None => assert!(!op.crosses_ranks(), "{stem} crosses ranks but sends no header"),
+            }
+            seen.push(op);
+        }
+        assert_eq!(seen, Op::ALL, "one kernel per op, in Op::ALL's order");
+        for dtype in DType::ALL {
+            let struct_name = match dtype {
+                DType::Bf16 => "struct Bf16 {",
+                DType::F16 => "struct F16 {",
+                DType::F32 => "struct F32 {",
+            };
+            let at = KERNELS.find(struct_name).unwrap_or_else(|| panic!("no {struct_name}"));
+            let code = KERNELS[at..].split("kCode = ").nth(1).and_then(|c| c.split(';').next()).unwrap_or_default();
+            assert_eq!(code.trim(), (dtype as u32).to_string(), "{dtype}: kCode in kernels.cu");
+        }
     }
 
     #[test]

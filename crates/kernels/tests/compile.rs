@@ -18,9 +18,12 @@ fn tool(names: &[&str]) -> Option<String> {
 #[test]
 fn kernels_compile_for_gfx90a_gfx942_gfx950_with_global_loads() {
     let (Some(clang), Some(objdump)) = (tool(&["clang++-22"]), tool(&["llvm-objdump-22"])) else {
-        let required = std::env::var("ARFUSE_REQUIRE_COMPILERS").unwrap_or_default();
-        assert!(!required.split(',').any(|c| c.trim() == "clang"), "clang-22 required but not found");
-        println!("SKIP clang: clang++-22 / llvm-objdump-22 not found (apt-get install clang-22 llvm-22)");
+        let why = "clang++-22 / llvm-objdump-22 not found (apt-get install clang-22 llvm-22)";
+        arfuse_testkit::require_compiler(
+            "clang",
+            "kernels_compile_for_gfx90a_gfx942_gfx950_with_global_loads",
+            Err(why),
+        );
         return;
     };
     let dir = std::env::temp_dir().join(format!("arfuse-compile-{}", std::process::id()));

@@ -9,9 +9,10 @@
 //! | inputs for P ranks, shaped like real activations | [`Problem`], [`Fixture`] |
 //! | the contract, computed independently (own rounding, f64 norm) | [`Reference`] |
 //! | "within n ulp", bit-exact comparisons with readable reports | [`ulp_distance`], [`Mismatches`] |
-//! | "every output element was written" | [`poison()`], [`unwritten`], [`assert_all_written`] |
+//! | "every output element was written" | [`poison()`], [`poisoned`], [`unwritten`], [`assert_all_written`] |
 //! | ranks as threads / as processes re-executing the test binary | [`run_threads`], [`child`], [`run_processes`] |
 //! | one seed per test, overridable, printed on failure | [`TestSeed`] |
+//! | skip loudly where a backend is missing, fail where it is required | [`require_backend`] |
 //! | snapshot text split into invariant and backend-specific parts | [`NumericsSummary`] |
 //!
 //! It depends on `arfuse-kernels` only (for [`DType`] and [`Element`]), never on `ipc` or
@@ -32,6 +33,7 @@ pub mod harness;
 pub mod poison;
 pub mod reference;
 pub mod seeds;
+pub mod skip;
 pub mod summary;
 pub mod ulp;
 
@@ -42,9 +44,12 @@ pub use harness::{
     assert_ranks_succeeded, check_ranks, child, fresh_private_dir, run_processes, run_processes_with, run_threads,
     run_threads_each, run_threads_timeout, ChildOutcome, ChildRank, PrivateDir, ProcessOptions,
 };
-pub use poison::{assert_all_written, is_poison, poison, poison_bits, poison_value, unwritten, unwritten_ranges};
+pub use poison::{
+    assert_all_written, is_poison, poison, poison_bits, poison_value, poisoned, unwritten, unwritten_ranges,
+};
 pub use reference::{Mismatch, Mismatches, Reference};
 pub use seeds::TestSeed;
+pub use skip::{require_backend, require_compiler};
 pub use summary::{fnv1a64, NumericsSummary, Sample};
 pub use ulp::{max_ulp, ulp_distance};
 

@@ -34,6 +34,11 @@ pub fn poison<T: Element>(buf: &mut [T]) {
     buf.fill(poison_value());
 }
 
+/// `len` elements of the poison pattern: what a test uploads into an output before a call.
+pub fn poisoned<T: Element>(len: usize) -> Vec<T> {
+    vec![poison_value(); len]
+}
+
 /// Indices of the elements still carrying the poison pattern.
 pub fn unwritten<T: Element>(buf: &[T]) -> Vec<usize> {
     buf.iter().enumerate().filter(|(_, &v)| is_poison(v)).map(|(i, _)| i).collect()
@@ -102,6 +107,7 @@ mod tests {
         let mut buf = vec![bf16::from_f32(1.0); 20];
         poison(&mut buf);
         assert_eq!(unwritten(&buf).len(), 20);
+        assert!(poisoned::<bf16>(20).iter().zip(&buf).all(|(a, b)| a.to_bits() == b.to_bits()));
         for v in &mut buf[3..17] {
             *v = bf16::from_f32(0.0);
         }

@@ -11,24 +11,20 @@
 use crate::float::{exact_decimal_of, hex_bits_of};
 use crate::reference::Reference;
 use crate::ulp::ordered_key;
+use arfuse_kernels::source::{fnv1a_extend, FNV_OFFSET};
 use arfuse_kernels::{DType, Element};
 use std::fmt;
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-/// FNV-1a 64 of a byte string.
+/// FNV-1a 64 of a byte string (the workspace's one hash, `arfuse_kernels::source::fnv1a`).
 pub fn fnv1a64_bytes(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+    arfuse_kernels::source::fnv1a(bytes)
 }
 
 /// FNV-1a 64 of the raw bits of `values`, each element as its storage width in little-endian
 /// byte order (so the digest does not depend on the host).
 pub fn fnv1a64<T: Element>(values: &[T]) -> u64 {
     let width = T::DTYPE.size();
-    values.iter().fold(FNV_OFFSET, |hash, v| {
-        v.to_bits_u32().to_le_bytes()[..width].iter().fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
-    })
+    values.iter().fold(FNV_OFFSET, |hash, v| fnv1a_extend(hash, &v.to_bits_u32().to_le_bytes()[..width]))
 }
 
 /// One sampled element of both outputs, as raw bits.

@@ -2,7 +2,7 @@
 # Runs the bundled test binaries on a machine without a Rust toolchain (written by `cargo xtask bundle`).
 #
 #   ./run-tests.sh                      every test binary in this folder
-#   TESTS="arfuse-kernels-cuda" ./run-tests.sh --test-threads=1    some, with arguments for each
+#   TESTS="arfuse-kernels-gpu arfuse-fusion-gpu" ./run-tests.sh --test-threads=1 cuda::    some, with arguments for each
 #
 # ARFUSE_REQUIRE_BACKENDS=cuda (or hip, nccl) turns a skipped GPU test into a failure.
 set -u

@@ -16,18 +16,14 @@ fn exactly_64_mib_is_fused_one_element_more_is_not() {
     // One more element: a tensor of 8192*4096 + 8 elements (one more pack) as 1 row: hidden size
     // is the pack multiple just above. Bytes = 64 MiB + 16 > max_size / 2.
     let bigger = Request { rows: 1, hidden: 8192 * 4096 + 8, ..r };
-    let fused_limit_lifted = Policy { fused_max_hidden: usize::MAX, one_stage_max_hidden: usize::MAX, ..policy };
     assert_eq!(
-        choose_path(&bigger, &fused_limit_lifted),
+        choose_path(&bigger, &policy),
         Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::TooLarge }
     );
     // Literally one element more (the dispatcher does not look at the pack; validation does).
     let one_more = Request { rows: 1, hidden: 8192 * 4096 + 1, ..r };
     assert_eq!(one_more.bytes(), (64 << 20) + 2);
-    assert!(matches!(
-        choose_path(&one_more, &fused_limit_lifted),
-        Path::Unfused { reason: FallbackReason::TooLarge, .. }
-    ));
+    assert!(matches!(choose_path(&one_more, &policy), Path::Unfused { reason: FallbackReason::TooLarge, .. }));
     // One more row is 8 KiB more: not fused either, and the vendor library takes it where present.
     let more_rows = req(8193, 4096);
     let with_vendor = Policy { vendor_available: true, ..policy };
@@ -56,10 +52,9 @@ fn exactly_128_kib_is_one_stage_one_more_pack_is_two_stage() {
     // 16 x 4096 bf16 = 128 KiB.
     assert_eq!(req(16, 4096).bytes(), 128 << 10);
     assert_eq!(choose_path(&req(16, 4096), &policy), Path::OneStage);
-    // 1 row of 65544 elements = 128 KiB + 16 bytes (hidden limits lifted to isolate the size rule).
-    let lifted = Policy { fused_max_hidden: 1 << 20, one_stage_max_hidden: 1 << 20, ..policy };
-    assert_eq!(choose_path(&req(1, 65536), &lifted), Path::OneStage);
-    assert_eq!(choose_path(&req(1, 65544), &lifted), Path::TwoStage);
+    // 1 row of 65544 elements = 128 KiB + 16 bytes (the dispatcher looks at bytes, not the hidden size).
+    assert_eq!(choose_path(&req(1, 65536), &policy), Path::OneStage);
+    assert_eq!(choose_path(&req(1, 65544), &policy), Path::TwoStage);
     assert_eq!(choose_path(&req(17, 4096), &policy), Path::TwoStage);
 }
 
@@ -78,10 +73,13 @@ fn override_wins_both_ways() {
 }
 
 #[test]
-fn hidden_the_one_stage_kernel_cannot_take_goes_two_stage_never_errors() {
-    let policy = Policy { one_stage_max_hidden: 8192, force_one_stage: Some(true), ..Policy::default() };
-    assert_eq!(choose_path(&req(1, 8192), &policy), Path::OneStage);
-    assert_eq!(choose_path(&req(1, 8200), &policy), Path::TwoStage);
+fn the_hidden_size_is_no_path_decision() {
+    // Both fused kernels take every hidden size the kernels take (one row routine): forcing 1-stage
+    // on one row of the kernels' largest hidden size is 1-stage, never an error or a fallback.
+    let max = arfuse_kernels::max_hidden(DType::Bf16);
+    let policy = Policy { force_one_stage: Some(true), ..Policy::default() };
+    assert_eq!(choose_path(&req(1, max), &policy), Path::OneStage);
+    assert_eq!(choose_path(&req(1, 8200), &policy), Path::OneStage);
 }
 
 #[test]
@@ -93,8 +91,9 @@ fn hidden_2880_and_every_llm_size_fuse() {
             assert!(matches!(path, Path::OneStage | Path::TwoStage), "{rows}x{hidden}: {path:?}");
         }
     }
-    let beyond = choose_path(&req(1, 32776), &policy);
-    assert_eq!(beyond, Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::HiddenUnsupported });
+    // Beyond the kernels' limit the operator refuses the call before dispatch
+    // (it/refusals.rs::hidden_sizes_beyond_the_kernels_or_the_staging_half_are_refused).
+    assert_eq!(arfuse_kernels::max_hidden(DType::Bf16), 32768);
 }
 
 #[test]
@@ -193,12 +192,6 @@ fn reasons_take_precedence_in_a_fixed_order() {
     assert!(matches!(choose_path(&r, &p), Path::Unfused { reason: FallbackReason::NoPeerAccess, .. }));
     let p = Policy { peer_access: true, ..p };
     assert_eq!(choose_path(&r, &p), Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled });
-    // A hidden size beyond the fused kernels stays on our custom all-reduce, vendor or not.
-    let p = Policy { enabled: true, ..p };
-    assert_eq!(
-        choose_path(&req(1, 32776), &p),
-        Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::HiddenUnsupported }
-    );
     // An empty tensor is a no-op even where nothing else could run.
     assert_eq!(choose_path(&Request { world_size: 9, ..req(0, 4096) }, &everything_wrong), Path::Noop);
 }

@@ -476,7 +476,11 @@ mod tests {
         let library = match Library::open(Vendor::Nccl).or_else(|_| Library::open(Vendor::Rccl)) {
             Ok(library) => library,
             Err(e) => {
-                println!("SKIP the_installed_library_loads_and_makes_unique_ids: {e}");
+                arfuse_testkit::require_backend(
+                    "nccl",
+                    "collective::tests::the_installed_library_loads_and_makes_unique_ids",
+                    Err(e),
+                );
                 return;
             }
         };

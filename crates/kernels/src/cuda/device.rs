@@ -3,9 +3,10 @@
 
 use super::module::{self, LoadedModule};
 use super::result::{self, CallExt};
+use crate::gpu::parked::Parked;
 use crate::{BackendKind, Error, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::{sys, CudaContext};
-use parking_lot::Mutex;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -27,7 +28,7 @@ pub(crate) struct DeviceInner {
     co_resident_ranks: usize,
     driver_version: i32,
     kernels: OnceLock<Arc<LoadedModule>>,
-    parked: Mutex<Option<Error>>,
+    parked: Parked,
 }
 
 /// Checks that the driver library loads and initialises; the first step of every entry point.
@@ -51,7 +52,7 @@ impl CudaDevice {
     /// Opens device `ordinal` (see [`crate::Backend::open_device`]).
     pub(crate) fn open(ordinal: usize, co_resident_ranks: usize) -> Result<CudaDevice> {
         probe_driver()?;
-        let count = result::device::count()?;
+        let count = cu::device::get_count().call("cuDeviceGetCount")?.max(0) as usize;
         if ordinal >= count {
             return Err(Error::BackendUnavailable {
                 backend: BackendKind::Cuda,
@@ -64,7 +65,9 @@ impl CudaDevice {
         // would wait for a peer rank's spinning kernel on the same GPU).
         unsafe { ctx.disable_event_tracking() };
         let cu_device = ctx.cu_device();
-        let attribute = |attribute| result::device::attribute(cu_device, attribute);
+        // SAFETY: `cu_device` is the device of a live primary context, as `cuDeviceGetAttribute` requires.
+        let attribute =
+            |attribute| unsafe { cu::device::get_attribute(cu_device, attribute) }.call("cuDeviceGetAttribute");
         use sys::CUdevice_attribute as A;
         let compute_capability = (
             attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -86,7 +89,7 @@ impl CudaDevice {
             co_resident_ranks: co_resident_ranks.max(1),
             driver_version,
             kernels: OnceLock::new(),
-            parked: Mutex::new(None),
+            parked: Parked::default(),
         })))
     }
 
@@ -148,31 +151,24 @@ impl CudaDevice {
 
     /// Returns (and clears) the first error parked by a `Drop` since the last check.
     pub fn check_err(&self) -> Result<()> {
-        if let Some(err) = self.0.parked.lock().take() {
-            return Err(err);
-        }
+        self.0.parked.take()?;
         self.0.ctx.check_err().call("(an earlier cudarc drop)")
     }
 
-    /// Makes this device's context current on the calling thread.
     /// Free and total device memory in bytes (`cuMemGetInfo`), as this context sees them.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.bind()?;
-        cudarc::driver::result::mem_get_info().call("cuMemGetInfo")
+        cu::mem_get_info().call("cuMemGetInfo")
     }
 
+    /// Makes this device's context current on the calling thread.
     pub(crate) fn bind(&self) -> Result<()> {
         result::ctx::bind(self.0.ctx.cu_ctx())
     }
 
     /// Keeps the first failure of a call that cannot return one (a `Drop`).
     pub(crate) fn record_err(&self, res: Result<()>) {
-        if let Err(err) = res {
-            let mut parked = self.0.parked.lock();
-            if parked.is_none() {
-                *parked = Some(err);
-            }
-        }
+        self.0.parked.record(res);
     }
 
     /// The loaded kernels, loading them on first use.

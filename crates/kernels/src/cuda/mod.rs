@@ -11,11 +11,13 @@
 //! | memory peers map (`cuMemAlloc_v2`, never pool memory) | [`CudaShared`] |
 //! | what peers receive | [`CudaIpcHandle`] (`Pod`) |
 //! | a peer's buffer here: raw pointer (same process) or `cuIpcOpenMemHandle` | [`CudaPeerMapping`] |
-//! | a typed local allocation | [`CudaBuffer`] |
+//! | a typed local allocation (the shared [`crate::gpu::DeviceBuffer`]) | [`CudaBuffer`] |
 //!
 //! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call),
 //! then the RAII types above, each holding its [`CudaDevice`]; `Drop` never panics, it parks a
 //! failure on the device, surfaced by the next [`CudaDevice::check_err`] or stream synchronisation.
+//! What both GPU backends need the same way (typed buffers, the IPC handle's origin, shared IPC
+//! opens, the disk cache's format, the function table, parked errors) is [`crate::gpu`]'s.
 //! cudarc's safe layer is used where it fits (context, stream, event, module); NVRTC is driven through
 //! its `sys` level because cudarc's compiler wrapper yields PTX only.
 //!
@@ -38,7 +40,9 @@ pub use memory::{CudaBuffer, CudaIpcHandle, CudaPeerMapping, CudaShared};
 pub use module::{compile_offline, OfflineImage};
 pub use stream::{CudaEvent, CudaGraphExec, CudaStream};
 
-use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};
+use crate::gpu::HandleOrigin;
+use crate::{Backend, BackendKind, DevicePtr, Error, GpuBackend, KernelId, LaunchParams, Result};
+use result::CallExt;
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -92,7 +96,7 @@ impl Backend for Cuda {
             return device::probe_driver().map(|()| 0);
         }
         match result::init() {
-            Ok(()) => result::device::count(),
+            Ok(()) => cudarc::driver::result::device::get_count().call("cuDeviceGetCount").map(|n| n.max(0) as usize),
             // A driver without a GPU (or with all of them hidden) has no devices, rather than no backend.
             Err(err) if err.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
             Err(_) => device::probe_driver().map(|()| 0),
@@ -173,19 +177,21 @@ impl Backend for Cuda {
         device.bind()?;
         let mut argument = *params;
         let mut arguments = [(&mut argument as *mut LaunchParams).cast::<c_void>()];
+        let (grid, block) = ((config.grid, 1, 1), (config.block, 1, 1));
         // SAFETY: the function is live (the module outlives `device`), its one parameter is a
         // `LaunchParams` by value (the C++ mirror of the struct, pinned by a layout test), the driver
         // copies `argument` before returning, and the caller guarantees every pointer in it.
         unsafe {
-            result::launch::kernel(
+            cudarc::driver::result::launch_kernel(
                 function.raw(),
-                config.grid,
-                config.block,
+                grid,
+                block,
                 config.shared_bytes,
                 stream.cu_stream(),
                 &mut arguments,
             )
         }
+        .call("cuLaunchKernel")
     }
 
     unsafe fn read_back(stream: &CudaStream, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
@@ -208,5 +214,70 @@ impl Backend for Cuda {
 
     fn elapsed(start: &CudaEvent, end: &CudaEvent) -> Result<Duration> {
         end.elapsed_since(start)
+    }
+}
+
+impl GpuBackend for Cuda {
+    type Graph = CudaGraphExec;
+
+    fn alloc_zeroed(device: &CudaDevice, bytes: usize) -> Result<DevicePtr> {
+        memory::alloc_zeroed(device, bytes).map(DevicePtr)
+    }
+
+    unsafe fn free(device: &CudaDevice, ptr: DevicePtr) {
+        memory::free(device, ptr.0)
+    }
+
+    fn begin_capture(stream: &CudaStream) -> Result<()> {
+        stream.begin_capture()
+    }
+
+    /// `cuStreamEndCapture`, `cuGraphInstantiateWithFlags`, then `cuGraphUpload`.
+    fn end_capture(stream: &CudaStream) -> Result<CudaGraphExec> {
+        let graph = stream.end_capture()?;
+        graph.upload(stream)?;
+        Ok(graph)
+    }
+
+    unsafe fn replay(graph: &CudaGraphExec, stream: &CudaStream) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { graph.launch(stream) }
+    }
+
+    fn is_complete(event: &CudaEvent) -> Result<bool> {
+        event.is_complete()
+    }
+
+    fn check_err(device: &CudaDevice) -> Result<()> {
+        device.check_err()
+    }
+
+    fn memory_info(device: &CudaDevice) -> Result<(usize, usize)> {
+        device.memory_info()
+    }
+
+    fn stream_device(stream: &CudaStream) -> &CudaDevice {
+        stream.device()
+    }
+
+    fn multiprocessors(device: &CudaDevice) -> u32 {
+        device.sm_count()
+    }
+
+    fn warp_size(device: &CudaDevice) -> u32 {
+        device.warp_size()
+    }
+
+    fn handle_origin(handle: &CudaIpcHandle) -> &HandleOrigin {
+        &handle.origin
+    }
+
+    fn is_ipc(mapping: &CudaPeerMapping) -> bool {
+        mapping.is_ipc()
+    }
+
+    /// NVRTC loads (the backend compiles its kernels at run time).
+    fn kernels_available() -> Result<()> {
+        Cuda::nvrtc_version().map(|_| ())
     }
 }

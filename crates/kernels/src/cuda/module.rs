@@ -15,7 +15,10 @@
 
 use super::device::CudaDevice;
 use super::result::{self, nvrtc, CallExt};
-use crate::{BackendKind, DType, Error, KernelId, Op, Result};
+use crate::gpu::cache::DiskCache;
+use crate::gpu::functions::FunctionTable;
+use crate::{BackendKind, Error, KernelId, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::{sys, CudaFunction, CudaModule};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -111,28 +114,18 @@ impl LoadedFunction {
 
 /// The module of every kernel, loaded into one device's primary context.
 pub(crate) struct LoadedModule {
-    /// Indexed by [`slot`]; `None` where the source has no such kernel (e.g. an f32 variant).
-    functions: Vec<Option<LoadedFunction>>,
+    /// Every kernel's function (`None` where the source has no such kernel, e.g. an f32 variant).
+    functions: FunctionTable<LoadedFunction>,
     kind: ImageKind,
     target: Target,
     /// Unloaded (`cuModuleUnload`) when the last device using it drops it; after the functions.
     _module: Arc<CudaModule>,
 }
 
-fn slot(kernel: KernelId) -> usize {
-    let op = Op::ALL.iter().position(|&op| op == kernel.op).unwrap_or(0);
-    let dtype = DType::ALL.iter().position(|&dtype| dtype == kernel.dtype).unwrap_or(0);
-    op * DType::ALL.len() + dtype
-}
-
 impl LoadedModule {
     /// The function of `kernel`, or a clear error if the source does not define it.
     pub(crate) fn function(&self, kernel: KernelId) -> Result<&LoadedFunction> {
-        self.functions.get(slot(kernel)).and_then(Option::as_ref).ok_or_else(|| Error::Compile {
-            kernel: kernel.symbol(),
-            arch: self.target.name.clone(),
-            log: format!("the compiled module has no symbol `{}`", kernel.symbol()),
-        })
+        self.functions.get(kernel, &self.target.name, || self.describe())
     }
 
     /// E.g. `sm_90 cubin`.
@@ -166,40 +159,34 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
     // cuFuncLoad exists from CUDA 12.4 on; older drivers load eagerly unless told otherwise.
     let can_finish_loading = device.driver_version() >= 12040;
     let optin = device.max_shared_bytes_per_block();
-    let mut functions = Vec::with_capacity(Op::ALL.len() * DType::ALL.len());
-    for op in Op::ALL {
-        for dtype in DType::ALL {
-            let kernel = KernelId { op, dtype };
-            debug_assert_eq!(slot(kernel), functions.len());
-            let function = match module.load_function(&kernel.symbol()) {
-                Ok(function) => function,
-                Err(err) if err.0 == sys::CUresult::CUDA_ERROR_NOT_FOUND => {
-                    functions.push(None);
-                    continue;
-                }
-                Err(err) => return Err(result::driver_error("cuModuleGetFunction", err)),
-            };
-            let raw = function.cu_function();
-            use sys::CUfunction_attribute as F;
-            // SAFETY: `raw` belongs to `module`, which is loaded and alive for this whole block.
-            let max_dynamic_shared = unsafe {
-                if can_finish_loading {
-                    result::function::load(raw)?;
-                }
-                let static_shared = result::function::attribute(raw, F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
-                let limit = optin.max(DEFAULT_SHARED_LIMIT).saturating_sub(static_shared.max(0) as u32);
-                if optin > DEFAULT_SHARED_LIMIT {
-                    result::function::set_attribute(
-                        raw,
-                        F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        limit as i32,
-                    )?;
-                }
-                limit
-            };
-            functions.push(Some(LoadedFunction { function, max_dynamic_shared }));
-        }
-    }
+    let functions = FunctionTable::resolve(|kernel| {
+        let function = match module.load_function(&kernel.symbol()) {
+            Ok(function) => function,
+            Err(err) if err.0 == sys::CUresult::CUDA_ERROR_NOT_FOUND => return Ok(None),
+            Err(err) => return Err(result::driver_error("cuModuleGetFunction", err)),
+        };
+        let raw = function.cu_function();
+        use sys::CUfunction_attribute as F;
+        // SAFETY: `raw` belongs to `module`, which is loaded and alive for this whole block.
+        let max_dynamic_shared = unsafe {
+            if can_finish_loading {
+                result::function::load(raw)?;
+            }
+            let static_shared = cu::function::get_function_attribute(raw, F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .call("cuFuncGetAttribute")?;
+            let limit = optin.max(DEFAULT_SHARED_LIMIT).saturating_sub(static_shared.max(0) as u32);
+            if optin > DEFAULT_SHARED_LIMIT {
+                cu::function::set_function_attribute(
+                    raw,
+                    F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    limit as i32,
+                )
+                .call("cuFuncSetAttribute")?;
+            }
+            limit
+        };
+        Ok(Some(LoadedFunction { function, max_dynamic_shared }))
+    })?;
     Ok(Arc::new(LoadedModule { functions, kind: image.kind, target: image.target.clone(), _module: module }))
 }
 
@@ -352,23 +339,11 @@ fn compile_logged(target: &Target, options: &[String], source: &str) -> Result<(
 
 // ---- the disk cache -------------------------------------------------------------------------
 
-/// `ARFCUDA1`, kind (u32), reserved (u32), payload length (u64), FNV-1a of the payload (u64); all
-/// little-endian; then the payload.
-const CACHE_MAGIC: &[u8; 8] = b"ARFCUDA1";
-const CACHE_HEADER: usize = 32;
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-fn cache_root() -> Option<PathBuf> {
-    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
-    let base = absolute("XDG_CACHE_HOME").or_else(|| absolute("HOME").map(|home| home.join(".cache")))?;
-    Some(base.join("arfuse").join("cuda"))
-}
+/// The disk cache: kind tag 1 (CUBIN) or 2 (PTX), see [`ImageKind::tag`].
+const CACHE: DiskCache = DiskCache { magic: b"ARFCUDA1", backend: "cuda" };
 
 fn cache_path(target: &Target, source_hash: u64, options: &[String], version: (i32, i32)) -> Option<PathBuf> {
-    let options_hash = fnv1a(options.join("\u{1f}").as_bytes());
+    let options_hash = crate::source::fnv1a(options.join("\u{1f}").as_bytes());
     let file = format!(
         "{source_hash:016x}-{:08x}-nvrtc{}.{}.{}",
         options_hash as u32,
@@ -376,55 +351,23 @@ fn cache_path(target: &Target, source_hash: u64, options: &[String], version: (i
         version.1,
         if target.real { "cubin" } else { "ptx" }
     );
-    Some(cache_root()?.join(&target.name).join(file))
+    Some(CACHE.root()?.join(&target.name).join(file))
 }
 
 /// A cache file's payload if it is whole and plausible; `None` otherwise (then it is recompiled).
 fn read_cache(path: &Path) -> Option<(ImageKind, Vec<u8>)> {
-    let file = std::fs::read(path).ok()?;
-    let header = file.get(..CACHE_HEADER)?;
-    let word = |at: usize, len: usize| -> Option<u64> {
-        let mut bytes = [0u8; 8];
-        bytes[..len].copy_from_slice(header.get(at..at + len)?);
-        Some(u64::from_le_bytes(bytes))
-    };
-    if &header[..8] != CACHE_MAGIC {
-        return None;
-    }
-    let kind = match word(8, 4)? {
-        1 => ImageKind::Cubin,
-        2 => ImageKind::Ptx,
-        _ => return None,
-    };
-    let payload = &file[CACHE_HEADER..];
-    if word(16, 8)? != payload.len() as u64 || word(24, 8)? != fnv1a(payload) {
-        return None;
-    }
+    let (tag, payload) = CACHE.read(path)?;
+    let kind = [ImageKind::Cubin, ImageKind::Ptx].into_iter().find(|kind| kind.tag() == tag)?;
     let plausible = match kind {
         ImageKind::Cubin => payload.starts_with(b"\x7fELF"),
         ImageKind::Ptx => payload.last() == Some(&0),
     };
-    plausible.then(|| (kind, payload.to_vec()))
+    plausible.then_some((kind, payload))
 }
 
-/// Writes a cache file (to a temporary name, then renamed, so readers never see half a file).
-/// Best effort: any failure leaves the cache as it was.
+/// Writes a cache file (best effort, see [`DiskCache::write`]).
 fn write_cache(path: &Path, kind: ImageKind, payload: &[u8]) {
-    let Some(dir) = path.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let mut file = Vec::with_capacity(CACHE_HEADER + payload.len());
-    file.extend_from_slice(CACHE_MAGIC);
-    file.extend_from_slice(&kind.tag().to_le_bytes());
-    file.extend_from_slice(&0u32.to_le_bytes());
-    file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    file.extend_from_slice(&fnv1a(payload).to_le_bytes());
-    file.extend_from_slice(payload);
-    let temporary = path.with_extension(format!("{}.tmp{}", kind.extension(), std::process::id()));
-    if std::fs::write(&temporary, &file).is_err() || std::fs::rename(&temporary, path).is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
+    CACHE.write(path, kind.tag(), payload);
 }
 
 #[cfg(test)]
@@ -446,8 +389,8 @@ mod tests {
     /// Runs where libnvrtc loads (CI installs PyPI's nvidia-cuda-nvrtc 13.0); skipped elsewhere.
     #[test]
     fn nvrtc_builds_cubin_and_ptx() {
-        if !nvrtc::present() {
-            println!("SKIP nvrtc: libnvrtc not found");
+        let available = if nvrtc::present() { Ok(()) } else { Err("libnvrtc not found") };
+        if !arfuse_testkit::require_compiler("nvrtc", "cuda::module::tests::nvrtc_builds_cubin_and_ptx", available) {
             return;
         }
         let version = nvrtc::version().expect("nvrtc version");
@@ -484,10 +427,13 @@ mod tests {
     /// Skipped (loudly) without libnvrtc unless `ARFUSE_REQUIRE_COMPILERS` names `nvrtc`.
     #[test]
     fn arfuse_kernels_compile_for_every_nvidia_arch() {
-        if !nvrtc::present() {
-            let required = std::env::var("ARFUSE_REQUIRE_COMPILERS").unwrap_or_default();
-            assert!(!required.split(',').any(|c| c.trim() == "nvrtc"), "libnvrtc required but not found");
-            println!("SKIP nvrtc: libnvrtc not found (set LD_LIBRARY_PATH to PyPI nvidia-cuda-nvrtc's lib)");
+        let available = if nvrtc::present() {
+            Ok(())
+        } else {
+            Err("libnvrtc not found (set LD_LIBRARY_PATH to PyPI nvidia-cuda-nvrtc's lib)")
+        };
+        let test = "cuda::module::tests::arfuse_kernels_compile_for_every_nvidia_arch";
+        if !arfuse_testkit::require_compiler("nvrtc", test, available) {
             return;
         }
         let source = crate::source::full_source();

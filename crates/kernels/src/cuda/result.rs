@@ -1,16 +1,14 @@
-//! Thin, checked wrappers over the CUDA driver and NVRTC calls this backend makes.
-//!
-//! The `result` level of cudarc's three (`sys` → `result` → safe types): every function here makes
-//! one library call (or a fixed pair, such as a size query and a fetch) and turns its status into
-//! [`Error::Driver`] naming the call. Grouped by subject as in cudarc. Nothing here owns anything;
-//! the RAII types of the sibling modules do.
-//!
-//! Before the first call into a library, [`driver_present`] / [`nvrtc::present`] must have returned
-//! `true`: cudarc panics (it does not return an error) when it cannot load a library or a symbol.
+//! The CUDA driver and NVRTC calls this backend makes that cudarc's result layer does not have
+//! (IPC handles, peer access, address ranges, finishing a function's loading, NVRTC's CUBIN), each
+//! turned into [`Error::Driver`] naming the call; the rest the backend calls from
+//! `cudarc::driver::result` directly, naming the call with [`CallExt::call`]. Also how the
+//! libraries are found: before the first call into a library, [`driver_present`] /
+//! [`nvrtc::present`] must have returned `true` (cudarc panics, it does not return an error, when
+//! it cannot load a library or a symbol).
 
 use crate::{BackendKind, Error, Result};
 use cudarc::driver::{result as cu, sys, DriverError};
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, CStr};
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -122,25 +120,9 @@ pub(crate) fn init() -> Result<(), DriverError> {
     *INIT.get_or_init(cu::init)
 }
 
-/// Device queries (`cuDevice*`, `cuDriverGetVersion`).
+/// Device queries cudarc's result layer lacks (`cuDeviceCanAccessPeer`, `cuDriverGetVersion`).
 pub(crate) mod device {
     use super::*;
-
-    /// `cuDeviceGetCount`.
-    pub(crate) fn count() -> Result<usize> {
-        cu::device::get_count().call("cuDeviceGetCount").map(|n| n.max(0) as usize)
-    }
-
-    /// `cuDeviceGet`.
-    pub(crate) fn get(ordinal: usize) -> Result<sys::CUdevice> {
-        cu::device::get(ordinal as c_int).call("cuDeviceGet")
-    }
-
-    /// `cuDeviceGetAttribute`.
-    pub(crate) fn attribute(device: sys::CUdevice, attribute: sys::CUdevice_attribute) -> Result<i32> {
-        // SAFETY: `device` came from `cuDeviceGet` (every caller passes one), as the call requires.
-        unsafe { cu::device::get_attribute(device, attribute) }.call("cuDeviceGetAttribute")
-    }
 
     /// `cuDeviceCanAccessPeer`: whether `device` can map memory of `peer`.
     pub(crate) fn can_access_peer(device: sys::CUdevice, peer: sys::CUdevice) -> Result<bool> {
@@ -159,7 +141,7 @@ pub(crate) mod device {
     }
 }
 
-/// Contexts (`cuCtx*`, `cuDevicePrimaryCtx*`).
+/// Contexts: binding one only when it is not current, and peer access (which cudarc lacks).
 pub(crate) mod ctx {
     use super::*;
 
@@ -173,18 +155,6 @@ pub(crate) mod ctx {
         }
     }
 
-    /// `cuDevicePrimaryCtxRetain`: one more reference on `device`'s primary context.
-    pub(crate) fn retain_primary(device: sys::CUdevice) -> Result<sys::CUcontext> {
-        // SAFETY: `device` came from `cuDeviceGet`.
-        unsafe { cu::primary_ctx::retain(device) }.call("cuDevicePrimaryCtxRetain")
-    }
-
-    /// `cuDevicePrimaryCtxRelease_v2`: drops a reference taken by [`retain_primary`].
-    pub(crate) fn release_primary(device: sys::CUdevice) -> Result<()> {
-        // SAFETY: `device` came from `cuDeviceGet`; the caller owns one reference.
-        unsafe { cu::primary_ctx::release(device) }.call("cuDevicePrimaryCtxRelease")
-    }
-
     /// `cuCtxEnablePeerAccess` from the current context to `peer`; already enabled counts as success.
     pub(crate) fn enable_peer_access(peer: sys::CUcontext) -> Result<()> {
         // SAFETY: `peer` is a retained primary context; flags must be 0.
@@ -195,26 +165,9 @@ pub(crate) mod ctx {
     }
 }
 
-/// Device memory (`cuMemAlloc_v2`, `cuMemFree_v2`, `cuMemsetD8_v2`, `cuMemcpy*`).
+/// Device memory beyond cudarc's result layer: address ranges, and a memset finished for every stream.
 pub(crate) mod mem {
     use super::*;
-
-    /// `cuMemAlloc_v2`: plain device memory (exportable with `cuIpcGetMemHandle`, unlike pool memory).
-    pub(crate) fn alloc(bytes: usize) -> Result<sys::CUdeviceptr> {
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: the out-pointer is a live local; a context is current (callers bind one first).
-        check("cuMemAlloc_v2", unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) })?;
-        Ok(ptr)
-    }
-
-    /// `cuMemFree_v2`.
-    ///
-    /// # Safety
-    /// `ptr` must come from [`alloc`], not be freed yet, and no queued work may still use it.
-    pub(crate) unsafe fn free(ptr: sys::CUdeviceptr) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        check("cuMemFree_v2", unsafe { sys::cuMemFree_v2(ptr) })
-    }
 
     /// `cuMemGetAddressRange_v2`: the base address and size of the allocation that holds `ptr`.
     pub(crate) fn address_range(ptr: sys::CUdeviceptr) -> Result<(sys::CUdeviceptr, usize)> {
@@ -235,44 +188,6 @@ pub(crate) mod mem {
         check("cuMemsetD8_v2", unsafe { sys::cuMemsetD8_v2(ptr, value, bytes) })?;
         // SAFETY: the null stream is always valid in the current context.
         check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
-    }
-
-    /// `cuMemcpyDtoDAsync_v2` (device or peer memory, unified addressing).
-    ///
-    /// # Safety
-    /// Both ranges must be valid for `bytes` bytes until the stream executes the copy.
-    pub(crate) unsafe fn copy_dtod_async(
-        dst: sys::CUdeviceptr,
-        src: sys::CUdeviceptr,
-        bytes: usize,
-        stream: sys::CUstream,
-    ) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        check("cuMemcpyDtoDAsync_v2", unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) })
-    }
-
-    /// `cuMemcpyDtoHAsync_v2`.
-    ///
-    /// # Safety
-    /// `src` must be valid for `dst.len()` bytes, and `dst` must not be touched until the stream
-    /// has executed the copy.
-    pub(crate) unsafe fn copy_dtoh_async(dst: &mut [u8], src: sys::CUdeviceptr, stream: sys::CUstream) -> Result<()> {
-        // SAFETY: guaranteed by the caller; `dst` is a live host buffer of `dst.len()` bytes.
-        check("cuMemcpyDtoHAsync_v2", unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast::<c_void>(), src, dst.len(), stream)
-        })
-    }
-
-    /// `cuMemcpyHtoDAsync_v2`.
-    ///
-    /// # Safety
-    /// `dst` must be valid for `src.len()` bytes, and `src` must stay alive and unchanged until the
-    /// stream has executed the copy.
-    pub(crate) unsafe fn copy_htod_async(dst: sys::CUdeviceptr, src: &[u8], stream: sys::CUstream) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        check("cuMemcpyHtoDAsync_v2", unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast::<c_void>(), src.len(), stream)
-        })
     }
 }
 
@@ -311,7 +226,7 @@ pub(crate) mod ipc {
     }
 }
 
-/// Functions of a loaded module (`cuFunc*`).
+/// Functions of a loaded module: `cuFuncLoad`, which cudarc lacks.
 pub(crate) mod function {
     use super::*;
 
@@ -325,125 +240,6 @@ pub(crate) mod function {
     pub(crate) unsafe fn load(function: sys::CUfunction) -> Result<()> {
         // SAFETY: guaranteed by the caller.
         check("cuFuncLoad", unsafe { sys::cuFuncLoad(function) })
-    }
-
-    /// `cuFuncGetAttribute`.
-    ///
-    /// # Safety
-    /// `function` must belong to a loaded, live module.
-    pub(crate) unsafe fn attribute(function: sys::CUfunction, attribute: sys::CUfunction_attribute) -> Result<i32> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::function::get_function_attribute(function, attribute) }.call("cuFuncGetAttribute")
-    }
-
-    /// `cuFuncSetAttribute`.
-    ///
-    /// # Safety
-    /// `function` must belong to a loaded, live module.
-    pub(crate) unsafe fn set_attribute(
-        function: sys::CUfunction,
-        attribute: sys::CUfunction_attribute,
-        value: i32,
-    ) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::function::set_function_attribute(function, attribute, value) }.call("cuFuncSetAttribute")
-    }
-}
-
-/// Kernel launches (`cuLaunchKernel`).
-pub(crate) mod launch {
-    use super::*;
-
-    /// `cuLaunchKernel` of a 1-D grid; `args` points at each kernel argument (the driver copies them
-    /// before returning).
-    ///
-    /// # Safety
-    /// `function` must be live, `args` must match the kernel's parameter list, and whatever memory
-    /// the arguments name must stay valid until the stream has executed the kernel.
-    pub(crate) unsafe fn kernel(
-        function: sys::CUfunction,
-        grid: u32,
-        block: u32,
-        shared_bytes: u32,
-        stream: sys::CUstream,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::launch_kernel(function, (grid, 1, 1), (block, 1, 1), shared_bytes, stream, args) }
-            .call("cuLaunchKernel")
-    }
-}
-
-/// Streams (`cuStream*`).
-pub(crate) mod stream {
-    use super::*;
-
-    /// `cuStreamSynchronize`.
-    pub(crate) fn synchronize(stream: sys::CUstream) -> Result<()> {
-        // SAFETY: callers pass a stream they keep alive.
-        unsafe { cu::stream::synchronize(stream) }.call("cuStreamSynchronize")
-    }
-
-    /// `cuStreamBeginCapture_v2`.
-    pub(crate) fn begin_capture(stream: sys::CUstream, mode: sys::CUstreamCaptureMode) -> Result<()> {
-        // SAFETY: callers pass a stream they keep alive.
-        unsafe { cu::stream::begin_capture(stream, mode) }.call("cuStreamBeginCapture")
-    }
-
-    /// `cuStreamEndCapture`: the captured graph (null if nothing was captured).
-    pub(crate) fn end_capture(stream: sys::CUstream) -> Result<sys::CUgraph> {
-        // SAFETY: callers pass a stream they keep alive.
-        unsafe { cu::stream::end_capture(stream) }.call("cuStreamEndCapture")
-    }
-}
-
-/// CUDA graphs (`cuGraph*`).
-pub(crate) mod graph {
-    use super::*;
-
-    /// `cuGraphInstantiateWithFlags` with no flags.
-    ///
-    /// # Safety
-    /// `graph` must be a live graph.
-    pub(crate) unsafe fn instantiate(graph: sys::CUgraph) -> Result<sys::CUgraphExec> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }.call("cuGraphInstantiateWithFlags")
-    }
-
-    /// `cuGraphLaunch`.
-    ///
-    /// # Safety
-    /// `exec` and `stream` must be live, and what the graph's kernels access must be valid.
-    pub(crate) unsafe fn launch(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::graph::launch(exec, stream) }.call("cuGraphLaunch")
-    }
-
-    /// `cuGraphUpload`.
-    ///
-    /// # Safety
-    /// `exec` and `stream` must be live.
-    pub(crate) unsafe fn upload(exec: sys::CUgraphExec, stream: sys::CUstream) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::graph::upload(exec, stream) }.call("cuGraphUpload")
-    }
-
-    /// `cuGraphExecDestroy`.
-    ///
-    /// # Safety
-    /// `exec` must be live and not used afterwards.
-    pub(crate) unsafe fn exec_destroy(exec: sys::CUgraphExec) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::graph::exec_destroy(exec) }.call("cuGraphExecDestroy")
-    }
-
-    /// `cuGraphDestroy`.
-    ///
-    /// # Safety
-    /// `graph` must be live and not used afterwards.
-    pub(crate) unsafe fn destroy(graph: sys::CUgraph) -> Result<()> {
-        // SAFETY: guaranteed by the caller.
-        unsafe { cu::graph::destroy(graph) }.call("cuGraphDestroy")
     }
 }
 

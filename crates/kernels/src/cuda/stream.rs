@@ -1,8 +1,9 @@
 //! Ordered work on a device: [`CudaStream`] (with stream capture), [`CudaEvent`], [`CudaGraphExec`].
 
 use super::device::CudaDevice;
-use super::result::{self, graph, mem, CallExt};
+use super::result::CallExt;
 use crate::{DevicePtr, Error, Result};
+use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +37,14 @@ impl CudaStream {
     /// Waits for all work queued so far, then reports any error parked on the device.
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
-        result::stream::synchronize(self.cu_stream())?;
+        self.sync()?;
         self.device.check_err()
+    }
+
+    /// `cuStreamSynchronize` (without the parked-error check of [`CudaStream::synchronize`]).
+    fn sync(&self) -> Result<()> {
+        // SAFETY: the stream is live (owned).
+        unsafe { cu::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize")
     }
 
     /// Records an event (with timing) at the current end of the stream.
@@ -58,7 +65,7 @@ impl CudaStream {
         }
         self.device.bind()?;
         // SAFETY: guaranteed by the caller.
-        unsafe { mem::copy_dtod_async(dst.0, src.0, bytes, self.cu_stream()) }
+        unsafe { cu::memcpy_dtod_async(dst.0, src.0, bytes, self.cu_stream()) }.call("cuMemcpyDtoDAsync_v2")
     }
 
     /// Copies `dst.len()` bytes at `src` to the host after all queued work, and waits for it
@@ -73,8 +80,8 @@ impl CudaStream {
         self.device.bind()?;
         // SAFETY: guaranteed by the caller for `src`; `dst` is not touched until the synchronisation
         // below has returned.
-        unsafe { mem::copy_dtoh_async(dst, src.0, self.cu_stream())? };
-        result::stream::synchronize(self.cu_stream())
+        unsafe { cu::memcpy_dtoh_async(dst, src.0, self.cu_stream()) }.call("cuMemcpyDtoHAsync_v2")?;
+        self.sync()
     }
 
     /// Copies `src` to `dst` after all queued work, and waits for it (`cuMemcpyHtoDAsync_v2`, then a
@@ -88,8 +95,8 @@ impl CudaStream {
         }
         self.device.bind()?;
         // SAFETY: guaranteed by the caller for `dst`; `src` outlives the synchronisation below.
-        unsafe { mem::copy_htod_async(dst.0, src, self.cu_stream())? };
-        result::stream::synchronize(self.cu_stream())
+        unsafe { cu::memcpy_htod_async(dst.0, src, self.cu_stream()) }.call("cuMemcpyHtoDAsync_v2")?;
+        self.sync()
     }
 
     /// Starts capturing this stream's work into a graph instead of running it.
@@ -104,13 +111,16 @@ impl CudaStream {
     /// and loading is not something to capture.
     pub fn begin_capture(&self) -> Result<()> {
         self.device.bind()?;
-        result::stream::begin_capture(self.cu_stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        // SAFETY: the stream is live (owned).
+        unsafe { cu::stream::begin_capture(self.cu_stream(), mode) }.call("cuStreamBeginCapture")
     }
 
     /// Ends the capture begun by [`CudaStream::begin_capture`] and instantiates the graph.
     pub fn end_capture(&self) -> Result<CudaGraphExec> {
         self.device.bind()?;
-        let graph = result::stream::end_capture(self.cu_stream())?;
+        // SAFETY: the stream is live (owned).
+        let graph = unsafe { cu::stream::end_capture(self.cu_stream()) }.call("cuStreamEndCapture")?;
         if graph.is_null() {
             return Err(Error::Driver {
                 backend: crate::BackendKind::Cuda,
@@ -119,12 +129,13 @@ impl CudaStream {
                 message: "the capture produced no graph".into(),
             });
         }
+        let flags = sys::CUgraphInstantiate_flags(0);
         // SAFETY: `graph` was just returned by the driver and is live.
-        match unsafe { graph::instantiate(graph) } {
+        match unsafe { cu::graph::instantiate(graph, flags) }.call("cuGraphInstantiateWithFlags") {
             Ok(exec) => Ok(CudaGraphExec { graph, exec, device: self.device.clone() }),
             Err(err) => {
                 // SAFETY: the graph is ours, not instantiated, and destroyed once.
-                self.device.record_err(unsafe { graph::destroy(graph) });
+                self.device.record_err(unsafe { cu::graph::destroy(graph) }.call("cuGraphDestroy"));
                 Err(err)
             }
         }
@@ -186,14 +197,14 @@ impl CudaGraphExec {
         self.device.bind()?;
         // SAFETY: `exec` is live (owned), `stream` is live (borrowed); the memory the captured
         // kernels use is valid as the caller guarantees.
-        unsafe { graph::launch(self.exec, stream.cu_stream()) }
+        unsafe { cu::graph::launch(self.exec, stream.cu_stream()) }.call("cuGraphLaunch")
     }
 
     /// Uploads the graph's resources ahead of its first launch (`cuGraphUpload`).
     pub fn upload(&self, stream: &CudaStream) -> Result<()> {
         self.device.bind()?;
         // SAFETY: both handles are live.
-        unsafe { graph::upload(self.exec, stream.cu_stream()) }
+        unsafe { cu::graph::upload(self.exec, stream.cu_stream()) }.call("cuGraphUpload")
     }
 }
 
@@ -201,7 +212,11 @@ impl Drop for CudaGraphExec {
     fn drop(&mut self) {
         let res = self.device.bind().and_then(|()| {
             // SAFETY: both handles are owned, live and destroyed once, the executable first.
-            unsafe { graph::exec_destroy(self.exec).and_then(|()| graph::destroy(self.graph)) }
+            unsafe {
+                cu::graph::exec_destroy(self.exec)
+                    .call("cuGraphExecDestroy")
+                    .and_then(|()| cu::graph::destroy(self.graph).call("cuGraphDestroy"))
+            }
         });
         self.device.record_err(res);
     }

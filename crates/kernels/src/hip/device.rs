@@ -21,8 +21,8 @@
 
 use super::module::{self, LoadedModule};
 use super::result::{self, attr};
+use crate::gpu::parked::Parked;
 use crate::{BackendKind, Error, Result};
-use parking_lot::Mutex;
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -63,7 +63,7 @@ pub(crate) struct DeviceInner {
     co_resident_ranks: usize,
     runtime_version: i32,
     kernels: OnceLock<Arc<LoadedModule>>,
-    parked: Mutex<Option<Error>>,
+    parked: Parked,
 }
 
 /// A PCI location as HIP reports it; `domain` is `None` where the runtime does not answer.
@@ -142,7 +142,7 @@ impl HipDevice {
             co_resident_ranks: co_resident_ranks.max(1),
             runtime_version,
             kernels: OnceLock::new(),
-            parked: Mutex::new(None),
+            parked: Parked::default(),
         })))
     }
 
@@ -206,10 +206,13 @@ impl HipDevice {
 
     /// Returns (and clears) the first error parked by a `Drop` since the last check.
     pub fn check_err(&self) -> Result<()> {
-        match self.0.parked.lock().take() {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
+        self.0.parked.take()
+    }
+
+    /// Free and total device memory in bytes (`hipMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        result::mem::info()
     }
 
     /// Makes this device current on the calling thread (`hipSetDevice`; thread-local, cheap).
@@ -219,12 +222,7 @@ impl HipDevice {
 
     /// Keeps the first failure of a call that cannot return one (a `Drop`).
     pub(crate) fn record_err(&self, res: Result<()>) {
-        if let Err(err) = res {
-            let mut parked = self.0.parked.lock();
-            if parked.is_none() {
-                *parked = Some(err);
-            }
-        }
+        self.0.parked.record(res);
     }
 
     /// The loaded kernels, loading them on first use.

@@ -1,5 +1,6 @@
 //! Device memory: [`HipShared`] (what peers map), [`HipIpcHandle`] (how they find it),
-//! [`HipPeerMapping`] (a peer's buffer here), and [`HipBuffer`] (a typed local allocation).
+//! [`HipPeerMapping`] (a peer's buffer here), and [`HipBuffer`] (a typed local allocation, the
+//! backends' shared [`DeviceBuffer`]).
 //!
 //! Shared buffers carry the cross-rank flags, so they come from `hipExtMallocWithFlags` with
 //! `hipDeviceMallocUncached` where the runtime has it (HIP ≥ 5.5), as AITER and vLLM allocate
@@ -12,27 +13,11 @@
 
 use super::device::HipDevice;
 use super::result::{self, flags, ipc, mem};
-use super::stream::HipStream;
 use super::Hip;
-use crate::{DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, Result};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
-use std::marker::PhantomData;
-use std::sync::OnceLock;
-
-/// A random number fixed for the life of this process, so that a handle can tell "exported by this
-/// process" apart from "exported by another process that happens to have our pid" (containers with
-/// their own pid namespaces). Never 0.
-fn process_token() -> u64 {
-    static TOKEN: OnceLock<u64> = OnceLock::new();
-    *TOKEN.get_or_init(|| {
-        // `RandomState` is seeded from the operating system's randomness.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        hasher.finish() | 1
-    })
-}
+use crate::gpu::opens::SharedOpens;
+use crate::gpu::DeviceBuffer;
+use crate::gpu::HandleOrigin;
+use crate::{DevicePtr, Error, Result};
 
 /// Zero-fills `bytes` at `ptr`; on failure frees `ptr` (parking that failure) and returns the error.
 fn zero_or_free(device: &HipDevice, ptr: u64, bytes: usize) -> Result<u64> {
@@ -48,14 +33,14 @@ fn zero_or_free(device: &HipDevice, ptr: u64, bytes: usize) -> Result<u64> {
 }
 
 /// Allocates `bytes` (at least 1) of plain device memory on `device`, zero-filled.
-fn alloc_zeroed(device: &HipDevice, bytes: usize) -> Result<u64> {
+pub(super) fn alloc_zeroed(device: &HipDevice, bytes: usize) -> Result<u64> {
     device.bind()?;
     let ptr = mem::malloc(bytes.max(1))?;
     zero_or_free(device, ptr, bytes.max(1))
 }
 
 /// Frees an allocation of this module, parking a failure on `device`.
-fn free(device: &HipDevice, ptr: u64) {
+pub(super) fn free(device: &HipDevice, ptr: u64) {
     let res = device.bind().and_then(|()| {
         // SAFETY: the owner calls this once, from `Drop`; its documentation makes the caller
         // responsible for queued work that still uses the memory.
@@ -95,12 +80,6 @@ impl HipShared {
         Ok(HipShared { ptr, len: bytes, uncached, device: device.clone() })
     }
 
-    /// Allocates `bytes` of zero-filled plain (`hipMalloc`, coarse-grained, cached) device memory
-    /// that peers can map: for bulk data that no kernel polls, where the GPU's caches pay.
-    pub fn new_plain(device: &HipDevice, bytes: usize) -> Result<HipShared> {
-        let ptr = alloc_zeroed(device, bytes)?;
-        Ok(HipShared { ptr, len: bytes, uncached: false, device: device.clone() })
-    }
     /// The device address.
     pub fn ptr(&self) -> DevicePtr {
         DevicePtr(self.ptr)
@@ -126,11 +105,7 @@ impl HipShared {
         self.device.bind()?;
         let handle = ipc::get_mem_handle(self.ptr)?;
         Ok(HipIpcHandle {
-            pid: std::process::id(),
-            ordinal: self.device.ordinal() as u32,
-            process_token: process_token(),
-            ptr: self.ptr,
-            len: self.len as u64,
+            origin: HandleOrigin::here(self.device.ordinal(), self.ptr, self.len as u64),
             memory: if self.uncached { MEMORY_UNCACHED } else { 0 },
             reserved: 0,
             handle,
@@ -145,16 +120,8 @@ pub(super) fn export_allocation(device: &HipDevice, ptr: DevicePtr) -> Result<(H
     device.bind()?;
     let (base, len) = mem::address_range(ptr.0)?;
     let handle = ipc::get_mem_handle(base)?;
-    let exported = HipIpcHandle {
-        pid: std::process::id(),
-        ordinal: device.ordinal() as u32,
-        process_token: process_token(),
-        ptr: base,
-        len: len as u64,
-        memory: 0,
-        reserved: 0,
-        handle,
-    };
+    let exported =
+        HipIpcHandle { origin: HandleOrigin::here(device.ordinal(), base, len as u64), memory: 0, reserved: 0, handle };
     Ok((exported, ptr.0 - base))
 }
 
@@ -166,21 +133,13 @@ impl Drop for HipShared {
 
 /// What a rank sends its peers so they can map its [`HipShared`]: plain bytes (`Pod`), 104 of them.
 ///
-/// A peer in the exporting process uses `ptr` directly (with peer access when it drives another
+/// A peer in the exporting process uses `origin.ptr` directly (with peer access when it drives another
 /// device); a peer in another process opens `handle` with `hipIpcOpenMemHandle`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 pub struct HipIpcHandle {
-    /// The exporting process's id.
-    pub pid: u32,
-    /// The exporting process's ordinal of the device the memory lives on.
-    pub ordinal: u32,
-    /// A random number of the exporting process (tells two processes with one pid apart).
-    pub process_token: u64,
-    /// The device address in the exporting process.
-    pub ptr: u64,
-    /// The size in bytes.
-    pub len: u64,
+    /// Who exported it, and the allocation.
+    pub origin: HandleOrigin,
     /// Bit 0: the memory is uncached (`hipDeviceMallocUncached`). Other bits zero.
     pub memory: u32,
     /// Zero.
@@ -190,26 +149,15 @@ pub struct HipIpcHandle {
 }
 
 impl HipIpcHandle {
-    /// Whether this process exported the handle.
-    pub fn is_from_this_process(&self) -> bool {
-        self.pid == std::process::id() && self.process_token == process_token()
-    }
     /// Whether the exported memory is uncached.
     pub fn is_uncached(&self) -> bool {
         self.memory & MEMORY_UNCACHED != 0
     }
 }
 
-/// IPC mappings open in this process: (our device ordinal, handle bytes) → (address, users).
-///
-/// HIP allows one open of a handle per device and process, and documents that the same handle
-/// need not map to the same address twice (unlike CUDA); so every [`HipPeerMapping`] of one handle
-/// on one device shares one open, counted here and closed with its last user. Opening, counting
-/// and closing all happen under the lock, so a close never races a re-open of the same handle.
-static OPENED: Mutex<BTreeMap<OpenKey, (u64, usize)>> = parking_lot::const_mutex(BTreeMap::new());
-
-/// (our device ordinal, the runtime's handle bytes).
-type OpenKey = (usize, [u8; 64]);
+/// IPC mappings open in this process (see [`SharedOpens`]): every [`HipPeerMapping`] of one handle
+/// on one device shares one `hipIpcOpenMemHandle`, closed with its last user.
+static OPENED: SharedOpens = SharedOpens::new();
 
 /// How a peer's buffer became reachable, and what to undo on drop.
 #[derive(Debug)]
@@ -236,19 +184,20 @@ pub struct HipPeerMapping {
 impl HipPeerMapping {
     /// Maps the buffer behind `handle` into `device`'s address space.
     pub fn open(device: &HipDevice, handle: &HipIpcHandle) -> Result<HipPeerMapping> {
-        if handle.ptr == 0 || handle.len == 0 || handle.process_token == 0 {
+        let origin = &handle.origin;
+        if origin.is_empty() {
             return Err(Error::InvalidHandle(format!("empty HIP IPC handle: {handle:?}")));
         }
-        let len = handle.len as usize;
+        let len = origin.len as usize;
         let uncached = handle.is_uncached();
         let mapping = |ptr, reach| HipPeerMapping { ptr, len, uncached, reach, device: device.clone() };
-        if !handle.is_from_this_process() {
+        if !origin.is_from_this_process() {
             let ptr = open_shared(device, &handle.handle)?;
             return Ok(mapping(ptr, Reach::Ipc { handle: handle.handle }));
         }
-        let peer = handle.ordinal as usize;
+        let peer = origin.ordinal as usize;
         if peer == device.ordinal() {
-            return Ok(mapping(handle.ptr, Reach::Local));
+            return Ok(mapping(origin.ptr, Reach::Local));
         }
         if !result::device::can_access_peer(device.ordinal(), peer)? {
             return Err(Error::Driver {
@@ -260,7 +209,7 @@ impl HipPeerMapping {
         }
         device.bind()?;
         result::device::enable_peer_access(peer)?;
-        Ok(mapping(handle.ptr, Reach::Peer))
+        Ok(mapping(origin.ptr, Reach::Peer))
     }
 
     /// The peer buffer's address in this rank's address space.
@@ -287,31 +236,17 @@ impl HipPeerMapping {
 
 /// Opens `handle` on `device`, or shares the open this process already has.
 fn open_shared(device: &HipDevice, handle: &[u8; 64]) -> Result<u64> {
-    let mut opened = OPENED.lock();
-    let key = (device.ordinal(), *handle);
-    if let Some((ptr, users)) = opened.get_mut(&key) {
-        *users += 1;
-        return Ok(*ptr);
-    }
-    device.bind()?;
-    let (major, _, _) = result::split_version(device.runtime_version());
-    let ptr = ipc::open_mem_handle(handle, major)?;
-    opened.insert(key, (ptr, 1));
-    Ok(ptr)
+    OPENED.open(device.ordinal(), handle, || {
+        device.bind()?;
+        let (major, _, _) = result::split_version(device.runtime_version());
+        ipc::open_mem_handle(handle, major)
+    })
 }
 
 /// Drops one user of the open of `handle` on `device`, closing it with the last.
 fn close_shared(device: &HipDevice, handle: &[u8; 64]) {
-    let mut opened = OPENED.lock();
-    let key = (device.ordinal(), *handle);
-    let Some((ptr, users)) = opened.get_mut(&key) else { return };
-    *users -= 1;
-    if *users > 0 {
-        return;
-    }
-    let ptr = *ptr;
-    opened.remove(&key);
-    let res = device.bind().and_then(|()| {
+    let res = OPENED.close(device.ordinal(), handle, |ptr| {
+        device.bind()?;
         // SAFETY: opened by `open_shared` and closed only here, once, by its last user; users keep
         // their mapping alive while kernels use it (the `Backend` contract).
         unsafe { ipc::close_mem_handle(ptr) }
@@ -328,83 +263,4 @@ impl Drop for HipPeerMapping {
 }
 
 /// An owned device allocation of `len` elements of `T` (`hipMalloc`), zero-filled; freed on drop.
-#[derive(Debug)]
-pub struct HipBuffer<T: bytemuck::Pod> {
-    ptr: u64,
-    len: usize,
-    device: HipDevice,
-    _elem: PhantomData<T>,
-}
-
-impl<T: bytemuck::Pod> HipBuffer<T> {
-    /// Allocates `len` zero-filled elements.
-    pub fn zeros(device: &HipDevice, len: usize) -> Result<HipBuffer<T>> {
-        // An impossible size saturates and fails in the runtime as out of memory.
-        let ptr = alloc_zeroed(device, len.saturating_mul(std::mem::size_of::<T>()))?;
-        Ok(HipBuffer { ptr, len, device: device.clone(), _elem: PhantomData })
-    }
-
-    /// Allocates a buffer holding a copy of `data` (uploaded through `stream`, finished on return).
-    pub fn from_slice(stream: &HipStream, data: &[T]) -> Result<HipBuffer<T>> {
-        let mut buffer = HipBuffer::zeros(stream.device(), data.len())?;
-        buffer.upload(stream, data)?;
-        Ok(buffer)
-    }
-
-    /// Copies `data` into the buffer, after all work queued on `stream`; done when this returns.
-    ///
-    /// # Panics
-    /// If `data.len()` differs from the buffer's length.
-    pub fn upload(&mut self, stream: &HipStream, data: &[T]) -> Result<()> {
-        assert_eq!(data.len(), self.len, "HipBuffer::upload: length mismatch");
-        // SAFETY: the buffer holds exactly `size_of_val(data)` bytes, and `write` returns only once
-        // the copy has run.
-        unsafe { stream.write(self.device_ptr(), bytemuck::cast_slice(data)) }
-    }
-
-    /// Copies the buffer to the host, after all work queued on `stream`.
-    pub fn download(&self, stream: &HipStream) -> Result<Vec<T>> {
-        let mut host = vec![T::zeroed(); self.len];
-        // SAFETY: the buffer holds exactly `size_of_val(host)` bytes.
-        unsafe { stream.read_back(self.device_ptr(), bytemuck::cast_slice_mut(&mut host))? };
-        Ok(host)
-    }
-
-    /// The device address of the first element.
-    pub fn device_ptr(&self) -> DevicePtr {
-        DevicePtr(self.ptr)
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the buffer has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// The device it lives on.
-    pub fn device(&self) -> &HipDevice {
-        &self.device
-    }
-}
-
-impl<T: bytemuck::Pod> Drop for HipBuffer<T> {
-    fn drop(&mut self) {
-        free(&self.device, self.ptr);
-    }
-}
-
-// SAFETY: the buffer owns `len` initialised (zero-filled, then written) elements of `T` in device
-// memory from `hipMalloc`, the hip backend's memory space, until it is dropped.
-unsafe impl<T: Element> DeviceSlice<Hip> for HipBuffer<T> {
-    type Elem = T;
-    fn device_ptr(&self) -> DevicePtr {
-        DevicePtr(self.ptr)
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-// SAFETY: a `&mut HipBuffer` is the only handle on its allocation.
-unsafe impl<T: Element> DeviceSliceMut<Hip> for HipBuffer<T> {}
+pub type HipBuffer<T> = DeviceBuffer<Hip, T>;

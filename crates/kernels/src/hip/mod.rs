@@ -9,12 +9,15 @@
 //! | memory peers map (uncached, `hipExtMallocWithFlags`) | [`HipShared`] |
 //! | what peers receive | [`HipIpcHandle`] (`Pod`, 104 bytes) |
 //! | a peer's buffer here: raw pointer (same process) or `hipIpcOpenMemHandle` | [`HipPeerMapping`] |
-//! | a typed local allocation | [`HipBuffer`] |
+//! | a typed local allocation (the shared [`crate::gpu::DeviceBuffer`]) | [`HipBuffer`] |
 //!
-//! Layers, as in cudarc: `result` (one checked call each → [`crate::Error::Driver`] naming the call;
-//! the only file that calls into HIP or hipRTC), then the RAII types above, each holding its
+//! Layers, as in cudarc: `sys` (the C interface as declared here, and the hipRTC symbol table),
+//! `result` (one checked call each → [`crate::Error::Driver`] naming the call; the only file that
+//! calls into HIP or hipRTC), then the RAII types above, each holding its
 //! [`HipDevice`]; `Drop` never panics, it parks a failure on the device, surfaced by the next
-//! [`HipDevice::check_err`] or stream synchronisation.
+//! [`HipDevice::check_err`] or stream synchronisation. What both GPU backends need the same way
+//! (typed buffers, the IPC handle's origin, shared IPC opens, the disk cache's format, the function
+//! table, parked errors) is [`crate::gpu`]'s.
 //!
 //! # Building
 //! `hip-runtime-sys` links `libamdhip64` at build time: its build script needs
@@ -27,9 +30,9 @@
 //!
 //! # ABI
 //! Only calls whose C signature is the same from HIP 5.2 to ROCm 7 are made, each declared by
-//! `result` with integer status codes (never read as `hip-runtime-sys`'s Rust `enum`, for which an
+//! `sys` with integer status codes (never read as `hip-runtime-sys`'s Rust `enum`, for which an
 //! unknown code would be undefined behaviour); `hipGetDeviceProperties` is never called. See
-//! `result.rs` for the details, `device.rs` for how the architecture is found (`ARFUSE_HIP_ARCH`,
+//! `sys.rs` for the details, `device.rs` for how the architecture is found (`ARFUSE_HIP_ARCH`,
 //! else the KFD topology in sysfs), `module.rs` for where code objects come from
 //! (`ARFUSE_KERNEL_DIR`, the disk cache, hipRTC).
 //!
@@ -43,6 +46,7 @@ mod memory;
 mod module;
 mod result;
 mod stream;
+mod sys;
 #[cfg(test)]
 mod tests;
 
@@ -51,7 +55,8 @@ pub use memory::{HipBuffer, HipIpcHandle, HipPeerMapping, HipShared};
 pub use module::{offline_image_path, rtc_options, KERNEL_DIR_ENV};
 pub use stream::{HipEvent, HipGraphExec, HipStream};
 
-use crate::{Backend, BackendKind, DevicePtr, Error, KernelId, LaunchParams, Result};
+use crate::gpu::HandleOrigin;
+use crate::{Backend, BackendKind, DevicePtr, Error, GpuBackend, KernelId, LaunchParams, Result};
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -213,5 +218,71 @@ impl Backend for Hip {
 
     fn elapsed(start: &HipEvent, end: &HipEvent) -> Result<Duration> {
         end.elapsed_since(start)
+    }
+}
+
+impl GpuBackend for Hip {
+    type Graph = HipGraphExec;
+
+    fn alloc_zeroed(device: &HipDevice, bytes: usize) -> Result<DevicePtr> {
+        memory::alloc_zeroed(device, bytes).map(DevicePtr)
+    }
+
+    unsafe fn free(device: &HipDevice, ptr: DevicePtr) {
+        memory::free(device, ptr.0)
+    }
+
+    fn begin_capture(stream: &HipStream) -> Result<()> {
+        stream.begin_capture()
+    }
+
+    /// `hipStreamEndCapture`, then `hipGraphInstantiate` (HIP has no separate upload step).
+    fn end_capture(stream: &HipStream) -> Result<HipGraphExec> {
+        stream.end_capture()
+    }
+
+    unsafe fn replay(graph: &HipGraphExec, stream: &HipStream) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { graph.launch(stream) }
+    }
+
+    fn is_complete(event: &HipEvent) -> Result<bool> {
+        event.is_complete()
+    }
+
+    fn check_err(device: &HipDevice) -> Result<()> {
+        device.check_err()
+    }
+
+    fn memory_info(device: &HipDevice) -> Result<(usize, usize)> {
+        device.memory_info()
+    }
+
+    fn stream_device(stream: &HipStream) -> &HipDevice {
+        stream.device()
+    }
+
+    fn multiprocessors(device: &HipDevice) -> u32 {
+        device.cu_count()
+    }
+
+    fn warp_size(device: &HipDevice) -> u32 {
+        device.warp_size()
+    }
+
+    fn handle_origin(handle: &HipIpcHandle) -> &HandleOrigin {
+        &handle.origin
+    }
+
+    fn is_ipc(mapping: &HipPeerMapping) -> bool {
+        mapping.is_ipc()
+    }
+
+    /// Code objects in `ARFUSE_KERNEL_DIR`, or hipRTC loads.
+    fn kernels_available() -> Result<()> {
+        if std::env::var_os(KERNEL_DIR_ENV).is_some_and(|dir| !dir.is_empty()) {
+            return Ok(());
+        }
+        Hip::hiprtc_library().map(|_| ())
     }
 }

@@ -18,8 +18,11 @@
 
 use super::device::HipDevice;
 use super::result::{self, rtc};
-use crate::{DType, Error, KernelId, Op, Result};
-use hip_runtime_sys as sys;
+use super::sys;
+use crate::gpu::cache::DiskCache;
+use crate::gpu::functions::FunctionTable;
+use crate::source::fnv1a;
+use crate::{Error, KernelId, Result};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -122,8 +125,8 @@ impl LoadedFunction {
 /// The module of every kernel, loaded onto one device; unloaded (`hipModuleUnload`) when the last
 /// device using it drops it.
 pub(crate) struct LoadedModule {
-    /// Indexed by [`slot`]; `None` where the source has no such kernel (e.g. an f32 variant).
-    functions: Vec<Option<LoadedFunction>>,
+    /// Every kernel's function (`None` where the source has no such kernel, e.g. an f32 variant).
+    functions: FunctionTable<LoadedFunction>,
     raw: sys::hipModule_t,
     arch: String,
     origin: Origin,
@@ -136,20 +139,10 @@ unsafe impl Send for LoadedModule {}
 // SAFETY: as above: shared references only read the handles.
 unsafe impl Sync for LoadedModule {}
 
-fn slot(kernel: KernelId) -> usize {
-    let op = Op::ALL.iter().position(|&op| op == kernel.op).unwrap_or(0);
-    let dtype = DType::ALL.iter().position(|&dtype| dtype == kernel.dtype).unwrap_or(0);
-    op * DType::ALL.len() + dtype
-}
-
 impl LoadedModule {
     /// The function of `kernel`, or a clear error if the code object does not define it.
     pub(crate) fn function(&self, kernel: KernelId) -> Result<&LoadedFunction> {
-        self.functions.get(slot(kernel)).and_then(Option::as_ref).ok_or_else(|| Error::Compile {
-            kernel: kernel.symbol(),
-            arch: self.arch.clone(),
-            log: format!("the code object ({}) has no symbol `{}`", self.describe(), kernel.symbol()),
-        })
+        self.functions.get(kernel, &self.arch, || self.describe())
     }
 
     /// E.g. `gfx942 from /opt/arfuse/kernels/gfx942/arfuse-….hsaco`.
@@ -220,22 +213,14 @@ fn load_image(device: &HipDevice, image: &Image) -> Result<Arc<LoadedModule>> {
     // inside `bytes`.
     let raw = unsafe { result::module::load_data(&image.bytes) }.map_err(|err| located(err.to_string()))?;
     // From here on the module is owned by `loaded` (unloaded on drop, also on an early return).
-    let mut loaded = LoadedModule {
-        functions: Vec::with_capacity(Op::ALL.len() * DType::ALL.len()),
-        raw,
-        arch: image.arch.clone(),
-        origin: image.origin.clone(),
-    };
-    for op in Op::ALL {
-        for dtype in DType::ALL {
-            let kernel = KernelId { op, dtype };
-            debug_assert_eq!(slot(kernel), loaded.functions.len());
-            let name = CString::new(kernel.symbol()).map_err(|_| located("a symbol contains NUL".into()))?;
-            // SAFETY: the module is live (owned by `loaded`).
-            let function = unsafe { result::module::get_function(raw, &name) }?;
-            loaded.functions.push(function.map(|raw| LoadedFunction { raw }));
-        }
-    }
+    let mut loaded =
+        LoadedModule { functions: FunctionTable::empty(), raw, arch: image.arch.clone(), origin: image.origin.clone() };
+    loaded.functions = FunctionTable::resolve(|kernel| {
+        let name = CString::new(kernel.symbol()).map_err(|_| located("a symbol contains NUL".into()))?;
+        // SAFETY: the module is live (owned by `loaded`).
+        let function = unsafe { result::module::get_function(raw, &name) }?;
+        Ok(function.map(|raw| LoadedFunction { raw }))
+    })?;
     Ok(Arc::new(loaded))
 }
 
@@ -415,20 +400,8 @@ fn check_bundle(bytes: &[u8]) -> std::result::Result<(), String> {
 
 // ---- the disk cache ------------------------------------------------------------------------------
 
-/// `ARFHIP01`, reserved (u64), payload length (u64), FNV-1a of the payload (u64); all little-endian;
-/// then the payload (a code object).
-const CACHE_MAGIC: &[u8; 8] = b"ARFHIP01";
-const CACHE_HEADER: usize = 32;
-
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-fn cache_root() -> Option<PathBuf> {
-    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
-    let base = absolute("XDG_CACHE_HOME").or_else(|| absolute("HOME").map(|home| home.join(".cache")))?;
-    Some(base.join("arfuse").join("hip"))
-}
+/// The disk cache (kind tag 0: a code object).
+const CACHE: DiskCache = DiskCache { magic: b"ARFHIP01", backend: "hip" };
 
 /// A fingerprint of the hipRTC library: its resolved file, size and modification time.
 fn library_fingerprint(library: &rtc::Rtc) -> u64 {
@@ -455,40 +428,19 @@ fn cache_path(
         options_hash as u32,
         library_fingerprint(library) as u32
     );
-    Some(cache_root()?.join(arch).join(file))
+    Some(CACHE.root()?.join(arch).join(file))
 }
 
-/// A cache file's payload if it is whole and plausible; `None` otherwise (then it is recompiled).
+/// A cache file's payload if it is whole and a plausible code object; `None` otherwise (then it
+/// is recompiled).
 pub(crate) fn read_cache(path: &Path) -> Option<Vec<u8>> {
-    let file = std::fs::read(path).ok()?;
-    let header = file.get(..CACHE_HEADER)?;
-    if &header[..8] != CACHE_MAGIC {
-        return None;
-    }
-    let payload = &file[CACHE_HEADER..];
-    if read_u64(header, 16)? != payload.len() as u64 || read_u64(header, 24)? != fnv1a(payload) {
-        return None;
-    }
-    check_image(payload).is_ok().then(|| payload.to_vec())
+    let (tag, payload) = CACHE.read(path)?;
+    (tag == 0 && check_image(&payload).is_ok()).then_some(payload)
 }
 
-/// Writes a cache file (to a temporary name, then renamed, so readers never see half a file).
-/// Best effort: any failure leaves the cache as it was.
+/// Writes a cache file (best effort, see [`DiskCache::write`]).
 pub(crate) fn write_cache(path: &Path, payload: &[u8]) {
-    let Some(dir) = path.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
-    let mut file = Vec::with_capacity(CACHE_HEADER + payload.len());
-    file.extend_from_slice(CACHE_MAGIC);
-    file.extend_from_slice(&0u64.to_le_bytes());
-    file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    file.extend_from_slice(&fnv1a(payload).to_le_bytes());
-    file.extend_from_slice(payload);
-    let temporary = path.with_extension(format!("hsaco.tmp{}", std::process::id()));
-    if std::fs::write(&temporary, &file).is_err() || std::fs::rename(&temporary, path).is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
+    CACHE.write(path, 0, payload);
 }
 
 /// Whether hipRTC loads here, and from where (for diagnostics and tests).

@@ -1,233 +1,23 @@
-//! Thin, checked wrappers over the HIP runtime and hipRTC calls this backend makes; the only file
-//! of the backend that calls into either library.
+//! Thin, checked wrappers over the HIP runtime and hipRTC calls this backend makes (the `result`
+//! level of cudarc's three: `sys` → `result` → safe types); the only file of the backend that calls
+//! into either library, through the declarations of [`super::sys`].
 //!
-//! The `result` level of cudarc's three (`sys` → `result` → safe types): each function makes one
-//! call (or a fixed pair, such as a size query and a fetch) and turns its status into
-//! [`Error::Driver`] naming the call. Grouped by subject. Nothing here owns anything; the RAII
-//! types of the sibling modules do.
-//!
-//! # Why the runtime functions are declared here and not taken from `hip-runtime-sys`
-//! `hip-runtime-sys` 0.1.2 ships bindings generated from HIP 5.4 in which every function returns
-//! `hipError_t` as a Rust `enum`. A runtime newer than those headers may return a code the enum
-//! lacks, and reading an integer that is no variant of a Rust enum is undefined behaviour — not a
-//! wrong error message, but licence for the optimiser to assume it cannot happen. So the ~40
-//! functions used below are declared once more in our own `extern "C"` block, with the C ABI's
-//! view of an enum return (a 32-bit integer), and enum *parameters* (device attributes, copy
-//! kinds, capture modes) likewise pass as `c_int` with our own constants. `hip-runtime-sys` stays
-//! for what is ABI-stable and harmless: the opaque handle types, the 64-byte IPC handle struct,
-//! and linking `libamdhip64` (its build script finds the library). The unit tests check our
-//! constants against its enums, so a build with its `bindgen` feature on a ROCm host checks them
-//! against that host's headers.
-//!
-//! Every function declared here exists, with this signature, in HIP 5.2 (Debian's
-//! `libamdhip64.so.5`, checked with `nm -D`), and in ROCm 6.x/7.x (`hip_runtime_api.h`): the
-//! binary is linked with full RELRO (`-z now`), so one missing symbol would stop it loading.
-//! `hipGetDeviceProperties` is deliberately absent: `hipDeviceProp_t` changed layout in ROCm 6.
-//!
-//! hipRTC is not linked: it is a separate library since ROCm 6 (`libhiprtc.so.6`/`.7`) and lived
-//! inside `libamdhip64` before. [`rtc`] finds it at run time with `dlopen`, next to the HIP
-//! runtime first, and declares the eight functions it needs itself.
+//! Each function makes one call (or a fixed pair, such as a size query and a fetch) and turns its
+//! status into [`Error::Driver`] naming the call, with the runtime's own name and description of
+//! the code (`hipGetErrorName`, `hipGetErrorString`; a code the runtime does not know is reported
+//! by number). Grouped by subject. Nothing here owns anything; the RAII types of the sibling
+//! modules do. hipRTC is found at run time ([`rtc`]), next to the HIP runtime first.
 
+use super::sys;
 use crate::{BackendKind, Error, Result};
-use hip_runtime_sys as sys;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-#[link(name = "amdhip64", kind = "dylib")]
-extern "C" {
-    fn hipInit(flags: c_uint) -> c_int;
-    fn hipGetDeviceCount(count: *mut c_int) -> c_int;
-    fn hipSetDevice(device: c_int) -> c_int;
-    fn hipDeviceGetAttribute(value: *mut c_int, attribute: c_int, device: c_int) -> c_int;
-    fn hipDeviceGetName(name: *mut c_char, len: c_int, device: c_int) -> c_int;
-    fn hipRuntimeGetVersion(version: *mut c_int) -> c_int;
-    fn hipGetErrorName(code: c_int) -> *const c_char;
-    fn hipGetErrorString(code: c_int) -> *const c_char;
-    fn hipDeviceCanAccessPeer(can_access: *mut c_int, device: c_int, peer: c_int) -> c_int;
-    fn hipDeviceEnablePeerAccess(peer: c_int, flags: c_uint) -> c_int;
-
-    fn hipMalloc(ptr: *mut *mut c_void, bytes: usize) -> c_int;
-    fn hipExtMallocWithFlags(ptr: *mut *mut c_void, bytes: usize, flags: c_uint) -> c_int;
-    fn hipFree(ptr: *mut c_void) -> c_int;
-    fn hipMemset(dst: *mut c_void, value: c_int, bytes: usize) -> c_int;
-    fn hipMemGetAddressRange(base: *mut *mut c_void, size: *mut usize, ptr: *mut c_void) -> c_int;
-    fn hipMemcpyAsync(
-        dst: *mut c_void,
-        src: *const c_void,
-        bytes: usize,
-        kind: c_int,
-        stream: sys::hipStream_t,
-    ) -> c_int;
-    fn hipMemcpyDtoHAsync(dst: *mut c_void, src: *mut c_void, bytes: usize, stream: sys::hipStream_t) -> c_int;
-    fn hipMemcpyHtoDAsync(dst: *mut c_void, src: *mut c_void, bytes: usize, stream: sys::hipStream_t) -> c_int;
-
-    fn hipIpcGetMemHandle(handle: *mut sys::hipIpcMemHandle_t, ptr: *mut c_void) -> c_int;
-    fn hipIpcOpenMemHandle(ptr: *mut *mut c_void, handle: sys::hipIpcMemHandle_t, flags: c_uint) -> c_int;
-    fn hipIpcCloseMemHandle(ptr: *mut c_void) -> c_int;
-
-    fn hipStreamCreateWithFlags(stream: *mut sys::hipStream_t, flags: c_uint) -> c_int;
-    fn hipStreamDestroy(stream: sys::hipStream_t) -> c_int;
-    fn hipStreamSynchronize(stream: sys::hipStream_t) -> c_int;
-    fn hipStreamBeginCapture(stream: sys::hipStream_t, mode: c_int) -> c_int;
-    fn hipStreamEndCapture(stream: sys::hipStream_t, graph: *mut sys::hipGraph_t) -> c_int;
-
-    fn hipEventCreate(event: *mut sys::hipEvent_t) -> c_int;
-    fn hipEventRecord(event: sys::hipEvent_t, stream: sys::hipStream_t) -> c_int;
-    fn hipEventQuery(event: sys::hipEvent_t) -> c_int;
-    fn hipEventSynchronize(event: sys::hipEvent_t) -> c_int;
-    fn hipEventElapsedTime(ms: *mut f32, start: sys::hipEvent_t, stop: sys::hipEvent_t) -> c_int;
-    fn hipEventDestroy(event: sys::hipEvent_t) -> c_int;
-
-    fn hipGraphInstantiate(
-        exec: *mut sys::hipGraphExec_t,
-        graph: sys::hipGraph_t,
-        error_node: *mut sys::hipGraphNode_t,
-        log: *mut c_char,
-        log_size: usize,
-    ) -> c_int;
-    fn hipGraphLaunch(exec: sys::hipGraphExec_t, stream: sys::hipStream_t) -> c_int;
-    fn hipGraphExecDestroy(exec: sys::hipGraphExec_t) -> c_int;
-    fn hipGraphDestroy(graph: sys::hipGraph_t) -> c_int;
-
-    fn hipModuleLoadData(module: *mut sys::hipModule_t, image: *const c_void) -> c_int;
-    fn hipModuleUnload(module: sys::hipModule_t) -> c_int;
-    fn hipModuleGetFunction(function: *mut sys::hipFunction_t, module: sys::hipModule_t, name: *const c_char) -> c_int;
-    fn hipModuleLaunchKernel(
-        function: sys::hipFunction_t,
-        grid_x: c_uint,
-        grid_y: c_uint,
-        grid_z: c_uint,
-        block_x: c_uint,
-        block_y: c_uint,
-        block_z: c_uint,
-        shared_bytes: c_uint,
-        stream: sys::hipStream_t,
-        params: *mut *mut c_void,
-        extra: *mut *mut c_void,
-    ) -> c_int;
-}
-
 // ---- status codes -----------------------------------------------------------------------------
 
-/// The `hipError_t` codes this backend tests for. The values are fixed in the header (`= N`), the
-/// same in HIP 5.x, 6.x and 7.x; the unit tests compare them with `hip-runtime-sys`.
-pub(crate) mod code {
-    /// `hipSuccess`.
-    pub(crate) const SUCCESS: i32 = 0;
-    /// `hipErrorInvalidValue`.
-    pub(crate) const INVALID_VALUE: i32 = 1;
-    /// `hipErrorOutOfMemory`.
-    pub(crate) const OUT_OF_MEMORY: i32 = 2;
-    /// `hipErrorNoDevice`: what `hipGetDeviceCount` returns on a machine without a GPU.
-    pub(crate) const NO_DEVICE: i32 = 100;
-    /// `hipErrorInvalidDevice`: what `hipInit` returns on a machine without a GPU (HIP 5.2).
-    pub(crate) const INVALID_DEVICE: i32 = 101;
-    /// `hipErrorPeerAccessUnsupported`.
-    pub(crate) const PEER_ACCESS_UNSUPPORTED: i32 = 217;
-    /// `hipErrorNotFound` (e.g. a function the module does not define).
-    pub(crate) const NOT_FOUND: i32 = 500;
-    /// `hipErrorNotReady`: an event or stream query whose work is still running.
-    pub(crate) const NOT_READY: i32 = 600;
-    /// `hipErrorPeerAccessAlreadyEnabled`: counts as success.
-    pub(crate) const PEER_ACCESS_ALREADY_ENABLED: i32 = 704;
-    /// `hipErrorStreamCaptureInvalidated`.
-    pub(crate) const STREAM_CAPTURE_INVALIDATED: i32 = 901;
-}
-
-/// Every `hipError_t` of the HIP 5.4 headers, by value (used only to name codes in messages;
-/// a code missing here is reported by number).
-const CODE_NAMES: &[(i32, &str)] = &[
-    (0, "hipSuccess"),
-    (1, "hipErrorInvalidValue"),
-    (2, "hipErrorOutOfMemory"),
-    (3, "hipErrorNotInitialized"),
-    (4, "hipErrorDeinitialized"),
-    (5, "hipErrorProfilerDisabled"),
-    (6, "hipErrorProfilerNotInitialized"),
-    (7, "hipErrorProfilerAlreadyStarted"),
-    (8, "hipErrorProfilerAlreadyStopped"),
-    (9, "hipErrorInvalidConfiguration"),
-    (12, "hipErrorInvalidPitchValue"),
-    (13, "hipErrorInvalidSymbol"),
-    (17, "hipErrorInvalidDevicePointer"),
-    (21, "hipErrorInvalidMemcpyDirection"),
-    (35, "hipErrorInsufficientDriver"),
-    (52, "hipErrorMissingConfiguration"),
-    (53, "hipErrorPriorLaunchFailure"),
-    (98, "hipErrorInvalidDeviceFunction"),
-    (100, "hipErrorNoDevice"),
-    (101, "hipErrorInvalidDevice"),
-    (200, "hipErrorInvalidImage"),
-    (201, "hipErrorInvalidContext"),
-    (202, "hipErrorContextAlreadyCurrent"),
-    (205, "hipErrorMapFailed"),
-    (206, "hipErrorUnmapFailed"),
-    (207, "hipErrorArrayIsMapped"),
-    (208, "hipErrorAlreadyMapped"),
-    (209, "hipErrorNoBinaryForGpu"),
-    (210, "hipErrorAlreadyAcquired"),
-    (211, "hipErrorNotMapped"),
-    (212, "hipErrorNotMappedAsArray"),
-    (213, "hipErrorNotMappedAsPointer"),
-    (214, "hipErrorECCNotCorrectable"),
-    (215, "hipErrorUnsupportedLimit"),
-    (216, "hipErrorContextAlreadyInUse"),
-    (217, "hipErrorPeerAccessUnsupported"),
-    (218, "hipErrorInvalidKernelFile"),
-    (219, "hipErrorInvalidGraphicsContext"),
-    (300, "hipErrorInvalidSource"),
-    (301, "hipErrorFileNotFound"),
-    (302, "hipErrorSharedObjectSymbolNotFound"),
-    (303, "hipErrorSharedObjectInitFailed"),
-    (304, "hipErrorOperatingSystem"),
-    (400, "hipErrorInvalidHandle"),
-    (401, "hipErrorIllegalState"),
-    (500, "hipErrorNotFound"),
-    (600, "hipErrorNotReady"),
-    (700, "hipErrorIllegalAddress"),
-    (701, "hipErrorLaunchOutOfResources"),
-    (702, "hipErrorLaunchTimeOut"),
-    (704, "hipErrorPeerAccessAlreadyEnabled"),
-    (705, "hipErrorPeerAccessNotEnabled"),
-    (708, "hipErrorSetOnActiveProcess"),
-    (709, "hipErrorContextIsDestroyed"),
-    (710, "hipErrorAssert"),
-    (712, "hipErrorHostMemoryAlreadyRegistered"),
-    (713, "hipErrorHostMemoryNotRegistered"),
-    (719, "hipErrorLaunchFailure"),
-    (720, "hipErrorCooperativeLaunchTooLarge"),
-    (801, "hipErrorNotSupported"),
-    (900, "hipErrorStreamCaptureUnsupported"),
-    (901, "hipErrorStreamCaptureInvalidated"),
-    (902, "hipErrorStreamCaptureMerge"),
-    (903, "hipErrorStreamCaptureUnmatched"),
-    (904, "hipErrorStreamCaptureUnjoined"),
-    (905, "hipErrorStreamCaptureIsolation"),
-    (906, "hipErrorStreamCaptureImplicit"),
-    (907, "hipErrorCapturedEvent"),
-    (908, "hipErrorStreamCaptureWrongThread"),
-    (910, "hipErrorGraphExecUpdateFailure"),
-    (999, "hipErrorUnknown"),
-    (1052, "hipErrorRuntimeMemory"),
-    (1053, "hipErrorRuntimeOther"),
-    (1054, "hipErrorTbd"),
-];
-
-/// The name of a status code as the HIP 5.4 headers spell it, if they know it.
-pub(crate) fn code_name(code: i32) -> Option<&'static str> {
-    CODE_NAMES.iter().find(|&&(c, _)| c == code).map(|&(_, name)| name)
-}
-
-/// How a status code reads in an error message, without asking the runtime: its name, or a
-/// sentence saying that it is newer than the headers this backend was written against.
-pub(crate) fn describe_code(code: i32) -> String {
-    match code_name(code) {
-        Some(name) => name.to_string(),
-        None => format!("HIP status {code} (unknown to the HIP 5.4 headers; a newer runtime's code)"),
-    }
-}
+pub(crate) use super::sys::{attr, code, flags};
 
 /// A static, NUL-terminated string from the runtime, or `None` for a null pointer.
 ///
@@ -244,24 +34,28 @@ fn runtime_description(code: i32) -> Option<String> {
     // SAFETY: `hipGetErrorString` takes any integer (its `switch` has a default case that returns
     // a static "unknown error") and returns a pointer to a static string; it does not initialise
     // the runtime.
-    let text = unsafe { static_str(hipGetErrorString(code)) }?;
+    let text = unsafe { static_str(sys::hipGetErrorString(code)) }?;
     let unknown = text.is_empty() || text == "unknown error" || (text == "hipErrorUnknown" && code != 999);
     (!unknown).then_some(text)
 }
 
-/// The runtime's name for `code` (`hipGetErrorName`), where our table has none.
-fn runtime_name(code: i32) -> Option<String> {
+/// The runtime's name for `code` (`hipGetErrorName`, e.g. `hipErrorOutOfMemory`), or `None` for a
+/// code the loaded runtime does not know.
+pub(crate) fn code_name(code: i32) -> Option<String> {
     // SAFETY: as for `hipGetErrorString` (default case: a static "hipErrorUnknown").
-    let name = unsafe { static_str(hipGetErrorName(code)) }?;
+    let name = unsafe { static_str(sys::hipGetErrorName(code)) }?;
     (name != "hipErrorUnknown" || code == 999).then_some(name)
+}
+
+/// How a status code reads in an error message: the runtime's name, or a sentence with the number
+/// for a code the runtime does not know.
+pub(crate) fn describe_code(code: i32) -> String {
+    code_name(code).unwrap_or_else(|| format!("HIP status {code} (unknown to the loaded runtime)"))
 }
 
 /// The error of `call` that returned `code`.
 pub(crate) fn error(call: &'static str, code: i32) -> Error {
-    let name = match code_name(code) {
-        Some(name) => name.to_string(),
-        None => runtime_name(code).unwrap_or_else(|| describe_code(code)),
-    };
+    let name = describe_code(code);
     let message = match runtime_description(code) {
         Some(text) => format!("{name}: {text}"),
         None => name,
@@ -282,7 +76,7 @@ pub(crate) fn check(call: &'static str, code: i32) -> Result<()> {
 pub(crate) fn init() -> i32 {
     static INIT: OnceLock<i32> = OnceLock::new();
     // SAFETY: `hipInit` takes flags that must be 0 and may be called from any thread.
-    *INIT.get_or_init(|| unsafe { hipInit(0) })
+    *INIT.get_or_init(|| unsafe { sys::hipInit(0) })
 }
 
 /// `hipRuntimeGetVersion`: `HIP_VERSION` of the loaded runtime, `major * 10_000_000 +
@@ -290,7 +84,7 @@ pub(crate) fn init() -> i32 {
 pub(crate) fn runtime_version() -> Result<i32> {
     let mut version: c_int = 0;
     // SAFETY: the out-pointer is a live local.
-    check("hipRuntimeGetVersion", unsafe { hipRuntimeGetVersion(&mut version) })?;
+    check("hipRuntimeGetVersion", unsafe { sys::hipRuntimeGetVersion(&mut version) })?;
     Ok(version)
 }
 
@@ -302,7 +96,7 @@ pub(crate) fn split_version(version: i32) -> (i32, i32, i32) {
 /// The file the HIP runtime was loaded from (`dladdr` of `hipInit`), e.g.
 /// `/opt/rocm/lib/libamdhip64.so.6`. hipRTC is looked for beside it first.
 pub(crate) fn runtime_library_path() -> Option<PathBuf> {
-    let symbol = hipInit as unsafe extern "C" fn(c_uint) -> c_int;
+    let symbol = sys::hipInit as unsafe extern "C" fn(c_uint) -> c_int;
     object_file(symbol as *const c_void)
 }
 
@@ -332,14 +126,14 @@ pub(crate) mod device {
     pub(crate) fn count_raw() -> (i32, usize) {
         let mut count: c_int = 0;
         // SAFETY: the out-pointer is a live local.
-        let status = unsafe { hipGetDeviceCount(&mut count) };
+        let status = unsafe { sys::hipGetDeviceCount(&mut count) };
         (status, count.max(0) as usize)
     }
 
     /// `hipSetDevice`: makes `ordinal` the calling thread's current device.
     pub(crate) fn set(ordinal: usize) -> Result<()> {
         // SAFETY: plain value argument; the runtime validates the ordinal.
-        check("hipSetDevice", unsafe { hipSetDevice(ordinal as c_int) })
+        check("hipSetDevice", unsafe { sys::hipSetDevice(ordinal as c_int) })
     }
 
     /// `hipDeviceGetAttribute` with one of the [`attr`] numbers.
@@ -347,7 +141,7 @@ pub(crate) mod device {
         let mut value: c_int = 0;
         // SAFETY: the out-pointer is a live local; the runtime validates attribute and ordinal
         // (an attribute it does not know is `hipErrorInvalidValue`).
-        check("hipDeviceGetAttribute", unsafe { hipDeviceGetAttribute(&mut value, attribute, ordinal as c_int) })?;
+        check("hipDeviceGetAttribute", unsafe { sys::hipDeviceGetAttribute(&mut value, attribute, ordinal as c_int) })?;
         Ok(value)
     }
 
@@ -356,7 +150,7 @@ pub(crate) mod device {
         let mut name = [0 as c_char; 256];
         // SAFETY: the runtime writes at most `len` bytes, NUL included, into the live buffer.
         check("hipDeviceGetName", unsafe {
-            hipDeviceGetName(name.as_mut_ptr(), name.len() as c_int, ordinal as c_int)
+            sys::hipDeviceGetName(name.as_mut_ptr(), name.len() as c_int, ordinal as c_int)
         })?;
         let bytes: Vec<u8> = name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         Ok(String::from_utf8_lossy(&bytes).trim().to_string())
@@ -366,63 +160,18 @@ pub(crate) mod device {
     pub(crate) fn can_access_peer(ordinal: usize, peer: usize) -> Result<bool> {
         let mut can: c_int = 0;
         // SAFETY: the out-pointer is a live local; the runtime validates both ordinals.
-        check("hipDeviceCanAccessPeer", unsafe { hipDeviceCanAccessPeer(&mut can, ordinal as c_int, peer as c_int) })?;
+        check("hipDeviceCanAccessPeer", unsafe {
+            sys::hipDeviceCanAccessPeer(&mut can, ordinal as c_int, peer as c_int)
+        })?;
         Ok(can != 0)
     }
 
     /// `hipDeviceEnablePeerAccess` from the current device to `peer`; "already enabled" is success.
     pub(crate) fn enable_peer_access(peer: usize) -> Result<()> {
         // SAFETY: plain value arguments (flags must be 0).
-        match unsafe { hipDeviceEnablePeerAccess(peer as c_int, 0) } {
+        match unsafe { sys::hipDeviceEnablePeerAccess(peer as c_int, 0) } {
             code::SUCCESS | code::PEER_ACCESS_ALREADY_ENABLED => Ok(()),
             status => Err(error("hipDeviceEnablePeerAccess", status)),
-        }
-    }
-}
-
-/// `hipDeviceAttribute_t` numbers. The enum is implicitly numbered; these positions are the same
-/// in HIP 5.2, 5.4, 6.0–6.2 and ROCm 7 (`rocm-systems` `hip_runtime_api.h`): entries were only
-/// renamed (`Name`→`Unused1`, `Uuid`→`Unused2`) or appended after `WarpSize`. The unit tests compare
-/// them with `hip-runtime-sys`.
-pub(crate) mod attr {
-    /// `hipDeviceAttributeComputeCapabilityMajor` (the ISA major on AMD: 9 for gfx9xx).
-    pub(crate) const COMPUTE_CAPABILITY_MAJOR: i32 = 23;
-    /// `hipDeviceAttributeComputeCapabilityMinor` (the ISA minor: 4 for gfx942, 5 for gfx950).
-    pub(crate) const COMPUTE_CAPABILITY_MINOR: i32 = 61;
-    /// `hipDeviceAttributeMultiprocessorCount`: compute units.
-    pub(crate) const MULTIPROCESSOR_COUNT: i32 = 63;
-    /// `hipDeviceAttributePciBusId`.
-    pub(crate) const PCI_BUS_ID: i32 = 67;
-    /// `hipDeviceAttributePciDeviceId` (the PCI device/slot number, not the product id).
-    pub(crate) const PCI_DEVICE_ID: i32 = 68;
-    /// `hipDeviceAttributePciDomainID`.
-    pub(crate) const PCI_DOMAIN_ID: i32 = 69;
-    /// `hipDeviceAttributeMaxSharedMemoryPerBlock`: LDS bytes a block may use.
-    pub(crate) const MAX_SHARED_MEMORY_PER_BLOCK: i32 = 74;
-    /// `hipDeviceAttributeWarpSize`: 64 on gfx9 (CDNA), 32 on RDNA.
-    pub(crate) const WARP_SIZE: i32 = 87;
-}
-
-/// Flag and enum values passed as integers (see the module documentation).
-pub(crate) mod flags {
-    /// `hipStreamNonBlocking`: the stream does not synchronise with the null stream.
-    pub(crate) const STREAM_NON_BLOCKING: u32 = 0x1;
-    /// `hipDeviceMallocUncached` (HIP ≥ 5.5): fine-grained memory the GPU does not cache, where
-    /// AITER keeps its cross-GPU flags.
-    pub(crate) const DEVICE_MALLOC_UNCACHED: u32 = 0x3;
-    /// `hipMemcpyDeviceToDevice` (`hipMemcpyKind`, explicitly numbered in every version).
-    pub(crate) const MEMCPY_DEVICE_TO_DEVICE: i32 = 3;
-    /// `hipStreamCaptureModeThreadLocal` (`hipStreamCaptureMode`, explicitly numbered).
-    pub(crate) const CAPTURE_MODE_THREAD_LOCAL: i32 = 1;
-
-    /// `hipIpcMemLazyEnablePeerAccess` as the loaded runtime expects it: the header defined it as
-    /// `0` up to HIP 5.7 and as `0x01` from 6.0, and the runtime checks
-    /// `flags != hipIpcMemLazyEnablePeerAccess` (clr `hip_memory.cpp`, 5.6 to 6.2).
-    pub(crate) fn ipc_lazy_enable_peer_access(runtime_major: i32) -> u32 {
-        if runtime_major >= 6 {
-            0x1
-        } else {
-            0x0
         }
     }
 }
@@ -435,15 +184,25 @@ pub(crate) mod mem {
     pub(crate) fn malloc(bytes: usize) -> Result<u64> {
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: the out-pointer is a live local.
-        check("hipMalloc", unsafe { hipMalloc(&mut ptr, bytes) })?;
+        check("hipMalloc", unsafe { sys::hipMalloc(&mut ptr, bytes) })?;
         Ok(ptr as u64)
+    }
+
+    /// `hipMemGetInfo`: free and total memory of the current device, in bytes.
+    pub(crate) fn info() -> Result<(usize, usize)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: the out-pointers are live locals.
+        check("hipMemGetInfo", unsafe { sys::hipMemGetInfo(&mut free, &mut total) })?;
+        Ok((free, total))
     }
 
     /// `hipMemGetAddressRange`: the base address and size of the allocation that holds `ptr`.
     pub(crate) fn address_range(ptr: u64) -> Result<(u64, usize)> {
         let (mut base, mut size): (*mut c_void, usize) = (std::ptr::null_mut(), 0);
         // SAFETY: the out-pointers are live locals; the runtime validates `ptr`.
-        check("hipMemGetAddressRange", unsafe { hipMemGetAddressRange(&mut base, &mut size, ptr as *mut c_void) })?;
+        check("hipMemGetAddressRange", unsafe {
+            sys::hipMemGetAddressRange(&mut base, &mut size, ptr as *mut c_void)
+        })?;
         Ok((base as u64, size))
     }
 
@@ -451,7 +210,7 @@ pub(crate) mod mem {
     pub(crate) fn ext_malloc_with_flags(bytes: usize, flags: u32) -> Result<u64> {
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: the out-pointer is a live local; the runtime validates the flags.
-        check("hipExtMallocWithFlags", unsafe { hipExtMallocWithFlags(&mut ptr, bytes, flags) })?;
+        check("hipExtMallocWithFlags", unsafe { sys::hipExtMallocWithFlags(&mut ptr, bytes, flags) })?;
         Ok(ptr as u64)
     }
 
@@ -463,7 +222,7 @@ pub(crate) mod mem {
     /// queued work may still use it.
     pub(crate) unsafe fn free(ptr: u64) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipFree", unsafe { hipFree(ptr as *mut c_void) })
+        check("hipFree", unsafe { sys::hipFree(ptr as *mut c_void) })
     }
 
     /// `hipMemset` (synchronous: done on return) followed by a synchronisation of the null stream,
@@ -473,9 +232,9 @@ pub(crate) mod mem {
     /// `ptr` must be device memory valid for `bytes` bytes.
     pub(crate) unsafe fn memset_sync(ptr: u64, value: u8, bytes: usize) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipMemset", unsafe { hipMemset(ptr as *mut c_void, c_int::from(value), bytes) })?;
+        check("hipMemset", unsafe { sys::hipMemset(ptr as *mut c_void, c_int::from(value), bytes) })?;
         // SAFETY: the null stream is always valid.
-        check("hipStreamSynchronize", unsafe { hipStreamSynchronize(std::ptr::null_mut()) })
+        check("hipStreamSynchronize", unsafe { sys::hipStreamSynchronize(std::ptr::null_mut()) })
     }
 
     /// `hipMemcpyAsync` device to device (peer memory included: unified addressing).
@@ -485,7 +244,7 @@ pub(crate) mod mem {
     pub(crate) unsafe fn copy_dtod_async(dst: u64, src: u64, bytes: usize, stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
         check("hipMemcpyAsync", unsafe {
-            hipMemcpyAsync(dst as *mut c_void, src as *const c_void, bytes, flags::MEMCPY_DEVICE_TO_DEVICE, stream)
+            sys::hipMemcpyAsync(dst as *mut c_void, src as *const c_void, bytes, flags::MEMCPY_DEVICE_TO_DEVICE, stream)
         })
     }
 
@@ -497,7 +256,7 @@ pub(crate) mod mem {
     pub(crate) unsafe fn copy_dtoh_async(dst: &mut [u8], src: u64, stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller; `dst` is a live host buffer of `dst.len()` bytes.
         check("hipMemcpyDtoHAsync", unsafe {
-            hipMemcpyDtoHAsync(dst.as_mut_ptr().cast::<c_void>(), src as *mut c_void, dst.len(), stream)
+            sys::hipMemcpyDtoHAsync(dst.as_mut_ptr().cast::<c_void>(), src as *mut c_void, dst.len(), stream)
         })
     }
 
@@ -509,7 +268,7 @@ pub(crate) mod mem {
     pub(crate) unsafe fn copy_htod_async(dst: u64, src: &[u8], stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller; the runtime does not write through `src`.
         check("hipMemcpyHtoDAsync", unsafe {
-            hipMemcpyHtoDAsync(dst as *mut c_void, src.as_ptr() as *mut c_void, src.len(), stream)
+            sys::hipMemcpyHtoDAsync(dst as *mut c_void, src.as_ptr() as *mut c_void, src.len(), stream)
         })
     }
 }
@@ -522,7 +281,7 @@ pub(crate) mod ipc {
     pub(crate) fn get_mem_handle(ptr: u64) -> Result<[u8; 64]> {
         let mut handle = sys::hipIpcMemHandle_t { reserved: [0; 64] };
         // SAFETY: the out-pointer is a live local; the runtime validates `ptr`.
-        check("hipIpcGetMemHandle", unsafe { hipIpcGetMemHandle(&mut handle, ptr as *mut c_void) })?;
+        check("hipIpcGetMemHandle", unsafe { sys::hipIpcGetMemHandle(&mut handle, ptr as *mut c_void) })?;
         Ok(handle.reserved.map(|b| b as u8))
     }
 
@@ -544,7 +303,7 @@ pub(crate) mod ipc {
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: the out-pointer is a live local; the handle is passed by value (64 bytes); the
         // runtime validates its contents.
-        match unsafe { hipIpcOpenMemHandle(&mut ptr, raw, flags) } {
+        match unsafe { sys::hipIpcOpenMemHandle(&mut ptr, raw, flags) } {
             code::SUCCESS if !ptr.is_null() => Ok(ptr as u64),
             code::SUCCESS => Err(code::INVALID_VALUE),
             status => Err(status),
@@ -558,7 +317,7 @@ pub(crate) mod ipc {
     /// use it.
     pub(crate) unsafe fn close_mem_handle(ptr: u64) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipIpcCloseMemHandle", unsafe { hipIpcCloseMemHandle(ptr as *mut c_void) })
+        check("hipIpcCloseMemHandle", unsafe { sys::hipIpcCloseMemHandle(ptr as *mut c_void) })
     }
 }
 
@@ -571,7 +330,7 @@ pub(crate) mod stream {
         let mut stream: sys::hipStream_t = std::ptr::null_mut();
         // SAFETY: the out-pointer is a live local.
         check("hipStreamCreateWithFlags", unsafe {
-            hipStreamCreateWithFlags(&mut stream, flags::STREAM_NON_BLOCKING)
+            sys::hipStreamCreateWithFlags(&mut stream, flags::STREAM_NON_BLOCKING)
         })?;
         Ok(stream)
     }
@@ -582,7 +341,7 @@ pub(crate) mod stream {
     /// `stream` must be live and not used afterwards.
     pub(crate) unsafe fn destroy(stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipStreamDestroy", unsafe { hipStreamDestroy(stream) })
+        check("hipStreamDestroy", unsafe { sys::hipStreamDestroy(stream) })
     }
 
     /// `hipStreamSynchronize`.
@@ -591,7 +350,7 @@ pub(crate) mod stream {
     /// `stream` must be live.
     pub(crate) unsafe fn synchronize(stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipStreamSynchronize", unsafe { hipStreamSynchronize(stream) })
+        check("hipStreamSynchronize", unsafe { sys::hipStreamSynchronize(stream) })
     }
 
     /// `hipStreamBeginCapture` in thread-local mode.
@@ -600,7 +359,7 @@ pub(crate) mod stream {
     /// `stream` must be live.
     pub(crate) unsafe fn begin_capture(stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipStreamBeginCapture", unsafe { hipStreamBeginCapture(stream, flags::CAPTURE_MODE_THREAD_LOCAL) })
+        check("hipStreamBeginCapture", unsafe { sys::hipStreamBeginCapture(stream, flags::CAPTURE_MODE_THREAD_LOCAL) })
     }
 
     /// `hipStreamEndCapture`: the captured graph (null if nothing was captured).
@@ -610,7 +369,7 @@ pub(crate) mod stream {
     pub(crate) unsafe fn end_capture(stream: sys::hipStream_t) -> Result<sys::hipGraph_t> {
         let mut graph: sys::hipGraph_t = std::ptr::null_mut();
         // SAFETY: guaranteed by the caller; the out-pointer is a live local.
-        check("hipStreamEndCapture", unsafe { hipStreamEndCapture(stream, &mut graph) })?;
+        check("hipStreamEndCapture", unsafe { sys::hipStreamEndCapture(stream, &mut graph) })?;
         Ok(graph)
     }
 }
@@ -623,7 +382,7 @@ pub(crate) mod event {
     pub(crate) fn create() -> Result<sys::hipEvent_t> {
         let mut event: sys::hipEvent_t = std::ptr::null_mut();
         // SAFETY: the out-pointer is a live local.
-        check("hipEventCreate", unsafe { hipEventCreate(&mut event) })?;
+        check("hipEventCreate", unsafe { sys::hipEventCreate(&mut event) })?;
         Ok(event)
     }
 
@@ -633,7 +392,7 @@ pub(crate) mod event {
     /// `event` and `stream` must be live.
     pub(crate) unsafe fn record(event: sys::hipEvent_t, stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipEventRecord", unsafe { hipEventRecord(event, stream) })
+        check("hipEventRecord", unsafe { sys::hipEventRecord(event, stream) })
     }
 
     /// `hipEventQuery`: whether the work before the event has finished.
@@ -642,7 +401,7 @@ pub(crate) mod event {
     /// `event` must be live.
     pub(crate) unsafe fn query(event: sys::hipEvent_t) -> Result<bool> {
         // SAFETY: guaranteed by the caller.
-        match unsafe { hipEventQuery(event) } {
+        match unsafe { sys::hipEventQuery(event) } {
             code::SUCCESS => Ok(true),
             code::NOT_READY => Ok(false),
             status => Err(error("hipEventQuery", status)),
@@ -655,7 +414,7 @@ pub(crate) mod event {
     /// `event` must be live.
     pub(crate) unsafe fn synchronize(event: sys::hipEvent_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipEventSynchronize", unsafe { hipEventSynchronize(event) })
+        check("hipEventSynchronize", unsafe { sys::hipEventSynchronize(event) })
     }
 
     /// `hipEventElapsedTime` in milliseconds (both events must have completed).
@@ -665,7 +424,7 @@ pub(crate) mod event {
     pub(crate) unsafe fn elapsed_ms(start: sys::hipEvent_t, end: sys::hipEvent_t) -> Result<f32> {
         let mut ms = 0f32;
         // SAFETY: guaranteed by the caller; the out-pointer is a live local.
-        check("hipEventElapsedTime", unsafe { hipEventElapsedTime(&mut ms, start, end) })?;
+        check("hipEventElapsedTime", unsafe { sys::hipEventElapsedTime(&mut ms, start, end) })?;
         Ok(ms)
     }
 
@@ -675,7 +434,7 @@ pub(crate) mod event {
     /// `event` must be live and not used afterwards.
     pub(crate) unsafe fn destroy(event: sys::hipEvent_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipEventDestroy", unsafe { hipEventDestroy(event) })
+        check("hipEventDestroy", unsafe { sys::hipEventDestroy(event) })
     }
 }
 
@@ -692,7 +451,7 @@ pub(crate) mod graph {
         // SAFETY: guaranteed by the caller; the out-pointer is a live local; null error node and
         // log buffer (size 0) are allowed.
         check("hipGraphInstantiate", unsafe {
-            hipGraphInstantiate(&mut exec, graph, std::ptr::null_mut(), std::ptr::null_mut(), 0)
+            sys::hipGraphInstantiate(&mut exec, graph, std::ptr::null_mut(), std::ptr::null_mut(), 0)
         })?;
         Ok(exec)
     }
@@ -703,7 +462,7 @@ pub(crate) mod graph {
     /// `exec` and `stream` must be live, and what the graph's kernels access must be valid.
     pub(crate) unsafe fn launch(exec: sys::hipGraphExec_t, stream: sys::hipStream_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipGraphLaunch", unsafe { hipGraphLaunch(exec, stream) })
+        check("hipGraphLaunch", unsafe { sys::hipGraphLaunch(exec, stream) })
     }
 
     /// `hipGraphExecDestroy`.
@@ -712,7 +471,7 @@ pub(crate) mod graph {
     /// `exec` must be live and not used afterwards.
     pub(crate) unsafe fn exec_destroy(exec: sys::hipGraphExec_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipGraphExecDestroy", unsafe { hipGraphExecDestroy(exec) })
+        check("hipGraphExecDestroy", unsafe { sys::hipGraphExecDestroy(exec) })
     }
 
     /// `hipGraphDestroy`.
@@ -721,7 +480,7 @@ pub(crate) mod graph {
     /// `graph` must be live and not used afterwards.
     pub(crate) unsafe fn destroy(graph: sys::hipGraph_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipGraphDestroy", unsafe { hipGraphDestroy(graph) })
+        check("hipGraphDestroy", unsafe { sys::hipGraphDestroy(graph) })
     }
 }
 
@@ -736,7 +495,7 @@ pub(crate) mod module {
     pub(crate) unsafe fn load_data(image: &[u8]) -> Result<sys::hipModule_t> {
         let mut module: sys::hipModule_t = std::ptr::null_mut();
         // SAFETY: guaranteed by the caller; the runtime copies what it needs before returning.
-        check("hipModuleLoadData", unsafe { hipModuleLoadData(&mut module, image.as_ptr().cast::<c_void>()) })?;
+        check("hipModuleLoadData", unsafe { sys::hipModuleLoadData(&mut module, image.as_ptr().cast::<c_void>()) })?;
         Ok(module)
     }
 
@@ -746,7 +505,7 @@ pub(crate) mod module {
     /// `module` must be live, and neither it nor its functions used afterwards.
     pub(crate) unsafe fn unload(module: sys::hipModule_t) -> Result<()> {
         // SAFETY: guaranteed by the caller.
-        check("hipModuleUnload", unsafe { hipModuleUnload(module) })
+        check("hipModuleUnload", unsafe { sys::hipModuleUnload(module) })
     }
 
     /// `hipModuleGetFunction`; `Ok(None)` when the module has no such symbol (`hipErrorNotFound`).
@@ -756,7 +515,7 @@ pub(crate) mod module {
     pub(crate) unsafe fn get_function(module: sys::hipModule_t, name: &CStr) -> Result<Option<sys::hipFunction_t>> {
         let mut function: sys::hipFunction_t = std::ptr::null_mut();
         // SAFETY: guaranteed by the caller; the name is NUL-terminated; the out-pointer is a live local.
-        match unsafe { hipModuleGetFunction(&mut function, module, name.as_ptr()) } {
+        match unsafe { sys::hipModuleGetFunction(&mut function, module, name.as_ptr()) } {
             code::SUCCESS if !function.is_null() => Ok(Some(function)),
             code::SUCCESS | code::NOT_FOUND => Ok(None),
             status => Err(error("hipModuleGetFunction", status)),
@@ -779,7 +538,7 @@ pub(crate) mod module {
     ) -> Result<()> {
         // SAFETY: guaranteed by the caller; `extra` is null (the arguments go through `params`).
         check("hipModuleLaunchKernel", unsafe {
-            hipModuleLaunchKernel(
+            sys::hipModuleLaunchKernel(
                 function,
                 grid,
                 1,
@@ -796,7 +555,7 @@ pub(crate) mod module {
     }
 }
 
-/// hipRTC, loaded at run time (`dlopen`): ROCm ≥ 6 ships it as `libhiprtc.so.N`; ROCm 5 exported it
+/// hipRTC, loaded at run time (`libloading`, its entry points in one [`sys::RtcApi`] table): ROCm ≥ 6 ships it as `libhiprtc.so.N`; ROCm 5 exported it
 /// from `libamdhip64` itself. `hiprtcVersion` is not used to identify it: clr hard-codes it to
 /// 9.0 in every release (hiprtc.cpp: "TODO add actual version"); [`Rtc::path`] and the runtime's
 /// `HIP_VERSION` identify the compiler instead.
@@ -804,37 +563,16 @@ pub(crate) mod rtc {
     use super::*;
     use std::ffi::CString;
 
-    /// An opaque `hiprtcProgram`.
-    type Program = *mut c_void;
-    type CreateProgram = unsafe extern "C" fn(
-        *mut Program,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> c_int;
-    type CompileProgram = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int;
-    type SizeQuery = unsafe extern "C" fn(Program, *mut usize) -> c_int;
-    type Fetch = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
-    type DestroyProgram = unsafe extern "C" fn(*mut Program) -> c_int;
-    type ErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    use sys::{RtcApi, RtcProgram as Program, RTC_SUCCESS as SUCCESS};
 
-    /// `HIPRTC_SUCCESS`.
-    const SUCCESS: c_int = 0;
-
-    /// The hipRTC entry points of one loaded library. The library is never closed.
+    /// One loaded hipRTC library and its entry points. Never closed (it lives in a `static`).
     pub(crate) struct Rtc {
         path: String,
         file: Option<PathBuf>,
-        create: CreateProgram,
-        compile: CompileProgram,
-        log_size: SizeQuery,
-        log: Fetch,
-        code_size: SizeQuery,
-        code: Fetch,
-        destroy: DestroyProgram,
-        error_string: ErrorString,
+        api: RtcApi,
+        /// Keeps the entry points of `api` loaded.
+        _lib: libloading::Library,
     }
 
     /// The libraries tried, in order: beside the HIP runtime (same ROCm) with its major version,
@@ -889,67 +627,16 @@ pub(crate) mod rtc {
         Err(tried.join("; "))
     }
 
-    /// The last `dlerror()` text.
-    fn dl_error() -> String {
-        // SAFETY: `dlerror` returns null or a NUL-terminated string valid until the next dl* call
-        // on this thread; it is copied at once.
-        let text = unsafe { libc::dlerror() };
-        if text.is_null() {
-            "unknown dlopen error".into()
-        } else {
-            // SAFETY: non-null and NUL-terminated (see above).
-            unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
-        }
-    }
-
     fn open(name: &str) -> std::result::Result<Rtc, String> {
-        let c_name = CString::new(name).map_err(|_| "name contains NUL".to_string())?;
-        // SAFETY: dlopen of a library path; loading runs the library's initialisers, which the ROCm
-        // libraries are built to have run this way (hipRTC is meant to be dlopened).
-        let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() {
-            return Err(dl_error());
-        }
-        let symbol = |symbol: &str| -> std::result::Result<*mut c_void, String> {
-            let c_symbol = CString::new(symbol).map_err(|_| "bad symbol name".to_string())?;
-            // SAFETY: `handle` is a live dlopen handle; the name is NUL-terminated.
-            let address = unsafe { libc::dlsym(handle, c_symbol.as_ptr()) };
-            if address.is_null() {
-                Err(format!("no symbol {symbol}"))
-            } else {
-                Ok(address)
-            }
-        };
-        let resolved = (|| {
-            // SAFETY: (every transmute below) each symbol is the hipRTC function of that name, whose C
-            // signature (hiprtc.h, unchanged from ROCm 4 to 7) is the function-pointer type it is
-            // turned into; enum results and parameters are C `int`s.
-            unsafe {
-                Ok::<_, String>(Rtc {
-                    path: name.to_string(),
-                    file: None,
-                    create: std::mem::transmute::<*mut c_void, CreateProgram>(symbol("hiprtcCreateProgram")?),
-                    compile: std::mem::transmute::<*mut c_void, CompileProgram>(symbol("hiprtcCompileProgram")?),
-                    log_size: std::mem::transmute::<*mut c_void, SizeQuery>(symbol("hiprtcGetProgramLogSize")?),
-                    log: std::mem::transmute::<*mut c_void, Fetch>(symbol("hiprtcGetProgramLog")?),
-                    code_size: std::mem::transmute::<*mut c_void, SizeQuery>(symbol("hiprtcGetCodeSize")?),
-                    code: std::mem::transmute::<*mut c_void, Fetch>(symbol("hiprtcGetCode")?),
-                    destroy: std::mem::transmute::<*mut c_void, DestroyProgram>(symbol("hiprtcDestroyProgram")?),
-                    error_string: std::mem::transmute::<*mut c_void, ErrorString>(symbol("hiprtcGetErrorString")?),
-                })
-            }
-        })();
-        match resolved {
-            Ok(mut rtc) => {
-                rtc.file = object_file(rtc.create as *const c_void);
-                Ok(rtc)
-            }
-            Err(why) => {
-                // SAFETY: `handle` came from `dlopen` above and nothing of it is kept.
-                unsafe { libc::dlclose(handle) };
-                Err(why)
-            }
-        }
+        // SAFETY: loading runs the library's initialisers, which the ROCm libraries are built to
+        // have run this way (hipRTC is meant to be loaded at run time).
+        let lib = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_LOCAL) }.map_err(|e| e.to_string())?;
+        let lib = libloading::Library::from(lib);
+        // SAFETY: a library of one of hipRTC's names exports hipRTC's functions, whose prototypes
+        // `RtcApi` transcribes from `hiprtc.h`.
+        let api = unsafe { RtcApi::resolve(&lib) }?;
+        let file = object_file(api.create_program as *const c_void);
+        Ok(Rtc { path: name.to_string(), file, api, _lib: lib })
     }
 
     impl Rtc {
@@ -965,7 +652,7 @@ pub(crate) mod rtc {
 
         fn error(&self, call: &'static str, status: c_int) -> Error {
             // SAFETY: `hiprtcGetErrorString` maps any integer to a static string (or null).
-            let text = unsafe { static_str((self.error_string)(status)) };
+            let text = unsafe { static_str((self.api.get_error_string)(status)) };
             let message = text.unwrap_or_else(|| format!("hipRTC status {status}"));
             Error::Driver { backend: BackendKind::Hip, call, code: status, message }
         }
@@ -990,7 +677,14 @@ pub(crate) mod rtc {
             // SAFETY: the strings are NUL-terminated and outlive the call (hipRTC copies them); no
             // headers are passed.
             let created = unsafe {
-                (self.create)(&mut program, source.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null())
+                (self.api.create_program)(
+                    &mut program,
+                    source.as_ptr(),
+                    name.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
             };
             if created != SUCCESS || program.is_null() {
                 return Err((self.error("hiprtcCreateProgram", created), String::new()));
@@ -998,24 +692,24 @@ pub(crate) mod rtc {
             let pointers: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
             // SAFETY: the program is live; `pointers` holds `len` NUL-terminated strings that outlive
             // the call.
-            let compiled = unsafe { (self.compile)(program, pointers.len() as c_int, pointers.as_ptr()) };
+            let compiled = unsafe { (self.api.compile_program)(program, pointers.len() as c_int, pointers.as_ptr()) };
             let log = self.log(program).unwrap_or_else(|err| format!("(no log: {err})"));
             let result = self
                 .check("hiprtcCompileProgram", compiled)
                 .and_then(|()| self.code(program))
                 .map_err(|err| (err, log));
             // SAFETY: the program is live and not used again. A failure leaks host memory only.
-            let _ = unsafe { (self.destroy)(&mut program) };
+            let _ = unsafe { (self.api.destroy_program)(&mut program) };
             result
         }
 
         fn log(&self, program: Program) -> Result<String> {
             let mut size = 0usize;
             // SAFETY: the program is live; the out-pointer is a live local.
-            self.check("hiprtcGetProgramLogSize", unsafe { (self.log_size)(program, &mut size) })?;
+            self.check("hiprtcGetProgramLogSize", unsafe { (self.api.get_program_log_size)(program, &mut size) })?;
             let mut log = vec![0u8; size.max(1) + 1];
             // SAFETY: `log` has room for the `size` bytes the call writes.
-            self.check("hiprtcGetProgramLog", unsafe { (self.log)(program, log.as_mut_ptr().cast()) })?;
+            self.check("hiprtcGetProgramLog", unsafe { (self.api.get_program_log)(program, log.as_mut_ptr().cast()) })?;
             let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
             Ok(String::from_utf8_lossy(&log[..end]).into_owned())
         }
@@ -1023,11 +717,11 @@ pub(crate) mod rtc {
         fn code(&self, program: Program) -> Result<Vec<u8>> {
             let mut size = 0usize;
             // SAFETY: the program is live; the out-pointer is a live local.
-            self.check("hiprtcGetCodeSize", unsafe { (self.code_size)(program, &mut size) })?;
+            self.check("hiprtcGetCodeSize", unsafe { (self.api.get_code_size)(program, &mut size) })?;
             let mut code = vec![0u8; size];
             if size > 0 {
                 // SAFETY: `code` has room for the `size` bytes the call writes.
-                self.check("hiprtcGetCode", unsafe { (self.code)(program, code.as_mut_ptr().cast()) })?;
+                self.check("hiprtcGetCode", unsafe { (self.api.get_code)(program, code.as_mut_ptr().cast()) })?;
             }
             Ok(code)
         }

@@ -2,8 +2,8 @@
 
 use super::device::HipDevice;
 use super::result::{self, event, graph, mem};
+use super::sys;
 use crate::{DevicePtr, Error, Result};
-use hip_runtime_sys as sys;
 use std::time::Duration;
 
 /// A non-blocking stream on one device (`hipStreamNonBlocking`: it does not synchronise with the

@@ -1,0 +1,71 @@
+//! The operator on the GPU backends, written once (generic over [`GpuBackend`]) and instantiated
+//! per backend: `cuda::<test>` with the `cuda` feature, `hip::<test>` with `hip`. Ranks are threads
+//! sharing one GPU (peer pointers, no IPC) or processes over the runtime's IPC; every path, graph
+//! replay, graph inputs read in place, a dead rank, leaks; checked against the testkit reference
+//! and against each other.
+//!
+//! Skips loudly without a GPU; fails instead when `ARFUSE_REQUIRE_BACKENDS` names the backend
+//! (`arfuse_testkit::require_backend`). On a GPU host:
+//! `ARFUSE_REQUIRE_BACKENDS=cuda <test binary> cuda:: --test-threads=1 --nocapture` (or `hip::`).
+
+mod graphs;
+mod paths;
+mod processes;
+
+use arfuse_fusion::{AllReduce, FallbackReason, Path};
+use arfuse_kernels::GpuBackend;
+
+/// The unfused path with our own all-reduce, forced.
+const UNFUSED: Path = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
+
+/// Whether `test` can run on `B` here: a device is visible (else it skips loudly, or fails where
+/// `ARFUSE_REQUIRE_BACKENDS` names the backend).
+fn gpu_available<B: GpuBackend>(test: &str) -> bool {
+    let available = match B::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err(format!("no {} device", B::KIND)),
+        Err(e) => Err(e.to_string()),
+    };
+    arfuse_testkit::require_backend(B::KIND.name(), test, available)
+}
+
+/// One `#[test]` per suite function, named as the function, calling it for `$backend` with the
+/// test's libtest path (`cuda::one_captured_graph_replayed_many_times_stays_exact`), which the
+/// process tests re-run in their child ranks.
+macro_rules! instantiate {
+    ($backend:ty; $($module:ident :: $test:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                crate::$module::$test::<$backend>(&arfuse_testkit::test_path!($test));
+            }
+        )*
+    };
+}
+
+/// The suite for one backend.
+macro_rules! suite {
+    ($backend:ty) => {
+        instantiate!(
+            $backend;
+            paths::operator_every_path_matches_the_reference,
+            graphs::one_captured_graph_replayed_many_times_stays_exact,
+            graphs::graph_inputs_registered_after_capture_are_read_in_place,
+            graphs::graph_inputs_registered_after_capture_over_ipc,
+            graphs::graph_replayed_before_registration_fails_cleanly,
+            graphs::many_graph_inputs_register_in_several_rounds,
+            processes::operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory,
+            processes::a_dead_rank_process_makes_its_peer_time_out_not_hang,
+        );
+    };
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    suite!(arfuse_kernels::api::Cuda);
+}
+
+#[cfg(feature = "hip")]
+mod hip {
+    suite!(arfuse_kernels::api::Hip);
+}
