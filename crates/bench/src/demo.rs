@@ -191,7 +191,7 @@ fn rank_main(args: &DemoArgs, rank: usize) -> Result<()> {
     let dir = args.dir.clone().context("--rank needs --dir")?;
     let timeout = Duration::from_secs(args.timeout_s);
     let mut rendezvous = UnixRendezvous::connect(&dir, rank, args.world, timeout)?;
-    let config = Config { deadline: timeout, ..Config::from_env()? };
+    let config = Config::from_env()?.with_deadline(timeout);
     let device = Cpu::open_device(0, 1)?;
     let stream = Cpu::create_stream(&device)?;
     let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config)?;

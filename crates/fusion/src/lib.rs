@@ -31,7 +31,9 @@ pub mod vendor;
 
 pub use arfuse_ipc as ipc;
 pub use arfuse_kernels as kernels;
-pub use config::{Config, Fault};
+pub use config::Config;
+#[cfg(feature = "test-hooks")]
+pub use config::Fault;
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
 pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};

@@ -1,7 +1,9 @@
 //! The operator users call: [`AllReduceRmsNorm`], one per rank, created collectively.
 
 use crate::alias::{self, Span, Spans};
-use crate::config::{Config, Fault};
+use crate::config::Config;
+#[cfg(feature = "test-hooks")]
+use crate::config::Fault;
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
 use crate::graph::GraphInputs;
 use crate::vendor::{self, VendorFallback};
@@ -312,6 +314,10 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// Runs one call on `path` (tests and benchmarks compare paths on the same input). A fused path
     /// must fit (`bytes <= max_size / 2`); every rank must force the same path.
+    ///
+    /// Only with the `test-hooks` feature: an engine lets the dispatcher choose
+    /// ([`forward`](Self::forward)) and steers it through [`Config::policy`].
+    #[cfg(feature = "test-hooks")]
     pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
         let call = self
             .validate(&args)
@@ -360,6 +366,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// Refuses a forced fused path the call does not fit: more than a staging half, or for 1-stage
     /// more than the push protocol's receive slot.
+    #[cfg(feature = "test-hooks")]
     fn check_forced(&self, path: Path, call: &Call) -> Result<()> {
         let bytes = call.request.bytes();
         let half = (self.config.policy.max_size / 2) as u64;
@@ -623,7 +630,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let _ = self.launch_cross(stream, KernelId { op: Op::FusedOneStage, dtype: T::DTYPE }, params);
     }
 
-    /// Fires [`Config::fault`] (tests only), once.
+    /// Fires [`Config::fault`] (feature `test-hooks`), once.
+    #[cfg(feature = "test-hooks")]
     fn inject_between_stages(&mut self) {
         match self.config.fault.take() {
             Some(Fault::AbortBetweenStages) => std::process::abort(),
@@ -631,6 +639,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             None => {}
         }
     }
+
+    /// Without the `test-hooks` feature there is no fault to inject.
+    #[cfg(not(feature = "test-hooks"))]
+    #[inline(always)]
+    fn inject_between_stages(&mut self) {}
 
     /// The custom all-reduce of the unfused path into `sum`, in row chunks that fit a staging half.
     fn all_reduce_chunks<T: Element>(
