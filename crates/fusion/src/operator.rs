@@ -191,6 +191,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// It has no vendor collective library: `config.policy.vendor_available` is set to `false`, and
     /// a call the dispatcher sends to the vendor library fails with [`Error::VendorUnavailable`].
     pub fn new(device: &B::Device, rendezvous: &mut dyn Rendezvous, mut config: Config) -> Result<Self> {
+        let span = tracing::debug_span!(
+            "AllReduceRmsNorm::new",
+            backend = %B::KIND,
+            rank = rendezvous.rank(),
+            world_size = rendezvous.world_size()
+        );
+        let _entered = span.enter();
+        let started = std::time::Instant::now();
         config.policy.vendor_available = false;
         config.validate()?;
         let world_size = rendezvous.world_size();
@@ -207,6 +215,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         };
         let push_slot_bytes = config.policy.push_slot_bytes_for(world_size);
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size, push_slot_bytes)?;
+        tracing::debug!(
+            max_size = config.policy.max_size,
+            push_slot_bytes,
+            graph_slots = graph.as_ref().map_or(0, |g| g.capacity()),
+            elapsed = ?started.elapsed(),
+            "operator created"
+        );
         Ok(AllReduceRmsNorm {
             device: device.clone(),
             buffers,
@@ -307,6 +322,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
         });
         let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
+        self.trace_path::<T>(path, &call, false);
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
@@ -323,9 +339,50 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             .validate(&args)
             .and_then(|call| self.check_forced(path, &call).map(|()| call))
             .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
+        self.trace_path::<T>(path, &call, true);
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
+    }
+
+    /// The per-call event: the path (`trace`), or why the call was not fused (`debug`). With no
+    /// subscriber that wants either, it costs one load and compare of tracing's global level filter
+    /// (the guard below; the macros would each check it again, and the code for the events stays
+    /// out of line).
+    #[inline]
+    fn trace_path<T: Element>(&self, path: Path, call: &Call, forced: bool) {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        if STATIC_MAX_LEVEL < LevelFilter::DEBUG || LevelFilter::current() < LevelFilter::DEBUG {
+            return;
+        }
+        self.trace_path_slow::<T>(path, call, forced);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn trace_path_slow<T: Element>(&self, path: Path, call: &Call, forced: bool) {
+        match path {
+            Path::Unfused { all_reduce, reason } => tracing::debug!(
+                rank = self.rank(),
+                rows = call.rows,
+                hidden = call.hidden,
+                dtype = %T::DTYPE,
+                path = %path,
+                ?all_reduce,
+                ?reason,
+                forced,
+                "call not fused"
+            ),
+            _ => tracing::trace!(
+                rank = self.rank(),
+                rows = call.rows,
+                hidden = call.hidden,
+                dtype = %T::DTYPE,
+                path = %path,
+                forced,
+                "call"
+            ),
+        }
     }
 
     /// Starts recording for a graph capture whose inputs are read in place (see [`crate::graph`]).
@@ -361,6 +418,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let Some(graph) = &mut self.graph else {
             return Err(Error::GraphCapture("register_graph_inputs without begin_graph_capture".into()));
         };
+        let _span = tracing::debug_span!("AllReduceRmsNorm::register_graph_inputs", rank, world).entered();
         graph.register(&self.device, stream, rendezvous, rank, world)
     }
 
@@ -437,8 +495,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         if let Some(vendor) = &mut self.vendor {
             if let Err(e) = vendor.comm.async_error() {
-                self.poisoned = Some(e.to_string());
-                return Err(e.into());
+                return Err(self.poison(e.into()));
             }
         }
         Ok(())
@@ -559,8 +616,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     }
 
     /// Marks the operator unusable after `err` (a failed launch or a peer failure leaves the shared
-    /// buffers in an unknown state) and returns it.
+    /// buffers in an unknown state) and returns it. Cold and out of line: the call path stays small.
+    #[cold]
+    #[inline(never)]
     fn poison(&mut self, err: Error) -> Error {
+        tracing::warn!(rank = self.rank(), error = %err, "operator poisoned: later calls are refused");
         self.poisoned = Some(err.to_string());
         err
     }
@@ -599,8 +659,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                     }
                 });
                 if let Err(e) = enqueued {
-                    self.poisoned = Some(e.to_string());
-                    return Err(e.into());
+                    return Err(self.poison(e.into()));
                 }
                 let norm = LaunchParams { input: params.out, ..params };
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
@@ -624,6 +683,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if self.poisoned.is_some() || matches!(why, Error::Poisoned(_)) {
             return;
         }
+        tracing::debug!(rank = self.rank(), error = %why, "call refused; its peers are told");
         let params = LaunchParams { eps: args.eps, flags: FLAG_REFUSED, ..self.group_params() };
         // The error of this launch (a peer that made the call, seen as a mismatch on the CPU
         // backend) poisons the operator; the caller gets the refusal itself.
