@@ -74,7 +74,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the fused-vs-unfused tables (arguments passed to `arfuse-bench`).
+    /// Run the fused-vs-unfused tables and plots (arguments passed to `arfuse-bench`;
+    /// `-- --plot FILE.json` redraws the plots of a report).
     Bench {
         /// Arguments passed to `arfuse-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
