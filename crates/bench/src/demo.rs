@@ -5,7 +5,7 @@
 //!   through a Unix-socket rendezvous in a private temporary directory, run every case on every
 //!   path, and print one `ARFUSE-RESULT {json}` line per case, which the launcher gathers into the
 //!   table.
-//! - **cuda / hip** ([`gpu`]): the ranks are threads of this process, each with its own stream,
+//! - **cuda / hip** (`demo/gpu.rs`): the ranks are threads of this process, each with its own stream,
 //!   spread over the GPUs (several per GPU when there are fewer GPUs than ranks), meeting through
 //!   an in-process rendezvous; each times its calls with device events.
 //!
