@@ -4,9 +4,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One demo at a time: on a GPU host each run puts its ranks on the same GPUs.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The binary cargo built, or (in a bundle from `cargo xtask bundle`, run on another machine) the
+/// `arfuse-demo` beside this test executable.
+fn demo_exe() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_arfuse-demo"));
+    if built.exists() {
+        return built;
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("arfuse-demo")));
+    beside.filter(|p| p.exists()).unwrap_or(built)
+}
 
 fn demo(args: &[&str], dump: Option<&Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arfuse-demo"));
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cmd = Command::new(demo_exe());
     cmd.args(args);
     if let Some(dir) = dump {
         cmd.arg("--dump").arg(dir);
