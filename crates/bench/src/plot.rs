@@ -205,13 +205,24 @@ fn draw_header(area: &Area<'_>, report: &Report, rows: &[&Row], mode: Mode, sour
             report.ranks_per_gpu
         ),
         report.device.clone(),
-        format!("{} ({}); drawn from {source}", report.date, report.backend),
+        format!("{} ({}); {}; drawn from {source}", report.date, report.backend, input_sets(report)),
     ];
     for (i, line) in lines.iter().enumerate() {
         let style = ("sans-serif", if i == 0 { 19 } else { 16 }).into_font().color(&BLACK);
         drawing(area.draw(&Text::new(line.as_str(), (12, 8 + 22 * i as i32), style)))?;
     }
     Ok(())
+}
+
+/// How many input sets the calls rotated through, per shape (1: the same tensors every call).
+fn input_sets(report: &Report) -> String {
+    let sets = report.input_sets.iter().map(|&(_, n)| n);
+    match (sets.clone().min(), sets.max()) {
+        (Some(1), Some(1)) => "one input set per shape (the same tensors on every call)".into(),
+        (Some(lo), Some(hi)) if lo == hi => format!("calls rotate over {lo} input sets per shape"),
+        (Some(lo), Some(hi)) => format!("calls rotate over {lo}–{hi} input sets per shape"),
+        _ => "input sets not recorded".into(),
+    }
 }
 
 /// One hidden size: the floor, every path, every peer.
