@@ -19,7 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the demo: rank processes, every path, a table of time / max ulp / bit-exactness.
+    /// Run the demo: every path on the GPUs (cuda, else hip, where one works) or on rank processes
+    /// of the cpu backend, a table of time / max ulp / bit-exactness. On a ROCm host the hip
+    /// backend is built in too.
     Demo {
         /// Arguments passed to `arfuse-demo` (see `cargo xtask demo -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -72,7 +74,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the fused-vs-unfused tables (arguments passed to `arfuse-bench`).
+    /// Run the fused-vs-unfused tables and plots (arguments passed to `arfuse-bench`;
+    /// `-- --plot FILE.json` redraws the plots of a report).
     Bench {
         /// Arguments passed to `arfuse-bench`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -86,7 +89,16 @@ fn main() -> Result<()> {
     sh.change_dir(project_root());
     match cli.command {
         Command::Demo { args } => {
-            cmd!(sh, "cargo run --release -p arfuse-bench --bin arfuse-demo -- {args...}").run()?;
+            if rocm_host() && hip_available() {
+                // The default features (cuda, loaded at run time) plus the hip backend, so that
+                // `--backend auto` finds whichever GPU this host has.
+                let _env = sh.push_env("HIP_PATH", hip_path());
+                let feature = hip_feature();
+                cmd!(sh, "cargo run --release -p arfuse-bench --features {feature} --bin arfuse-demo -- {args...}")
+                    .run()?;
+            } else {
+                cmd!(sh, "cargo run --release -p arfuse-bench --bin arfuse-demo -- {args...}").run()?;
+            }
         }
         Command::Test { require, hip } => test(&sh, &require, hip)?,
         Command::Ci => {
@@ -216,9 +228,11 @@ fn bundle(sh: &Shell, out: &Path) -> Result<()> {
     sh.create_dir(out.join("peers"))?;
     sh.copy_file(project_root().join("crates/bench/peers/peers.py"), out.join("peers/peers.py"))?;
     sh.write_file(out.join("tests.txt"), names.join("\n") + "\n")?;
-    for (script, text) in
-        [("run-tests.sh", include_str!("bundle/run-tests.sh")), ("run-bench.sh", include_str!("bundle/run-bench.sh"))]
-    {
+    for (script, text) in [
+        ("run-tests.sh", include_str!("bundle/run-tests.sh")),
+        ("run-bench.sh", include_str!("bundle/run-bench.sh")),
+        ("run-demo.sh", include_str!("bundle/run-demo.sh")),
+    ] {
         let path = out.join(script);
         sh.write_file(&path, text)?;
         cmd!(sh, "chmod +x {path}").run()?;

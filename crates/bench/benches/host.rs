@@ -94,7 +94,7 @@ fn host_path(c: &mut Criterion) {
 
     // Two ranks meet once (the operator is created collectively); rank 0 is then measured alone,
     // which the null backend allows because its launches never wait for a peer.
-    let config = Config { policy: Policy { max_size: 8 << 20, ..Policy::default() }, ..Config::default() };
+    let config = Config::default().with_policy(Policy::default().with_max_size(8 << 20));
     let mut ops: Vec<AllReduceRmsNorm<Null>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ThreadRendezvous::group(2, Duration::from_secs(10))
             .into_iter()

@@ -2,7 +2,8 @@
 //!
 //! Decode shapes are timed graph-captured, prefill shapes eagerly; every path (unfused, fused
 //! 1-stage, fused 2-stage) on every shape, with the dispatcher's pick marked. The tables go to
-//! stdout as Markdown, the same data to `--json FILE`.
+//! stdout as Markdown, the same data to `--json FILE`, and SVG plots of it beside that file
+//! ([`crate::plot`]); `--plot FILE.json` draws the plots of an existing report instead of running.
 
 use crate::report::{grid, Mode, Shape, DECODE_TOKENS, HIDDEN_SIZES, PREFILL_LARGE, PREFILL_TOKENS};
 use anyhow::{bail, Context, Result};
@@ -69,6 +70,18 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Do not draw the SVG plots beside `--json` (one per mode, a panel per hidden size).
+    #[arg(long)]
+    pub no_plots: bool,
+    /// Draw the SVG plots of these existing reports (`--json` files) and exit, without running.
+    #[arg(long, value_name = "FILE.json", value_delimiter = ',')]
+    pub plot: Vec<PathBuf>,
+    /// With `--plot`: the peers' timings (`peers/peers.py --json`) to draw as lines too.
+    #[arg(long, value_name = "FILE.json")]
+    pub peers: Option<PathBuf>,
+    /// With `--plot`: where to write the SVGs (default: beside each report).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// Write (or update, for this world size) the dispatcher's tune table here: the 1-stage
     /// threshold this run measured (what `cargo xtask tune` runs; read with `ARFUSE_TUNE_FILE`).
     #[arg(long)]
@@ -102,6 +115,14 @@ impl BenchArgs {
 
 /// Runs the bench: prints the tables, writes the JSON.
 pub fn main(args: BenchArgs) -> Result<()> {
+    if !args.plot.is_empty() {
+        for json in &args.plot {
+            for svg in crate::plot::plot_file(json, args.peers.as_deref(), args.out.as_deref())? {
+                println!("{}", svg.display());
+            }
+        }
+        return Ok(());
+    }
     let cases = args.cases()?;
     if args.world < 2 {
         bail!("--world must be at least 2 (an all-reduce needs peers)");
@@ -114,6 +135,11 @@ pub fn main(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
+        if !args.no_plots {
+            let plotted = crate::plot::plot_file(path, None, None)?;
+            let names: Vec<String> = plotted.iter().map(|p| p.display().to_string()).collect();
+            eprintln!("plots: {}", names.join(", "));
+        }
     }
     print!("{}", report.render());
     if let Some(path) = &args.tune_out {

@@ -1,8 +1,22 @@
-//! The demo: a launcher that starts one process per rank, and the rank body.
+//! The demo: every case on every path, checked against the reference, on the cpu backend (rank
+//! processes) or a GPU backend (ranks as threads of one process).
 //!
-//! The launcher re-executes its own binary with `--rank R` for every rank; ranks meet through a
-//! Unix-socket rendezvous in a private temporary directory, run every case on every path, and
-//! print one `ARFUSE-RESULT {json}` line per case, which the launcher gathers into the table.
+//! - **cpu**: a launcher re-executes its own binary with `--rank R` for every rank; ranks meet
+//!   through a Unix-socket rendezvous in a private temporary directory, run every case on every
+//!   path, and print one `ARFUSE-RESULT {json}` line per case, which the launcher gathers into the
+//!   table.
+//! - **cuda / hip** (`demo/gpu.rs`): the ranks are threads of this process, each with its own stream,
+//!   spread over the GPUs (several per GPU when there are fewer GPUs than ranks), meeting through
+//!   an in-process rendezvous; each times its calls with device events.
+//!
+//! `--backend auto` (the default) takes cuda if a CUDA device works (it opens and its kernels
+//! load), else hip, else cpu, and says why on stderr. `--dump DIR` writes every rank's inputs and
+//! outputs of every shape (the dispatched path) as safetensors files; `--verify-dump DIR` checks
+//! such a directory against the reference ([`verify`]).
+
+#[cfg(any(feature = "cuda", feature = "hip"))]
+mod gpu;
+pub mod verify;
 
 use anyhow::{bail, Context, Result};
 use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
@@ -21,15 +35,20 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
     name = "arfuse-demo",
-    about = "Fused all-reduce + residual + RMSNorm across rank processes, checked against the reference"
+    about = "Fused all-reduce + residual + RMSNorm across ranks (GPU threads or cpu rank processes), every path \
+             checked against the reference"
 )]
 pub struct DemoArgs {
-    /// Number of rank processes.
+    /// Number of ranks: processes on the cpu backend; threads of this process on a GPU backend,
+    /// spread over the GPUs (several per GPU when there are fewer GPUs than ranks).
     #[arg(long, default_value_t = 4)]
     pub world: usize,
-    /// Backend (only `cpu` runs without a GPU).
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
+    /// Backend: `auto` takes cuda if a CUDA device works, else hip, else cpu.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// GPUs to spread the ranks over (GPU backends; default: every GPU, at most one per rank).
+    #[arg(long)]
+    pub gpus: Option<usize>,
     /// Decode-like token counts.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub decode_tokens: Vec<usize>,
@@ -45,18 +64,46 @@ pub struct DemoArgs {
     /// Timed calls per case and path.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
-    /// Write every rank's inputs and outputs as safetensors files into this directory.
-    #[arg(long)]
+    /// Write every rank's inputs and outputs (of the dispatched path, every shape) as safetensors
+    /// files `rank{R}-{tokens}x{hidden}-{dtype}.safetensors` into this directory.
+    #[arg(long, value_name = "DIR")]
     pub dump: Option<PathBuf>,
+    /// Check the files a `--dump` wrote into DIR against the reference (every rank of every shape:
+    /// residual_out bit-exact, out within the accepted band, every element written), then exit.
+    #[arg(long, value_name = "DIR")]
+    pub verify_dump: Option<PathBuf>,
     /// Seconds a rank waits for its peers.
     #[arg(long, default_value_t = 30)]
     pub timeout_s: u64,
-    /// Internal: run as this rank, meeting the others in `--dir`.
+    /// Internal: run as this rank process (cpu backend), meeting the others in `--dir`.
     #[arg(long, hide = true)]
     pub rank: Option<usize>,
     /// Internal: the rendezvous directory.
     #[arg(long, hide = true)]
     pub dir: Option<PathBuf>,
+}
+
+/// Which backend the demo runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// cuda if a CUDA device works, else hip, else cpu.
+    Auto,
+    /// NVIDIA GPUs (feature `cuda`).
+    Cuda,
+    /// AMD GPUs (feature `hip`).
+    Hip,
+    /// The cpu backend: rank processes over POSIX shared memory.
+    Cpu,
+}
+
+/// The backend a run resolved to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resolved {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda,
+    #[cfg(feature = "hip")]
+    Hip,
 }
 
 /// One case on one path, as one rank measured it.
@@ -86,15 +133,144 @@ pub struct CaseResult {
 
 const RESULT_TAG: &str = "ARFUSE-RESULT ";
 
+/// The paths every case runs on: the dispatcher's choice, then each path forced.
+const PATHS: [(&str, Option<Path>); 4] = [
+    ("auto", None),
+    ("1stage", Some(Path::OneStage)),
+    ("2stage", Some(Path::TwoStage)),
+    ("unfused", Some(Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled })),
+];
+
 /// Entry point of the binary.
 pub fn main(args: DemoArgs) -> Result<()> {
-    if args.backend != "cpu" {
-        bail!("the demo runs the cpu backend; GPU runs go through the bundle (`cargo xtask bundle`)");
+    if let Some(dir) = &args.verify_dump {
+        return verify::verify_dump(dir).map(|summary| println!("{summary}"));
     }
-    match args.rank {
-        Some(rank) => rank_main(&args, rank),
-        None => launch(&args),
+    if args.world == 0 {
+        bail!("--world must be at least 1");
     }
+    // A rank process of the cpu backend (the launcher below starts them).
+    if let Some(rank) = args.rank {
+        return rank_main(&args, rank);
+    }
+    match resolve(args.backend)? {
+        Resolved::Cpu => launch(&args),
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda => gpu::run::<arfuse_kernels::api::Cuda>(&args),
+        #[cfg(feature = "hip")]
+        Resolved::Hip => gpu::run::<arfuse_kernels::api::Hip>(&args),
+    }
+}
+
+/// The backend `choice` means here: an explicit GPU backend that does not work is an error naming
+/// why; `auto` falls back to the next one and says why on stderr.
+fn resolve(choice: BackendChoice) -> Result<Resolved> {
+    let cuda = || -> std::result::Result<Resolved, String> {
+        #[cfg(feature = "cuda")]
+        return gpu::probe::<arfuse_kernels::api::Cuda>().map(|()| Resolved::Cuda);
+        #[cfg(not(feature = "cuda"))]
+        Err("this arfuse-demo was built without the `cuda` feature".into())
+    };
+    let hip = || -> std::result::Result<Resolved, String> {
+        #[cfg(feature = "hip")]
+        return gpu::probe::<arfuse_kernels::api::Hip>().map(|()| Resolved::Hip);
+        #[cfg(not(feature = "hip"))]
+        Err("this arfuse-demo was built without the `hip` feature (`cargo xtask demo` adds it on a ROCm host)".into())
+    };
+    let refused = |backend: &str, why: String| {
+        anyhow::anyhow!(
+            "--backend {backend}: no working {backend} GPU here: {why}; `--backend cpu` (or `auto`) runs the cpu backend"
+        )
+    };
+    match choice {
+        BackendChoice::Cpu => Ok(Resolved::Cpu),
+        BackendChoice::Cuda => cuda().map_err(|why| refused("cuda", why)),
+        BackendChoice::Hip => hip().map_err(|why| refused("hip", why)),
+        BackendChoice::Auto => {
+            let mut reasons = Vec::new();
+            for (name, probe) in [("cuda", &cuda as &dyn Fn() -> _), ("hip", &hip)] {
+                match probe() {
+                    Ok(backend) => return Ok(backend),
+                    Err(why) => reasons.push(format!("{name}: {why}")),
+                }
+            }
+            eprintln!("arfuse-demo: no GPU backend works here ({}); running the cpu backend", reasons.join("; "));
+            Ok(Resolved::Cpu)
+        }
+    }
+}
+
+/// The storage dtype `--dtype` names.
+fn parse_dtype(name: &str) -> Result<DType> {
+    DType::ALL
+        .into_iter()
+        .find(|d| d.name() == name)
+        .with_context(|| format!("unknown dtype {name:?} (bf16, f16, f32)"))
+}
+
+/// Every case, in run order: (mode, problem). Every rank builds the same list.
+fn cases(args: &DemoArgs, dtype: DType) -> Vec<(&'static str, Problem)> {
+    let shapes =
+        args.decode_tokens.iter().map(|&t| ("decode", t)).chain(args.prefill_tokens.iter().map(|&t| ("prefill", t)));
+    shapes
+        .flat_map(|(mode, rows)| {
+            args.hidden.iter().map(move |&hidden| {
+                let seed = (rows * 100_003 + hidden) as u64;
+                (mode, Problem { world_size: args.world, rows, hidden, dtype, eps: 1e-6, seed })
+            })
+        })
+        .collect()
+}
+
+/// The operator's configuration: the environment's `ARFUSE_*` settings, the rank deadline of
+/// `--timeout-s`, and (unless `ARFUSE_PUSH_SLOT_BYTES` says otherwise) push slots large enough
+/// that every case can be forced onto the 1-stage path.
+fn demo_config(args: &DemoArgs, dtype: DType) -> Result<Config> {
+    let mut config = Config::from_env()?.with_deadline(Duration::from_secs(args.timeout_s));
+    if config.policy.push_slot_bytes == 0 {
+        let largest = cases(args, dtype).iter().map(|(_, p)| p.bytes()).max().unwrap_or(16);
+        config.policy.push_slot_bytes = largest.min(config.policy.max_size / 2).next_multiple_of(16);
+    }
+    Ok(config)
+}
+
+/// What one rank saw of one case on one path, from its outputs read back.
+#[allow(clippy::too_many_arguments)]
+fn case_result<T: Element>(
+    rank: usize,
+    mode: &str,
+    problem: &Problem,
+    asked: &str,
+    ran: Path,
+    us_per_call: f64,
+    reference: &Reference<T>,
+    out: &[T],
+    residual_out: &[T],
+) -> CaseResult {
+    CaseResult {
+        rank,
+        rows: problem.rows,
+        hidden: problem.hidden,
+        mode: mode.into(),
+        asked: asked.into(),
+        ran: ran.name().into(),
+        us_per_call,
+        max_ulp_out: reference.out_max_ulp(out),
+        residual_exact: reference.residual_out_mismatches(residual_out).total == 0,
+        all_written: unwritten(out).is_empty() && unwritten(residual_out).is_empty(),
+    }
+}
+
+/// Prints the table; fails when a rank failed or a case was not exact.
+fn finish(args: &DemoArgs, how: &str, results: &[CaseResult], failed: &[String]) -> Result<()> {
+    print_table(args, how, results);
+    if !failed.is_empty() {
+        bail!("ranks failed: {}", failed.join("; "));
+    }
+    if results.iter().any(|r| !r.residual_exact || r.max_ulp_out > 1 || !r.all_written) {
+        bail!("some cases were not exact (see the table)");
+    }
+    Ok(())
 }
 
 fn launch(args: &DemoArgs) -> Result<()> {
@@ -104,15 +280,15 @@ fn launch(args: &DemoArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     let started = Instant::now();
     eprintln!(
-        "arfuse-demo: {} rank processes on the {} backend ({})",
+        "arfuse-demo: {} rank processes on the cpu backend ({})",
         args.world,
-        args.backend,
         Cpu::describe(&arfuse_kernels::cpu::CpuDevice)
     );
     let mut children = Vec::new();
     for rank in 0..args.world {
         let mut cmd = Command::new(&exe);
         cmd.args(std::env::args_os().skip(1)).arg("--rank").arg(rank.to_string()).arg("--dir").arg(&dir);
+        // The backend was resolved here; a rank process always runs the cpu backend.
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         children.push(cmd.spawn().with_context(|| format!("starting rank {rank}"))?);
     }
@@ -134,15 +310,8 @@ fn launch(args: &DemoArgs) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    print_table(args, &results);
     eprintln!("arfuse-demo: done in {:.1} s", started.elapsed().as_secs_f64());
-    if !failed.is_empty() {
-        bail!("rank processes failed: {}", failed.join("; "));
-    }
-    if results.iter().any(|r| !r.residual_exact || r.max_ulp_out > 1 || !r.all_written) {
-        bail!("some cases were not exact (see the table)");
-    }
-    Ok(())
+    finish(args, "cpu backend, rank processes over POSIX shm", &results, &failed)
 }
 
 #[cfg(unix)]
@@ -152,17 +321,14 @@ fn set_private(dir: &FsPath) -> Result<()> {
     Ok(())
 }
 
-fn print_table(args: &DemoArgs, results: &[CaseResult]) {
+fn print_table(args: &DemoArgs, how: &str, results: &[CaseResult]) {
     // One row per (shape, path): the slowest rank's time, the worst rank's numerics.
     let mut rows: BTreeMap<(usize, usize, String), Vec<&CaseResult>> = BTreeMap::new();
     for r in results {
         rows.entry((r.rows, r.hidden, r.asked.clone())).or_default().push(r);
     }
     println!();
-    println!(
-        "arfuse-demo: world size {}, {}, {} timed calls per row (cpu backend, rank processes over POSIX shm)",
-        args.world, args.dtype, args.iters
-    );
+    println!("arfuse-demo: world size {}, {}, {} timed calls per row ({how})", args.world, args.dtype, args.iters);
     println!(
         "{:<8} {:>6} x {:<6} {:<8} {:<14} {:>12} {:>10} {:>14}",
         "mode", "tokens", "hidden", "asked", "ran", "us/call", "max ulp", "residual exact"
@@ -191,33 +357,15 @@ fn rank_main(args: &DemoArgs, rank: usize) -> Result<()> {
     let dir = args.dir.clone().context("--rank needs --dir")?;
     let timeout = Duration::from_secs(args.timeout_s);
     let mut rendezvous = UnixRendezvous::connect(&dir, rank, args.world, timeout)?;
-    let config = Config { deadline: timeout, ..Config::from_env()? };
+    let dtype = parse_dtype(&args.dtype)?;
     let device = Cpu::open_device(0, 1)?;
     let stream = Cpu::create_stream(&device)?;
-    let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config)?;
-    let dtype: DType = match args.dtype.as_str() {
-        "bf16" => DType::Bf16,
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        other => bail!("unknown dtype {other}"),
-    };
-    let shapes =
-        args.decode_tokens.iter().map(|&t| ("decode", t)).chain(args.prefill_tokens.iter().map(|&t| ("prefill", t)));
-    for (mode, rows) in shapes {
-        for &hidden in &args.hidden {
-            let problem = Problem {
-                world_size: args.world,
-                rows,
-                hidden,
-                dtype,
-                eps: 1e-6,
-                seed: (rows * 100_003 + hidden) as u64,
-            };
-            match dtype {
-                DType::Bf16 => run_case::<half::bf16>(args, &mut op, &stream, mode, &problem)?,
-                DType::F16 => run_case::<half::f16>(args, &mut op, &stream, mode, &problem)?,
-                DType::F32 => run_case::<f32>(args, &mut op, &stream, mode, &problem)?,
-            }
+    let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, demo_config(args, dtype)?)?;
+    for (mode, problem) in cases(args, dtype) {
+        match dtype {
+            DType::Bf16 => run_case::<half::bf16>(args, &mut op, &stream, mode, &problem)?,
+            DType::F16 => run_case::<half::f16>(args, &mut op, &stream, mode, &problem)?,
+            DType::F32 => run_case::<f32>(args, &mut op, &stream, mode, &problem)?,
         }
     }
     Ok(())
@@ -233,15 +381,8 @@ fn run_case<T: Element>(
     let rank = op.rank();
     let fixture = Fixture::<T>::generate(problem);
     let reference = Reference::compute(&fixture);
-    let unfused = Path::Unfused { all_reduce: AllReduce::Custom, reason: FallbackReason::Disabled };
-    let paths: [(&str, Option<Path>); 4] = [
-        ("auto", None),
-        ("1stage", Some(Path::OneStage)),
-        ("2stage", Some(Path::TwoStage)),
-        ("unfused", Some(unfused)),
-    ];
     let elems = problem.rows * problem.hidden;
-    for (asked, forced) in paths {
+    for (asked, forced) in PATHS {
         let mut out = vec![T::from_f32(0.0); elems];
         let mut residual_out = vec![T::from_f32(0.0); elems];
         let mut times = Vec::with_capacity(args.iters);
@@ -268,22 +409,8 @@ fn run_case<T: Element>(
         }
         times.sort();
         let median = times.get(times.len() / 2).copied().unwrap_or_default();
-        let result = CaseResult {
-            rank,
-            rows: problem.rows,
-            hidden: problem.hidden,
-            mode: mode.into(),
-            asked: asked.into(),
-            ran: ran.name().into(),
-            us_per_call: median.as_secs_f64() * 1e6,
-            max_ulp_out: reference.out_max_ulp(&out),
-            residual_exact: reference
-                .residual_out
-                .iter()
-                .zip(&residual_out)
-                .all(|(a, b)| a.to_bits_u32() == b.to_bits_u32()),
-            all_written: unwritten(&out).is_empty() && unwritten(&residual_out).is_empty(),
-        };
+        let us = median.as_secs_f64() * 1e6;
+        let result = case_result(rank, mode, problem, asked, ran, us, &reference, &out, &residual_out);
         println!("{RESULT_TAG}{}", serde_json::to_string(&result)?);
         if let (Some(dir), "auto") = (&args.dump, asked) {
             dump(dir, rank, problem, &fixture, &out, &residual_out)?;

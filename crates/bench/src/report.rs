@@ -191,6 +191,35 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// The peers' timings that `peers/peers.py --json` writes (other libraries on the same shapes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The device the peers ran on.
+    #[serde(default)]
+    pub device: String,
+    /// UTC time of the run.
+    #[serde(default)]
+    pub date: String,
+    /// Every peer's timing of every shape it ran.
+    #[serde(default)]
+    pub results: Vec<PeerTiming>,
+}
+
+/// One peer's timing of one shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerTiming {
+    /// The peer's name (e.g. `torch.compile add+rmsnorm`).
+    pub peer: String,
+    /// Decode or prefill.
+    pub mode: Mode,
+    /// Tokens.
+    pub rows: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Microseconds per call.
+    pub stats: Stats,
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }

@@ -221,7 +221,7 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
                     let device = B::open_device(rank / ranks_per_gpu, ranks_per_gpu)?;
                     let stream = B::create_stream(&device)?;
                     // The environment's ARFUSE_* settings apply (e.g. ARFUSE_ONE_STAGE_MAX_BYTES).
-                    let mut config = Config { deadline: Duration::from_secs(20), ..Config::from_env()? };
+                    let mut config = Config::from_env()?.with_deadline(Duration::from_secs(20));
                     // One graph-input slot per captured call of every decode case and path.
                     let decode_cases = plan.cases.iter().filter(|(mode, _)| *mode == Mode::Decode).count();
                     config.graph_slots =

@@ -43,8 +43,10 @@ fn rank_main(rendezvous: &mut ThreadRendezvous) -> Result<f32, Box<dyn std::erro
     let device = Cpu::open_device(0, 1)?;
     let stream = Cpu::create_stream(&device)?;
     // `Config::default()` is the library's defaults; `Config::from_env()` applies the `ARFUSE_*`
-    // variables on top (thresholds, deadline, tune table).
-    let mut op = AllReduceRmsNorm::<Cpu>::new(&device, rendezvous, Config::default())?;
+    // variables on top (thresholds, deadline, tune table). Change what you need with the `with_*`
+    // methods (`Config` and `Policy` are `#[non_exhaustive]`): here a rank waits 10 s for a peer.
+    let config = Config::default().with_deadline(std::time::Duration::from_secs(10));
+    let mut op = AllReduceRmsNorm::<Cpu>::new(&device, rendezvous, config)?;
     let value = |r: usize, i: usize| ((r * 31 + i * 7) % 17) as f32 / 16.0 - 0.5;
     let input: Vec<bf16> = (0..ROWS * HIDDEN).map(|i| bf16::from_f32(value(rank, i))).collect();
     let residual: Vec<bf16> = (0..ROWS * HIDDEN).map(|i| bf16::from_f32(value(9, i))).collect();

@@ -23,15 +23,34 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_GRAPH_SLOTS: usize = 1 << 20;
 
 /// How an operator is built and dispatches.
+///
+/// `#[non_exhaustive]`: start from [`Config::default`] or [`Config::from_env`] and change what you
+/// need with the `with_*` methods (or by assigning the public fields), so that a field added in a
+/// later release does not break your build.
+///
+/// ```
+/// use arfuse_fusion::{Config, Policy};
+/// use std::time::Duration;
+///
+/// let config = Config::default()
+///     .with_deadline(Duration::from_secs(10))
+///     .with_policy(Policy::default().with_max_size(64 << 20));
+/// assert_eq!(config.policy.max_size, 64 << 20);
+/// config.validate().unwrap();
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Config {
     /// The dispatch policy.
     pub policy: Policy,
     /// How long a rank waits for a peer.
     pub deadline: Duration,
     /// A fault this rank injects into itself, for tests of how its peers fail
-    /// (docs/reliability.md). `None` in production: neither [`Config::default`] nor
-    /// [`Config::from_env`] ever sets it. The one field that may differ between the ranks.
+    /// (docs/reliability.md). Only with the `test-hooks` feature, which no production build
+    /// should enable: [`Fault::AbortBetweenStages`] aborts the process. Neither
+    /// [`Config::default`] nor [`Config::from_env`] ever sets it. The one field that may differ
+    /// between the ranks.
+    #[cfg(feature = "test-hooks")]
     pub fault: Option<Fault>,
     /// Slots of the graph-input table: how many cross-rank launches this operator's graphs may
     /// capture with their inputs read in place (see [`crate::graph`]); 64 bytes of device memory
@@ -43,6 +62,9 @@ pub struct Config {
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
 /// two stages of a 2-stage call (after the reduce-scatter and its closing barrier, before the
 /// local add+RMSNorm kernel). It fires once, at the first 2-stage call of the operator.
+///
+/// Only with the `test-hooks` feature (tests of how peers fail; docs/reliability.md).
+#[cfg(feature = "test-hooks")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fault {
@@ -54,11 +76,46 @@ pub enum Fault {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { policy: Policy::default(), deadline: DEFAULT_DEADLINE, fault: None, graph_slots: DEFAULT_GRAPH_SLOTS }
+        Config {
+            policy: Policy::default(),
+            deadline: DEFAULT_DEADLINE,
+            #[cfg(feature = "test-hooks")]
+            fault: None,
+            graph_slots: DEFAULT_GRAPH_SLOTS,
+        }
     }
 }
 
 impl Config {
+    /// `self` with the dispatch policy `policy`.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// `self` with a rank waiting at most `deadline` for a peer.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// `self` with `graph_slots` slots of the graph-input table (see [`Config::graph_slots`]).
+    #[must_use]
+    pub fn with_graph_slots(mut self, graph_slots: usize) -> Self {
+        self.graph_slots = graph_slots;
+        self
+    }
+
+    /// `self` with `fault` injected on this rank (feature `test-hooks`; see [`Config::fault`]).
+    #[cfg(feature = "test-hooks")]
+    #[must_use]
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
     /// The defaults, overridden by the `ARFUSE_*` environment variables.
     pub fn from_env() -> Result<Self> {
         Config::default().with_env(|name| std::env::var(name).ok())
@@ -154,5 +211,18 @@ mod tests {
         assert!(Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "99999999")])).is_err());
         let c = Config::default().with_env(env(&[])).expect("defaults");
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn builder_methods_set_their_field_and_nothing_else() {
+        let policy = Policy::default().with_max_size(1 << 20).with_force_one_stage(Some(false));
+        let c = Config::default().with_policy(policy).with_deadline(Duration::from_millis(7)).with_graph_slots(3);
+        let mut expected = Config::default();
+        expected.policy.max_size = 1 << 20;
+        expected.policy.force_one_stage = Some(false);
+        expected.deadline = Duration::from_millis(7);
+        expected.graph_slots = 3;
+        assert_eq!(c, expected);
+        c.validate().expect("valid");
     }
 }

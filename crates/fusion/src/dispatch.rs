@@ -41,7 +41,21 @@ impl Request {
 }
 
 /// The knobs of the dispatcher. Defaults are AITER's/SGLang's, measured thresholds may replace them.
+///
+/// `#[non_exhaustive]`: start from [`Policy::default`] and change what you need with the `with_*`
+/// methods (or by assigning the public fields).
+///
+/// ```
+/// use arfuse_fusion::kernels::DType;
+/// use arfuse_fusion::{choose_path, Path, Policy, Request};
+///
+/// let policy = Policy::default().with_one_stage_max_bytes(128 << 10);
+/// let request = Request { rows: 64, hidden: 4096, dtype: DType::Bf16, world_size: 2 }; // 512 KiB
+/// assert_eq!(choose_path(&request, &policy), Path::TwoStage);
+/// assert_eq!(choose_path(&request, &policy.with_force_one_stage(Some(true))), Path::TwoStage); // slot too small
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Policy {
     /// Fusion enabled at all.
     pub enabled: bool,
@@ -106,6 +120,70 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// `self` with fusion enabled or not ([`Policy::enabled`]; `false`: always the unfused path).
+    #[must_use]
+    pub fn with_fusion_enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// `self` with a staging area of `max_size` bytes per rank ([`Policy::max_size`]).
+    #[must_use]
+    pub fn with_max_size(mut self, max_size: usize) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    /// `self` with the 1-stage threshold `bytes` ([`Policy::one_stage_max_bytes`]; 0: by world size).
+    #[must_use]
+    pub fn with_one_stage_max_bytes(mut self, bytes: usize) -> Self {
+        self.one_stage_max_bytes = bytes;
+        self
+    }
+
+    /// `self` with the measured thresholds of `table` ([`Policy::apply`]).
+    #[must_use]
+    pub fn with_tune_table(mut self, table: &crate::TuneTable) -> Self {
+        self.apply(table);
+        self
+    }
+
+    /// `self` with the override of the 1-stage/2-stage choice ([`Policy::force_one_stage`]).
+    #[must_use]
+    pub fn with_force_one_stage(mut self, force: Option<bool>) -> Self {
+        self.force_one_stage = force;
+        self
+    }
+
+    /// `self` with push receive slots of `bytes` ([`Policy::push_slot_bytes`]; 0: the threshold).
+    #[must_use]
+    pub fn with_push_slot_bytes(mut self, bytes: usize) -> Self {
+        self.push_slot_bytes = bytes;
+        self
+    }
+
+    /// `self` saying whether every pair of ranks can access each other's memory.
+    #[must_use]
+    pub fn with_peer_access(mut self, peer_access: bool) -> Self {
+        self.peer_access = peer_access;
+        self
+    }
+
+    /// `self` saying whether every rank is on this host.
+    #[must_use]
+    pub fn with_single_host(mut self, single_host: bool) -> Self {
+        self.single_host = single_host;
+        self
+    }
+
+    /// `self` saying whether a vendor communicator exists, for callers of [`choose_path`] (the
+    /// operator overwrites it, see [`Policy::vendor_available`]).
+    #[must_use]
+    pub fn with_vendor_available(mut self, vendor_available: bool) -> Self {
+        self.vendor_available = vendor_available;
+        self
+    }
+
     /// The 1-stage threshold for `world_size` ranks: the measured one if the tune table has it.
     pub fn one_stage_max_bytes_for(&self, world_size: usize) -> usize {
         match self.one_stage_max_bytes_by_world.get(world_size) {

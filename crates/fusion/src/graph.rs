@@ -189,6 +189,7 @@ impl<B: Backend> GraphInputs<B> {
                             })?;
                             let mapping = B::open_handle(device, &parsed)?;
                             let base = B::peer_ptr(&mapping).0;
+                            tracing::debug!(rank, peer, slot, base, "graph inputs: mapped a peer's allocation");
                             self.mappings.push(mapping);
                             self.mapped.insert((peer, handle.to_vec()), base);
                             base
@@ -203,6 +204,14 @@ impl<B: Backend> GraphInputs<B> {
         unsafe { B::write(stream, at, bytemuck::cast_slice(&table))? };
         B::synchronize(stream)?;
         let registered = self.pending.len();
+        tracing::debug!(
+            rank,
+            world,
+            registered,
+            first_slot = first,
+            mapped = self.mappings.len(),
+            "graph inputs registered"
+        );
         self.pending.clear();
         self.recording = None;
         Ok(registered)

@@ -14,6 +14,10 @@
 //! | configuration, `ARFUSE_*` variables | [`Config`] |
 //! | the vendor collective fallback (NCCL/RCCL) | [`vendor`], [`AllReduceRmsNorm::with_collective`] |
 //!
+//! Features: `cuda` (default) and `hip` choose the GPU backends (the cpu backend is always there);
+//! `test-hooks` adds `AllReduceRmsNorm::forward_on` (a call forced onto a path) and
+//! `Config::fault` (a rank that aborts or stalls itself), for tests and benchmarks only.
+//!
 //! Numerics: the contract of `arfuse_kernels::contract`, on every path — `residual_out` is bit-identical between the
 //! 1-stage, 2-stage and unfused paths, and `out` too (the same row routine on every path). The
 //! vendor path ([`AllReduce::Vendor`]) is the exception: its sum is the library's, in the library's
@@ -31,7 +35,9 @@ pub mod vendor;
 
 pub use arfuse_ipc as ipc;
 pub use arfuse_kernels as kernels;
-pub use config::{Config, Fault};
+pub use config::Config;
+#[cfg(feature = "test-hooks")]
+pub use config::Fault;
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
 pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};

@@ -1,7 +1,9 @@
 //! The operator users call: [`AllReduceRmsNorm`], one per rank, created collectively.
 
 use crate::alias::{self, Span, Spans};
-use crate::config::{Config, Fault};
+use crate::config::Config;
+#[cfg(feature = "test-hooks")]
+use crate::config::Fault;
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
 use crate::graph::GraphInputs;
 use crate::vendor::{self, VendorFallback};
@@ -189,6 +191,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// It has no vendor collective library: `config.policy.vendor_available` is set to `false`, and
     /// a call the dispatcher sends to the vendor library fails with [`Error::VendorUnavailable`].
     pub fn new(device: &B::Device, rendezvous: &mut dyn Rendezvous, mut config: Config) -> Result<Self> {
+        let span = tracing::debug_span!(
+            "AllReduceRmsNorm::new",
+            backend = %B::KIND,
+            rank = rendezvous.rank(),
+            world_size = rendezvous.world_size()
+        );
+        let _entered = span.enter();
+        let started = std::time::Instant::now();
         config.policy.vendor_available = false;
         config.validate()?;
         let world_size = rendezvous.world_size();
@@ -205,6 +215,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         };
         let push_slot_bytes = config.policy.push_slot_bytes_for(world_size);
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size, push_slot_bytes)?;
+        tracing::debug!(
+            max_size = config.policy.max_size,
+            push_slot_bytes,
+            graph_slots = graph.as_ref().map_or(0, |g| g.capacity()),
+            elapsed = ?started.elapsed(),
+            "operator created"
+        );
         Ok(AllReduceRmsNorm {
             device: device.clone(),
             buffers,
@@ -305,6 +322,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
         });
         let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
+        self.trace_path::<T>(path, &call, false);
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
@@ -312,14 +330,59 @@ impl<B: Backend> AllReduceRmsNorm<B> {
 
     /// Runs one call on `path` (tests and benchmarks compare paths on the same input). A fused path
     /// must fit (`bytes <= max_size / 2`); every rank must force the same path.
+    ///
+    /// Only with the `test-hooks` feature: an engine lets the dispatcher choose
+    /// ([`forward`](Self::forward)) and steers it through [`Config::policy`].
+    #[cfg(feature = "test-hooks")]
     pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
         let call = self
             .validate(&args)
             .and_then(|call| self.check_forced(path, &call).map(|()| call))
             .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
+        self.trace_path::<T>(path, &call, true);
         self.run(stream, path, call, &args)?;
         self.last_path = Some(path);
         Ok(path)
+    }
+
+    /// The per-call event: the path (`trace`), or why the call was not fused (`debug`). With no
+    /// subscriber that wants either, it costs one load and compare of tracing's global level filter
+    /// (the guard below; the macros would each check it again, and the code for the events stays
+    /// out of line).
+    #[inline]
+    fn trace_path<T: Element>(&self, path: Path, call: &Call, forced: bool) {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        if STATIC_MAX_LEVEL < LevelFilter::DEBUG || LevelFilter::current() < LevelFilter::DEBUG {
+            return;
+        }
+        self.trace_path_slow::<T>(path, call, forced);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn trace_path_slow<T: Element>(&self, path: Path, call: &Call, forced: bool) {
+        match path {
+            Path::Unfused { all_reduce, reason } => tracing::debug!(
+                rank = self.rank(),
+                rows = call.rows,
+                hidden = call.hidden,
+                dtype = %T::DTYPE,
+                path = %path,
+                ?all_reduce,
+                ?reason,
+                forced,
+                "call not fused"
+            ),
+            _ => tracing::trace!(
+                rank = self.rank(),
+                rows = call.rows,
+                hidden = call.hidden,
+                dtype = %T::DTYPE,
+                path = %path,
+                forced,
+                "call"
+            ),
+        }
     }
 
     /// Starts recording for a graph capture whose inputs are read in place (see [`crate::graph`]).
@@ -355,11 +418,13 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         let Some(graph) = &mut self.graph else {
             return Err(Error::GraphCapture("register_graph_inputs without begin_graph_capture".into()));
         };
+        let _span = tracing::debug_span!("AllReduceRmsNorm::register_graph_inputs", rank, world).entered();
         graph.register(&self.device, stream, rendezvous, rank, world)
     }
 
     /// Refuses a forced fused path the call does not fit: more than a staging half, or for 1-stage
     /// more than the push protocol's receive slot.
+    #[cfg(feature = "test-hooks")]
     fn check_forced(&self, path: Path, call: &Call) -> Result<()> {
         let bytes = call.request.bytes();
         let half = (self.config.policy.max_size / 2) as u64;
@@ -430,8 +495,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         if let Some(vendor) = &mut self.vendor {
             if let Err(e) = vendor.comm.async_error() {
-                self.poisoned = Some(e.to_string());
-                return Err(e.into());
+                return Err(self.poison(e.into()));
             }
         }
         Ok(())
@@ -552,8 +616,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     }
 
     /// Marks the operator unusable after `err` (a failed launch or a peer failure leaves the shared
-    /// buffers in an unknown state) and returns it.
+    /// buffers in an unknown state) and returns it. Cold and out of line: the call path stays small.
+    #[cold]
+    #[inline(never)]
     fn poison(&mut self, err: Error) -> Error {
+        tracing::warn!(rank = self.rank(), error = %err, "operator poisoned: later calls are refused");
         self.poisoned = Some(err.to_string());
         err
     }
@@ -592,8 +659,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                     }
                 });
                 if let Err(e) = enqueued {
-                    self.poisoned = Some(e.to_string());
-                    return Err(e.into());
+                    return Err(self.poison(e.into()));
                 }
                 let norm = LaunchParams { input: params.out, ..params };
                 self.launch(stream, kernel(Op::AddRmsNorm), &norm)
@@ -617,13 +683,15 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if self.poisoned.is_some() || matches!(why, Error::Poisoned(_)) {
             return;
         }
+        tracing::debug!(rank = self.rank(), error = %why, "call refused; its peers are told");
         let params = LaunchParams { eps: args.eps, flags: FLAG_REFUSED, ..self.group_params() };
         // The error of this launch (a peer that made the call, seen as a mismatch on the CPU
         // backend) poisons the operator; the caller gets the refusal itself.
         let _ = self.launch_cross(stream, KernelId { op: Op::FusedOneStage, dtype: T::DTYPE }, params);
     }
 
-    /// Fires [`Config::fault`] (tests only), once.
+    /// Fires [`Config::fault`] (feature `test-hooks`), once.
+    #[cfg(feature = "test-hooks")]
     fn inject_between_stages(&mut self) {
         match self.config.fault.take() {
             Some(Fault::AbortBetweenStages) => std::process::abort(),
@@ -631,6 +699,11 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             None => {}
         }
     }
+
+    /// Without the `test-hooks` feature there is no fault to inject.
+    #[cfg(not(feature = "test-hooks"))]
+    #[inline(always)]
+    fn inject_between_stages(&mut self) {}
 
     /// The custom all-reduce of the unfused path into `sum`, in row chunks that fit a staging half.
     fn all_reduce_chunks<T: Element>(

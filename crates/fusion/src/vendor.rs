@@ -58,7 +58,9 @@ pub fn create_communicator<B: CollectiveBackend>(
     }
     let id = UniqueId::from_bytes(&gathered[0][1..])?;
     B::make_current(device)?;
-    Ok(Communicator::init_rank(&library, &id, rank, world)?)
+    let comm = Communicator::init_rank(&library, &id, rank, world)?;
+    tracing::debug!(rank, world, library = ?library, "vendor collective communicator created");
+    Ok(comm)
 }
 
 /// What an operator keeps to run the vendor path: the communicator and the backend's glue,

@@ -124,7 +124,7 @@ fn cases(world: usize, seed: &TestSeed) -> Vec<(Fixture<bf16>, Reference<bf16>)>
 }
 
 fn config() -> Config {
-    let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let mut config = Config::default().with_deadline(Duration::from_secs(10));
     config.policy.max_size = 1 << 20;
     config
 }

@@ -110,7 +110,9 @@ impl<B: Backend> SharedBuffers<B> {
                 "push slots of {push_slot_bytes} bytes (a positive multiple of {PACK_BYTES} below 4 GiB)"
             )));
         }
-        let own = B::alloc_shared(device, buffer_bytes(max_size, world, push_slot_bytes))?;
+        let bytes = buffer_bytes(max_size, world, push_slot_bytes);
+        let own = B::alloc_shared(device, bytes)?;
+        tracing::debug!(backend = %B::KIND, rank, world, bytes, max_size, push_slot_bytes, "shared buffer allocated");
         // Armed before any peer can map it (its handle is not sent yet).
         B::fill_shared(device, &own, push_offset(max_size), push_region_bytes(world, push_slot_bytes), PUSH_SENTINEL)?;
         let handle = B::export_handle(&own)?;
@@ -151,6 +153,13 @@ impl<B: Backend> SharedBuffers<B> {
             let handle: B::IpcHandle = bytemuck::try_pod_read_unaligned(&bytes[head..])
                 .map_err(|e| Error::Protocol(format!("rank {peer}'s handle: {e}")))?;
             let mapping = B::open_handle(device, &handle)?;
+            tracing::debug!(
+                rank,
+                peer,
+                peer_pid = theirs.pid,
+                base = B::peer_ptr(&mapping).0,
+                "mapped a peer's shared buffer"
+            );
             bases.push(B::peer_ptr(&mapping).0);
             peers.push(mapping);
         }

@@ -24,6 +24,24 @@ pub trait Rendezvous: Send {
 /// that length (use it where every rank sends the same layout). Every caller of `all_gather` in
 /// arfuse goes through it.
 pub fn checked_all_gather(rv: &mut dyn Rendezvous, payload: &[u8], expect_len: Option<usize>) -> Result<Vec<Vec<u8>>> {
+    let started = Instant::now();
+    let checked = check_all_gather(rv, payload, expect_len);
+    match &checked {
+        Ok(_) => tracing::trace!(
+            rank = rv.rank(),
+            world = rv.world_size(),
+            bytes = payload.len(),
+            waited = ?started.elapsed(),
+            "rendezvous: all_gather round"
+        ),
+        Err(err) => {
+            tracing::debug!(rank = rv.rank(), error = %err, waited = ?started.elapsed(), "rendezvous: all_gather failed")
+        }
+    }
+    checked
+}
+
+fn check_all_gather(rv: &mut dyn Rendezvous, payload: &[u8], expect_len: Option<usize>) -> Result<Vec<Vec<u8>>> {
     let (rank, world) = (rv.rank(), rv.world_size());
     let bad = |what: String| Error::BadRendezvous { rank, what };
     if rank >= world {

@@ -256,6 +256,7 @@ struct Drops {
 
 impl Drops {
     fn push(&mut self, why: String) {
+        tracing::warn!(reason = %why, "unix rendezvous: dropped a connection that is not a member of the group");
         self.count += 1;
         if self.last.len() == DROPS_QUOTED {
             self.last.remove(0);
@@ -300,6 +301,7 @@ impl UnixRendezvous {
         if token.len() > MAX_TOKEN_LEN {
             return Err(Error::Invalid(format!("group token of {} bytes (at most {MAX_TOKEN_LEN})", token.len())));
         }
+        let dir_path = dir;
         let dir = open_private_dir(dir)?;
         let start = Instant::now();
         let deadline = start + timeout;
@@ -310,6 +312,7 @@ impl UnixRendezvous {
             peers[0] = Some(Self::join_hub(&dir, rank, world_size, token, start, deadline)?);
             peers
         };
+        tracing::debug!(rank, world_size, dir = %dir_path.display(), waited = ?start.elapsed(), "unix rendezvous: the group met");
         Ok(UnixRendezvous { rank, world: world_size, round: 0, timeout, peers })
     }
 

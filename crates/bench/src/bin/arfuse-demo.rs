@@ -1,5 +1,6 @@
-//! `arfuse-demo`: rank processes run decode- and prefill-like shapes through every path, check
-//! each against the reference and print a table (what `cargo xtask demo` runs).
+//! `arfuse-demo`: ranks (threads on the GPUs where one works, else cpu rank processes) run decode-
+//! and prefill-like shapes through every path, check each against the reference and print a table
+//! (what `cargo xtask demo` runs).
 
 use clap::Parser;
 

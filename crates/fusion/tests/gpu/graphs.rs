@@ -35,7 +35,7 @@ pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(
             })
             .collect();
         let phase = std::sync::Barrier::new(world);
-        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let config = Config::default().with_deadline(Duration::from_secs(10));
         let paths =
             run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
                 let device = B::open_device(0, world).expect("device");
@@ -208,7 +208,7 @@ fn graph_in_place_rank<B: GpuBackend>(
     };
     let device = B::open_device(0, world).expect("device");
     let stream = B::create_stream(&device).expect("stream");
-    let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let config = Config::default().with_deadline(Duration::from_secs(10));
     let mut op = AllReduceRmsNorm::<B>::new(&device, rendezvous, config).expect("operator");
     let mut tensors: Vec<GraphTensors<B>> = GRAPH_CASES.iter().map(|&case| GraphTensors::new(&stream, case)).collect();
     let eps = fixtures[0][0].0.problem.eps;
@@ -328,7 +328,7 @@ pub(crate) fn graph_replayed_before_registration_fails_cleanly<B: GpuBackend>(te
     run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = B::open_device(0, world).expect("device");
         let stream = B::create_stream(&device).expect("stream");
-        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let config = Config::default().with_deadline(Duration::from_secs(10));
         let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
         // The 2-stage case: its reduce-scatter reads in place (a 1-stage call needs no registration).
         let (fixture, _) = &fixtures[0][1];
@@ -369,7 +369,7 @@ pub(crate) fn many_graph_inputs_register_in_several_rounds<B: GpuBackend>(test: 
     run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
         let device = B::open_device(0, world).expect("device");
         let stream = B::create_stream(&device).expect("stream");
-        let config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+        let config = Config::default().with_deadline(Duration::from_secs(10));
         let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
         let case = GraphCase { rows: 4, hidden: 4096, path: Some(Path::TwoStage), input_offset: 0 };
         let mut t = GraphTensors::<B>::new(&stream, case);

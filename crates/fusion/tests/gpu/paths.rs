@@ -21,7 +21,7 @@ fn check<B: GpuBackend, T: Element>(world: usize, shapes: &[(usize, usize)], see
             (fixture, reference)
         })
         .collect();
-    let mut config = Config { deadline: Duration::from_secs(10), ..Config::default() };
+    let mut config = Config::default().with_deadline(Duration::from_secs(10));
     // Push slots large enough to force the 1-stage path on every case.
     config.policy.push_slot_bytes = cases.iter().map(|(f, _)| f.residual.len() * T::DTYPE.size()).max().unwrap_or(16);
     // Ranks allocate and free device memory only while no kernel spins (a free can wait for the

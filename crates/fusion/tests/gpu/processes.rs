@@ -29,7 +29,7 @@ pub(crate) fn operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_me
         let fixture =
             Fixture::<bf16>::generate(&Problem::new(me.world_size, 4, 4096, bf16::DTYPE).with_seed(seed.seed()));
         let reference = Reference::compute(&fixture);
-        let mut config = Config { deadline: Duration::from_secs(20), ..Config::default() };
+        let mut config = Config::default().with_deadline(Duration::from_secs(20));
         config.policy.max_size = 8 << 20;
         let cycle = |n: usize| {
             let dir = me.dir.join(format!("cycle-{n}"));
@@ -109,7 +109,7 @@ pub(crate) fn a_dead_rank_process_makes_its_peer_time_out_not_hang<B: GpuBackend
         let fixture =
             Fixture::<bf16>::generate(&Problem::new(me.world_size, 8, 4096, bf16::DTYPE).with_seed(seed.seed()));
         let reference = Reference::compute(&fixture);
-        let mut config = Config { deadline: DEADLINE, ..Config::default() };
+        let mut config = Config::default().with_deadline(DEADLINE);
         if me.rank == 1 && scenario == "abort-between-stages" {
             config.fault = Some(arfuse_fusion::Fault::AbortBetweenStages);
         }

@@ -144,7 +144,10 @@ pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
     let module = match load_image(device, &cached) {
         Ok(module) => module,
         // A cached file the driver refuses: compile afresh, replace the file, try once more.
-        Err(_) if cached.from_disk => load_image(device, &*image(device.compute_capability(), true)?)?,
+        Err(err) if cached.from_disk => {
+            tracing::warn!(error = %err, "cuda: the driver refused the cached kernel image; recompiling");
+            load_image(device, &*image(device.compute_capability(), true)?)?
+        }
         Err(err) => return Err(err),
     };
     modules.retain(|_, module| module.strong_count() > 0);
@@ -219,9 +222,14 @@ fn image(cc: (i32, i32), refresh: bool) -> Result<Arc<Image>> {
         _ => None,
     };
     let image = match cached {
-        Some((kind, bytes)) => Image { bytes, kind, target, from_disk: true },
+        Some((kind, bytes)) => {
+            tracing::debug!(arch = %target.name, path = ?path, bytes = bytes.len(), "cuda: kernel image from the disk cache");
+            Image { bytes, kind, target, from_disk: true }
+        }
         None => {
+            let started = std::time::Instant::now();
             let (kind, bytes) = compile(&target, &options, &kernel_source::text())?;
+            tracing::info!(arch = %target.name, nvrtc = ?version, elapsed = ?started.elapsed(), bytes = bytes.len(), cache = ?path, "cuda: kernels compiled with NVRTC");
             if let Some(path) = &path {
                 write_cache(path, kind, &bytes);
             }

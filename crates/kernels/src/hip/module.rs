@@ -188,7 +188,8 @@ pub(crate) fn load(device: &HipDevice) -> Result<Arc<LoadedModule>> {
     let module = match load_image(device, &image) {
         Ok(module) => module,
         // A cached file the runtime refuses: compile afresh, replace the file, try once more.
-        Err(_) if matches!(image.origin, Origin::DiskCache(_)) => {
+        Err(err) if matches!(image.origin, Origin::DiskCache(_)) => {
+            tracing::warn!(error = %err, "hip: the runtime refused the cached code object; recompiling");
             load_image(device, &*self::image(arch, device.runtime_version(), true)?)?
         }
         Err(err) => return Err(err),
@@ -239,6 +240,7 @@ fn image(arch: &str, runtime_version: i32, refresh: bool) -> Result<Arc<Image>> 
         }
         if let Some(path) = offline.as_ref().filter(|path| path.is_file()) {
             let bytes = std::fs::read(path).map_err(|source| Error::Os { call: "read", source })?;
+            tracing::debug!(arch, path = %path.display(), bytes = bytes.len(), "hip: code object from ARFUSE_KERNEL_DIR");
             let image = Arc::new(Image { bytes, arch: arch.into(), origin: Origin::KernelDir(path.clone()) });
             images.insert(key, image.clone());
             return Ok(image);
@@ -258,9 +260,14 @@ fn image(arch: &str, runtime_version: i32, refresh: bool) -> Result<Arc<Image>> 
         _ => None,
     };
     let image = match (cached, path) {
-        (Some(bytes), Some(path)) => Image { bytes, arch: arch.into(), origin: Origin::DiskCache(path) },
+        (Some(bytes), Some(path)) => {
+            tracing::debug!(arch, path = %path.display(), bytes = bytes.len(), "hip: code object from the disk cache");
+            Image { bytes, arch: arch.into(), origin: Origin::DiskCache(path) }
+        }
         (_, path) => {
+            let started = std::time::Instant::now();
             let bytes = compile(library, arch, &options, &kernel_source::text())?;
+            tracing::info!(arch, library = library.path(), elapsed = ?started.elapsed(), bytes = bytes.len(), cache = ?path, "hip: kernels compiled with hipRTC");
             if let Some(path) = &path {
                 write_cache(path, &bytes);
             }
