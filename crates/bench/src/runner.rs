@@ -47,7 +47,7 @@ pub struct Plan {
     /// Decode graphs read their inputs in place (registered after capture) instead of copying
     /// them into the staging buffer.
     pub graph_inputs_in_place: bool,
-    /// Input sets per shape, where the command line fixed them (else [`input_sets`]).
+    /// Input sets per shape, where the command line fixed them (else [`default_input_sets`]).
     pub input_sets: Option<usize>,
     /// Seed of the inputs.
     pub seed: u64,
