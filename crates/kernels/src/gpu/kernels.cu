@@ -404,14 +404,17 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
   return true;
 }
 
-// The row routine at the right width for the row (see norm_row's `K`); `early` is used where
-// `use_early` (K = 1 only).
+// The rows of this block through the row routine at the right width (see norm_row's `K`), for the
+// kernels with nothing to wait for or check (the unfused path's and 2-stage's second kernels).
 template <class E, class Sum>
-__device__ __forceinline__ bool norm_row_any(const LaunchParams& p, u32 row, Sum sum, volatile int* abort,
-                                             bool use_early, const Early<E>& early) {
+__device__ __forceinline__ void norm_rows(const LaunchParams& p, Sum sum) {
   auto none = [] {};
-  if (p.hidden / Pack<E>::N <= bdim_x()) return norm_row<E, 1>(p, row, sum, abort, use_early, early, none);
-  return norm_row<E, ARFUSE_MAX_PACKS_PER_THREAD>(p, row, sum, abort, false, early, none);
+  for (u32 row = bid_x(); row < p.rows; row += gdim_x()) {
+    if (p.hidden / Pack<E>::N <= bdim_x())
+      norm_row<E, 1>(p, row, sum, nullptr, false, Early<E>{}, none);
+    else
+      norm_row<E, ARFUSE_MAX_PACKS_PER_THREAD>(p, row, sum, nullptr, false, Early<E>{}, none);
+  }
 }
 
 // ---- The push protocol of the 1-stage kernels. ----
@@ -711,15 +714,13 @@ template <class E>
 __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;
   const u64 scratch = p.scratch[p.rank];
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row_any<E>(p, row, [&](int, u64 k) { return load_pack<E>(scratch, k); }, nullptr, false, Early<E>{});
+  norm_rows<E>(p, [&](int, u64 k) { return load_pack<E>(scratch, k); });
 }
 
 template <class E>
 __device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;  // the unfused path's all-reduce gave up: no sum to normalise
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x())
-    norm_row_any<E>(p, row, [&](int, u64 k) { return load_pack<E>(p.input, k); }, nullptr, false, Early<E>{});
+  norm_rows<E>(p, [&](int, u64 k) { return load_pack<E>(p.input, k); });
 }
 
 template <class E>
