@@ -232,6 +232,7 @@ fn bundle(sh: &Shell, out: &Path) -> Result<()> {
         ("run-tests.sh", include_str!("bundle/run-tests.sh")),
         ("run-bench.sh", include_str!("bundle/run-bench.sh")),
         ("run-demo.sh", include_str!("bundle/run-demo.sh")),
+        ("nvrtc.sh", include_str!("bundle/nvrtc.sh")),
     ] {
         let path = out.join(script);
         sh.write_file(&path, text)?;

@@ -10,8 +10,7 @@ set -eu
 cd "$(dirname "$0")"
 out=${OUT:-results}
 mkdir -p "$out"
-nvrtc=$(find / -name 'libnvrtc.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)
-if [ -n "$nvrtc" ]; then export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"; fi
+. ./nvrtc.sh
 ./arfuse-bench --json "$out/arfuse.json" "$@" | tee "$out/arfuse.md"
 if python3 -c 'import torch' 2>/dev/null; then
   python3 peers/peers.py --arfuse "$out/arfuse.json" --json "$out/peers.json" | tee "$out/merged.md"

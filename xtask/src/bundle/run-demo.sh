@@ -11,8 +11,7 @@ set -eu
 cd "$(dirname "$0")"
 out=${OUT:-results}
 mkdir -p "$out"
-nvrtc=$(find / -name 'libnvrtc.so.13*' -not -path '/proc/*' 2>/dev/null | head -1)
-if [ -n "$nvrtc" ]; then export LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"; fi
+. ./nvrtc.sh
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 echo "date: $(date -u +%FT%TZ)"
 rm -rf "$out/demo-dump"
