@@ -43,7 +43,9 @@ pub mod kernel_id;
 pub mod params;
 pub mod source;
 
-pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
+pub use backend::{
+    Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, StreamOrder, StreamOrderMut, StreamOwnership,
+};
 pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
