@@ -183,7 +183,11 @@ struct Call {
 ///
 /// # What a newcomer needs to know
 /// - **Devices and streams** come from the backend: `Cpu::open_device(0, 1)`,
-///   `Cuda::open_device(ordinal, ranks_sharing_it)`, `B::create_stream(&device)`. The
+///   `Cuda::open_device(ordinal, ranks_sharing_it)`, `B::create_stream(&device)`; or the stream is
+///   the engine's own: `CudaStream::from_cudarc(&device, its_cudarc_stream)` (shared),
+///   `CudaStream::from_raw` / `HipStream::from_raw` (a borrowed raw handle, never destroyed).
+///   Tensors may be the engine's cudarc `CudaSlice`/`CudaView`/`CudaViewMut` (`TensorRef::new`,
+///   no `unsafe`), ordered with cudarc's own event tracking. The
 ///   **rendezvous** comes from [`crate::ipc`]: `ThreadRendezvous::group` for ranks that are threads,
 ///   `UnixRendezvous::connect` for rank processes, or your own `Rendezvous` over your engine's
 ///   channel (whatever it returns is validated).
@@ -191,7 +195,8 @@ struct Call {
 ///   hidden size must be a multiple of 16 bytes (8 bf16/f16 elements).
 /// - **Every tensor starts on a 16-byte boundary**, or the call is refused (`Misaligned`).
 /// - **Aliasing**: `out` may be the input and `residual_out` the residual (the in-place forms,
-///   bit-identical to out of place); any other overlap is refused (`Aliasing`).
+///   bit-identical to out of place; [`Args::in_place`] builds them without `unsafe`); any other
+///   overlap is refused (`Aliasing`).
 /// - **Memory**: each rank allocates `64 KiB + 1.5 x max_size` of shared memory (staging and
 ///   scratch of the 2-stage path; 192 MiB by default) plus the push region, `3 x world x push
 ///   slot` (the 1-stage threshold of the world size: 12 MiB at 2 ranks), all at creation.
