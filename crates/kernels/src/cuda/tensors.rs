@@ -11,6 +11,12 @@
 //! stays true: before the call, its stream waits for the slice's pending writes (and reads, for a
 //! written tensor); after it is enqueued, the slice's read (write) event is recorded at its end.
 //!
+//! cudarc decides whether to wait and record by the context object of the stream it is handed, so
+//! the call's stream is handed to it as a (borrowed) stream of the slice's own context object: an
+//! arfuse stream's context object does not track, the engine's does. A slice of another CUDA
+//! context than the call's stream (the device's primary context) is refused with
+//! [`Error::BadStream`]: its memory is not the kernels'.
+//!
 //! While the call's stream is capturing a graph, nothing runs, so there is no use to track: the
 //! impls then neither wait nor record (a wait on an event recorded outside the capture is not
 //! allowed in one, and an event recorded inside it becomes a captured event, which cudarc's drop
@@ -30,8 +36,8 @@
 //! The address itself ([`DeviceSlice::device_ptr`]) is read through cudarc's `device_ptr` too (the
 //! only public way), with its guard disarmed. Where the context tracks uses, that call also makes
 //! the stream it is given wait for the slice's last write; it is given the calling thread's
-//! per-thread default stream, which carries none of the call's work and is never the one being
-//! captured, so the wait changes nothing that matters.
+//! per-thread default stream, which carries none of the call's work (nor, unless the engine
+//! captures on that stream itself, a capture), so the wait changes nothing that matters.
 
 use super::{Cuda, CudaStream};
 use crate::{DevicePtr, DeviceSlice, DeviceSliceMut, Element, Error, Result, StreamOrder, StreamOrderMut};
@@ -63,21 +69,56 @@ fn same_stream(a: &cudarc_driver::CudaStream, b: &cudarc_driver::CudaStream) -> 
     a.cu_stream() == b.cu_stream() && a.context().cu_ctx() == b.context().cu_ctx()
 }
 
-/// The tracked case before the call: whether to order it through cudarc's events (not during a
-/// capture).
-fn track_before(call: &CudaStream) -> Result<bool> {
-    use super::result::CallExt;
-    capturing(call.cudarc()).call("cuStreamIsCapturing").map(|capturing| !capturing)
+/// The call's stream as a cudarc stream of the slice's own context object: cudarc decides whether
+/// to wait and record by the context of the stream it is given, which must be the one that tracks
+/// the slice (an arfuse stream's context object does not track). `None` when the slice belongs to
+/// another CUDA context than the call's stream (its memory is not this device context's).
+fn in_slice_context(
+    slice_stream: &cudarc_driver::CudaStream,
+    call: &CudaStream,
+) -> Option<Arc<cudarc_driver::CudaStream>> {
+    let ctx = slice_stream.context();
+    if Arc::ptr_eq(ctx, call.cudarc().context()) {
+        return Some(Arc::clone(call.cudarc()));
+    }
+    if ctx.cu_ctx() != call.cudarc().context().cu_ctx() {
+        return None;
+    }
+    // SAFETY: the handle is `call`'s live stream, of this same CUDA context (checked above); the
+    // borrowed wrapper never destroys it, and it lives only for the hook that made it, while `call`
+    // is borrowed.
+    Some(unsafe { ctx.wrap_borrowed_stream(call.cu_stream()) })
 }
 
-/// The tracked case after the call: whether to record cudarc's events (not during a capture); a
-/// failure to tell is parked on the slice's context and records nothing.
-fn track_after(slice_stream: &cudarc_driver::CudaStream, call: &CudaStream) -> bool {
+/// A tensor of another CUDA context than the call's stream.
+fn foreign_context() -> Error {
+    Error::BadStream {
+        backend: crate::BackendKind::Cuda,
+        reason: "a cudarc tensor of another CUDA context than the call's stream (the device's primary context)".into(),
+    }
+}
+
+/// The tracked case before the call: the call's stream in the slice's context, or `None` while it
+/// captures (nothing to order then).
+fn track_before(
+    slice_stream: &cudarc_driver::CudaStream,
+    call: &CudaStream,
+) -> Result<Option<Arc<cudarc_driver::CudaStream>>> {
+    use super::result::CallExt;
+    let stream = in_slice_context(slice_stream, call).ok_or_else(foreign_context)?;
+    let capturing = capturing(call.cudarc()).call("cuStreamIsCapturing")?;
+    Ok((!capturing).then_some(stream))
+}
+
+/// The tracked case after the call: as [`track_before`]; a failure to tell whether the stream
+/// captures is parked on the slice's context, and nothing is recorded.
+fn track_after(slice_stream: &cudarc_driver::CudaStream, call: &CudaStream) -> Option<Arc<cudarc_driver::CudaStream>> {
+    let stream = in_slice_context(slice_stream, call)?;
     match capturing(call.cudarc()) {
-        Ok(capturing) => !capturing,
+        Ok(capturing) => (!capturing).then_some(stream),
         Err(err) => {
             slice_stream.context().record_err::<()>(Err(err));
-            false
+            None
         }
     }
 }
@@ -86,6 +127,9 @@ fn track_after(slice_stream: &cudarc_driver::CudaStream, call: &CudaStream) -> b
 fn join_before(slice_stream: &Arc<cudarc_driver::CudaStream>, call: &CudaStream) -> Result<()> {
     if same_stream(slice_stream, call.cudarc()) {
         return Ok(());
+    }
+    if slice_stream.context().cu_ctx() != call.cudarc().context().cu_ctx() {
+        return Err(foreign_context());
     }
     if call.is_capturing()? {
         return Err(Error::BadStream {
@@ -115,10 +159,10 @@ macro_rules! read_side {
             fn before_read(&self, stream: &CudaStream) -> Result<()> {
                 let own = cudarc_driver::DeviceSlice::stream(self);
                 if tracked(own) {
-                    if track_before(stream)? {
+                    if let Some(call) = track_before(own, stream)? {
                         // Waits for the slice's last write on the call's stream; the read event is
                         // recorded after the call (`after_read`), not now.
-                        let (_, guard) = cudarc_driver::DevicePtr::device_ptr(self, stream.cudarc());
+                        let (_, guard) = cudarc_driver::DevicePtr::device_ptr(self, &call);
                         disarm(guard);
                     }
                     Ok(())
@@ -130,10 +174,10 @@ macro_rules! read_side {
             fn after_read(&self, stream: &CudaStream) {
                 let own = cudarc_driver::DeviceSlice::stream(self);
                 if tracked(own) {
-                    if track_after(own, stream) {
+                    if let Some(call) = track_after(own, stream) {
                         // The guard records the read event at the call stream's current end (its
                         // wait for the last write is already satisfied there).
-                        let (_, guard) = cudarc_driver::DevicePtr::device_ptr(self, stream.cudarc());
+                        let (_, guard) = cudarc_driver::DevicePtr::device_ptr(self, &call);
                         drop(guard);
                     }
                 } else {
@@ -186,9 +230,9 @@ macro_rules! write_side {
             fn before_write(&mut self, stream: &CudaStream) -> Result<()> {
                 let own = Arc::clone(cudarc_driver::DeviceSlice::stream(self));
                 if tracked(&own) {
-                    if track_before(stream)? {
+                    if let Some(call) = track_before(&own, stream)? {
                         // Waits for the slice's last read and write on the call's stream.
-                        let (_, guard) = cudarc_driver::DevicePtrMut::device_ptr_mut(self, stream.cudarc());
+                        let (_, guard) = cudarc_driver::DevicePtrMut::device_ptr_mut(self, &call);
                         disarm(guard);
                     }
                     Ok(())
@@ -200,9 +244,9 @@ macro_rules! write_side {
             fn after_write(&mut self, stream: &CudaStream) {
                 let own = Arc::clone(cudarc_driver::DeviceSlice::stream(self));
                 if tracked(&own) {
-                    if track_after(&own, stream) {
+                    if let Some(call) = track_after(&own, stream) {
                         // Records the write event at the call stream's current end.
-                        let (_, guard) = cudarc_driver::DevicePtrMut::device_ptr_mut(self, stream.cudarc());
+                        let (_, guard) = cudarc_driver::DevicePtrMut::device_ptr_mut(self, &call);
                         drop(guard);
                     }
                 } else {
