@@ -114,6 +114,43 @@ pub struct LaunchConfig {
     pub block: u32,
     /// Dynamic shared memory in bytes.
     pub shared_bytes: u32,
+    /// Launched as a programmatic dependent of the kernel before it in the stream, where the
+    /// backend has that (CUDA on sm_90 and later: `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`;
+    /// elsewhere a plain launch): the kernel's blocks may be scheduled while that kernel finishes,
+    /// and wait for it in `wait_for_prior_grid` (gpu/arfuse.h) before reading memory. Only for
+    /// kernels that call it first, and that release their own dependents no earlier than when
+    /// their blocks depend on nothing else (see [`programmatic_launch`]).
+    pub programmatic: bool,
+}
+
+/// The most ranks at which the fused kernel is launched as a programmatic dependent: 4, or
+/// `ARFUSE_PROGRAMMATIC_MAX_WORLD` (0 turns it off; read once per process). Measured on one H200
+/// shared by the ranks (docs/performance.md, 2026-12-02): 0.7–1.5 µs off every decode call at 2
+/// and 4 ranks; at 8 ranks one run hung and another was slower, not yet understood, so not there.
+pub const DEFAULT_PROGRAMMATIC_MAX_WORLD: u32 = 4;
+
+/// Whether `op` at `world` ranks is launched as a programmatic dependent
+/// ([`LaunchConfig::programmatic`]): the fused 1-stage kernel up to
+/// [`DEFAULT_PROGRAMMATIC_MAX_WORLD`] ranks, unless `ARFUSE_KERNEL_DEFINES` holds
+/// `-DARFUSE_EXP_NO_PDL` (a measurement of what it saves).
+///
+/// The kernel's blocks then start while the kernel before it ends. They wait for it before their
+/// first read, and release the next call's kernel only once every peer's data for their rows has
+/// arrived: by then every peer's blocks of the call are running, and none of ours needs anything
+/// more from a peer, so blocks that start early never keep a peer's blocks off the multiprocessors
+/// they wait for (the co-residency rule of [`resident_blocks`] still holds).
+pub fn programmatic_launch(op: Op, world: u32) -> bool {
+    static MAX_WORLD: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let max_world = *MAX_WORLD.get_or_init(|| {
+        if experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_NO_PDL") {
+            return 0;
+        }
+        std::env::var("ARFUSE_PROGRAMMATIC_MAX_WORLD")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_PROGRAMMATIC_MAX_WORLD)
+    });
+    op == Op::FusedOneStage && world <= max_world
 }
 
 /// The launch configuration of `kernel` for `params` on a device with `sm_count` multiprocessors
@@ -132,7 +169,12 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         // A cross-rank call with nothing to move still exchanges its call header (it counts as a
         // call on every rank); a local kernel has nothing to do.
         let grid = u32::from(kernel.op.crosses_ranks());
-        return LaunchConfig { grid, block: warp, shared_bytes: 0 };
+        return LaunchConfig {
+            grid,
+            block: warp,
+            shared_bytes: 0,
+            programmatic: programmatic_launch(kernel.op, params.world_size),
+        };
     }
     let row_packs = params.hidden / kernel.dtype.pack_elems() as u32;
     let row_threads = row_packs.next_multiple_of(warp).clamp(warp, 1024);
@@ -161,7 +203,7 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         }
         Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
     };
-    LaunchConfig { grid, block, shared_bytes: 0 }
+    LaunchConfig { grid, block, shared_bytes: 0, programmatic: programmatic_launch(kernel.op, params.world_size) }
 }
 
 /// How many blocks of `block` threads a cross-rank kernel may launch on `sm_count` multiprocessors
@@ -215,6 +257,30 @@ mod tests {
         assert_eq!(empty.grid, 1, "a zero-row call still exchanges its header");
         let empty = launch_config(KernelId { op: Op::AddRmsNorm, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
         assert_eq!(empty.grid, 0);
+    }
+
+    /// Only the fused 1-stage kernel waits for the kernel before it (`wait_for_prior_grid` before
+    /// its first read) and releases its dependents late enough (kernels.cu `fused_rows`); every
+    /// other kernel reads memory from its first instruction, so it must start after the one before.
+    #[test]
+    fn only_the_fused_kernel_is_a_programmatic_dependent() {
+        for op in Op::ALL {
+            for rows in [0, 1, 200] {
+                let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(rows, 4096, 2), 66, 32);
+                assert_eq!(c.programmatic, op == Op::FusedOneStage, "{op:?} {rows} rows");
+            }
+            let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(1, 4096, 8), 16, 32);
+            assert!(!c.programmatic, "{op:?} at 8 ranks");
+        }
+        let entry = KERNELS.split("ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype)").nth(1).unwrap_or_default();
+        let first_statement = entry.lines().nth(1).unwrap_or_default();
+        assert!(
+            first_statement.contains("load_early<E>(p)"),
+            "the fused kernel starts with load_early: {first_statement}"
+        );
+        let load_early = KERNELS.split("Early<E> load_early(const LaunchParams& p) {").nth(1).unwrap_or_default();
+        let before_wait = load_early.split("wait_for_prior_grid();").next().unwrap_or_default();
+        assert!(!before_wait.contains("load_pack") && !before_wait.contains("load16"), "nothing read before the wait");
     }
 
     /// `cargo xtask kernels --emit` and the hip backend agree on where offline code objects live.

@@ -183,6 +183,19 @@ impl Backend for Cuda {
         device.bind()?;
         let mut argument = *params;
         let mut arguments = [(&mut argument as *mut LaunchParams).cast::<c_void>()];
+        if config.programmatic && device.compute_capability().0 >= 9 {
+            // SAFETY: as below.
+            return unsafe {
+                result::launch::programmatic(
+                    function.raw(),
+                    config.grid,
+                    config.block,
+                    config.shared_bytes,
+                    stream.cu_stream(),
+                    &mut arguments,
+                )
+            };
+        }
         let (grid, block) = ((config.grid, 1, 1), (config.block, 1, 1));
         // SAFETY: the function is live (the module outlives `device`), its one parameter is a
         // `LaunchParams` by value (the C++ mirror of the struct, pinned by a layout test), the driver

@@ -243,6 +243,52 @@ pub(crate) mod function {
     }
 }
 
+/// Launches with attributes: `cuLaunchKernelEx`, which cudarc's result layer lacks.
+pub(crate) mod launch {
+    use super::*;
+    use std::ffi::c_void;
+
+    /// `cuLaunchKernelEx` of `function` with programmatic stream serialisation allowed: the
+    /// kernel may start before the kernel ahead of it in `stream` has finished (it must wait for
+    /// it itself, `griddepcontrol.wait`). Captured into a graph, the two become a programmatic
+    /// edge. Needs sm_90 or later to have an effect; callers check.
+    ///
+    /// # Safety
+    /// As `cuLaunchKernel`: `function` belongs to a live module, `arguments` point at values of the
+    /// kernel's parameter types, and everything the kernel reads or writes stays valid until it
+    /// has run.
+    pub(crate) unsafe fn programmatic(
+        function: sys::CUfunction,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        stream: sys::CUstream,
+        arguments: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: an all-zero attribute is a valid C value (id 0 = ignored, value a plain union).
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_bytes,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: `config` and `attribute` live across the call (the driver copies them), the rest
+        // is guaranteed by the caller.
+        check("cuLaunchKernelEx", unsafe {
+            sys::cuLaunchKernelEx(&config, function, arguments.as_mut_ptr(), std::ptr::null_mut())
+        })
+    }
+}
+
 /// The run-time compiler (`nvrtc*`).
 pub(crate) mod nvrtc {
     use super::*;

@@ -87,6 +87,7 @@ __device__ __forceinline__ float f32_from_bits(u32 b) { return __builtin_bit_cas
 __device__ __forceinline__ u32 bits_from_f32(float f) { return __builtin_bit_cast(u32, f); }
 __device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
 __device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
+__device__ __forceinline__ float rcp_rn(float a) { return 1.0f / a; }
 struct alignas(16) pack16 { u32 x, y, z, w; };
 // 16-byte loads and stores of the push protocol, at system scope and relaxed: what a peer GPU
 // writes behind this one's back is seen by a polling load, and what this GPU writes leaves for
@@ -112,6 +113,10 @@ __device__ __forceinline__ void store16_sys(ARFUSE_GLOBAL pack16* p, pack16 v) {
 }
 // Butterfly exchange inside groups of 32 lanes (xor offsets below 32 never leave a 32-lane half of
 // a 64-wide wavefront): the reduction tree does not depend on the wavefront width.
+// Programmatic dependent launch is NVIDIA's (sm_90+); a HIP launch always starts after the kernel
+// before it in the stream has finished, so there is nothing to wait for or to release.
+__device__ __forceinline__ void wait_for_prior_grid() {}
+__device__ __forceinline__ void release_dependent_grid() {}
 __device__ __forceinline__ float shfl_xor32(float v, int offset) {
   const int lane = __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
   return __builtin_bit_cast(float, __builtin_amdgcn_ds_bpermute((lane ^ offset) << 2, __builtin_bit_cast(int, v)));
@@ -164,6 +169,8 @@ __device__ __forceinline__ float f32_from_bits(u32 b) { return __uint_as_float(b
 __device__ __forceinline__ u32 bits_from_f32(float f) { return __float_as_uint(f); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
+// 1 / a with IEEE rounding, the same bits as div_rn(1.0f, a) (rcp.rn.f32: no general-numerator path).
+__device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
 typedef uint4 pack16;
 // 16-byte loads and stores of the push protocol: .volatile is relaxed at system scope and never
 // served from L1, so a polling load sees what a peer writes and a store leaves for the peer. A
@@ -179,6 +186,23 @@ __device__ __forceinline__ pack16 load16_sys(const pack16* p) {
 __device__ __forceinline__ void store16_sys(pack16* p, pack16 v) {
   asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
+}
+// Programmatic dependent launch (sm_90+; source.rs `launch_config`'s `programmatic`): a kernel
+// launched with programmatic stream serialisation may start while the kernel before it in the
+// stream still runs. `wait_for_prior_grid` returns once that kernel has finished and its writes
+// are visible (at once when there is no such dependency, or before sm_90); a kernel reads nothing
+// another kernel may write before it. `release_dependent_grid` lets the next kernel start once
+// every block of this one has released it (or exited): only what this block still does after it
+// overlaps the next kernel's start.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(ARFUSE_EXP_NO_PDL)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void release_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(ARFUSE_EXP_NO_PDL) && !defined(ARFUSE_EXP_NO_RELEASE)
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }

@@ -132,7 +132,10 @@ __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p
 __device__ __forceinline__ float finish_sum(float acc) { return acc + 0.0f; }
 
 // ---- Measurement switches (ARFUSE_KERNEL_DEFINES, source.rs `experiment_defines`): each leaves a
-// stage out and gives wrong results on purpose; never set in normal use. ----
+// stage out and gives wrong results on purpose; never set in normal use. (Three give right results:
+// ARFUSE_EXP_NO_PDL launches the fused kernel plainly, ARFUSE_EXP_NO_RELEASE keeps the programmatic
+// launch but lets the next kernel start only when this one ends (see arfuse.h), and
+// ARFUSE_EXP_LATE_RW loads residual and weight in the row routine, not with the input.) ----
 #ifdef ARFUSE_EXP_LOCAL_ONLY  // no data pushed or polled: every rank's pack is our own
 #undef ARFUSE_EXP_LOCAL_ONLY
 #define ARFUSE_EXP_LOCAL_ONLY 1
@@ -311,21 +314,35 @@ struct Early {
   Pack<E> input, residual, weight;
 };
 
-// The 1-stage kernel's first loads, issued before anything else: their latency then hides behind
-// the epoch read and the wait for the peers. Nothing is read for a refused call (its pointers
-// are not the caller's tensors) or where a thread holds more than one pack of a row.
+// The 1-stage kernel's first loads, issued before anything else that reads memory: their latency
+// then hides behind the epoch read and the wait for the peers. They come after the wait for the
+// kernel before in the stream (launched as a programmatic dependent, this kernel may start while
+// that one runs; it may be what writes our input, residual or even weight). Nothing is read for a
+// refused call (its pointers are not the caller's tensors) or where a thread holds more than one
+// pack of a row.
 template <class E>
 __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   Early<E> f = {};
   const u32 n_packs = p.hidden / Pack<E>::N, row = bid_x(), t = tid_x();
   f.valid = (p.flags & ARFUSE_FLAG_REFUSED) == 0 && row < p.rows && t < n_packs && n_packs <= bdim_x();
+  wait_for_prior_grid();
   if (f.valid) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
+#ifndef ARFUSE_EXP_LATE_RW  // measurement: residual and weight loaded where the row routine needs them
     f.residual = load_pack<E>(p.residual, k);
     f.weight = load_pack<E>(p.weight, t);
+#endif
   }
   return f;
+}
+
+// sum / n with IEEE rounding: for n a power of two the product with 1 / n, which is exact, so
+// the same bits (one rounding of the same value, subnormal results included) without a division.
+// 1 / 2^k is 2^-k: exponent field 127 - k, where (float)2^k has 127 + k.
+__device__ __forceinline__ float mean_of(float sum, u32 n) {
+  if ((n & (n - 1)) != 0) return div_rn(sum, (float)n);
+  return sum * f32_from_bits((254u << 23) - bits_from_f32((float)n));
 }
 
 template <class E, int K, class Sum, class Checks>
@@ -346,7 +363,11 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     float sq = 0.0f;
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum waits for peers.
+#ifdef ARFUSE_EXP_LATE_RW
+      const bool pre = false;
+#else
       const bool pre = k == 0 && use_early;
+#endif
       const Pack<E> r = pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
       if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
       float f[N], g[N];
@@ -383,7 +404,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     if (t == 0) row_sum = a;
   }
   block_sync();
-  const float inv = div_rn(1.0f, sqrt_rn(div_rn(row_sum, (float)p.hidden) + p.eps));
+  const float inv = rcp_rn(sqrt_rn(mean_of(row_sum, p.hidden) + p.eps));
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
@@ -530,6 +551,10 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
 #endif
     auto checks = [&] {
       if (kLate && row == bid_x()) check_headers<E>(l, spare);
+      // Every peer's data of the block's last row is in: the next kernel of the stream may start
+      // (a programmatic dependent) while this block normalises. Not before: blocks of the next
+      // call that spin while peers' blocks of this one wait for a multiprocessor could hang.
+      if (row + gdim_x() >= p.rows) release_dependent_grid();
     };
     if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
