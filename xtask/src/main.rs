@@ -216,14 +216,17 @@ fn bundle(sh: &Shell, out: &Path) -> Result<()> {
     let messages = cmd!(sh, "cargo test --release --workspace --no-run --message-format=json").read()?;
     let tests = test_executables(&messages)?;
     cmd!(sh, "cargo build --release -p arfuse-bench --bins").run()?;
+    // The graph-captured decode example, whose cudarc graph path only a GPU host runs.
+    cmd!(sh, "cargo build --release -p arfuse-fusion --example 03-graph-decode").run()?;
     let mut names = Vec::new();
     for (name, exe) in &tests {
         sh.copy_file(exe, out.join(name))?;
         names.push(name.clone());
     }
     let target = project_root().join("target/release");
-    for bin in ["arfuse-demo", "arfuse-bench"] {
-        sh.copy_file(target.join(bin), out.join(bin))?;
+    for bin in ["arfuse-demo", "arfuse-bench", "examples/03-graph-decode"] {
+        let name = bin.rsplit('/').next().unwrap_or(bin);
+        sh.copy_file(target.join(bin), out.join(name))?;
     }
     sh.create_dir(out.join("peers"))?;
     sh.copy_file(project_root().join("crates/bench/peers/peers.py"), out.join("peers/peers.py"))?;
@@ -239,7 +242,7 @@ fn bundle(sh: &Shell, out: &Path) -> Result<()> {
         cmd!(sh, "chmod +x {path}").run()?;
     }
     eprintln!(
-        "bundle: {} test binaries, arfuse-bench, arfuse-demo and the peers script in {}",
+        "bundle: {} test binaries, arfuse-bench, arfuse-demo, the 03-graph-decode example and the peers script in {}",
         names.len(),
         out.display()
     );

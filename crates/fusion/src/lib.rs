@@ -9,7 +9,8 @@
 //! | concept | here |
 //! |---|---|
 //! | one rank's operator | [`AllReduceRmsNorm`] |
-//! | the call's tensors | [`Args`], [`TensorRef`], [`TensorMut`] |
+//! | the call's tensors (the engine's own, cudarc's included) | [`Args`], [`Args::in_place`], [`TensorRef`], [`TensorMut`] |
+//! | the call's stream (arfuse's, or the engine's: shared or borrowed) | `B::Stream`; `CudaStream::from_cudarc`, `from_raw` |
 //! | which path runs | [`choose_path`], [`Policy`], [`Path`] |
 //! | configuration, `ARFUSE_*` variables | [`Config`] |
 //! | the vendor collective fallback (NCCL/RCCL) | [`vendor`], [`AllReduceRmsNorm::with_collective`] |

@@ -13,7 +13,7 @@ use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{
     Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
-    MAX_RANKS, PACK_BYTES,
+    StreamOrder, StreamOrderMut, MAX_RANKS, PACK_BYTES,
 };
 use std::marker::PhantomData;
 
@@ -21,17 +21,28 @@ use std::marker::PhantomData;
 type Borrow<B, R> = PhantomData<(R, fn() -> B)>;
 
 /// A read-only tensor argument: device address and length, borrowed for the call.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct TensorRef<'a, B: Backend, T: Element> {
     ptr: DevicePtr,
     len: usize,
+    /// How the call orders its reads with the tensor's other users (cudarc's slices), if it must.
+    order: Option<&'a dyn StreamOrder<B>>,
     _borrow: Borrow<B, &'a [T]>,
 }
 
+impl<B: Backend, T: Element> std::fmt::Debug for TensorRef<'_, B, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let order = self.order.is_some();
+        f.debug_struct("TensorRef").field("ptr", &self.ptr).field("len", &self.len).field("ordered", &order).finish()
+    }
+}
+
 impl<'a, B: Backend, T: Element> TensorRef<'a, B, T> {
-    /// Borrows a slice of `B`'s memory.
+    /// Borrows a slice of `B`'s memory: an arfuse buffer, host memory on the cpu backend, or (with
+    /// the `cuda` feature) cudarc's `CudaSlice`, `CudaView` or `CudaViewMut`, whose use the call
+    /// orders the way cudarc's own launches do.
     pub fn new<S: DeviceSlice<B, Elem = T> + ?Sized>(slice: &'a S) -> Self {
-        TensorRef { ptr: slice.device_ptr(), len: slice.len(), _borrow: PhantomData }
+        TensorRef { ptr: slice.device_ptr(), len: slice.len(), order: slice.stream_order(), _borrow: PhantomData }
     }
     /// A tensor from a raw device address (e.g. a framework's tensor).
     ///
@@ -39,22 +50,31 @@ impl<'a, B: Backend, T: Element> TensorRef<'a, B, T> {
     /// `ptr` must point to `len` elements of `T` in `B`'s memory that stay valid and unwritten
     /// until the work of the call has executed on its stream.
     pub unsafe fn from_raw(ptr: DevicePtr, len: usize) -> Self {
-        TensorRef { ptr, len, _borrow: PhantomData }
+        TensorRef { ptr, len, order: None, _borrow: PhantomData }
     }
 }
 
 /// A written tensor argument: device address and length, exclusively borrowed for the call.
-#[derive(Debug)]
 pub struct TensorMut<'a, B: Backend, T: Element> {
     ptr: DevicePtr,
     len: usize,
+    /// How the call orders its writes with the tensor's other users (cudarc's slices), if it must.
+    order: Option<&'a mut dyn StreamOrderMut<B>>,
     _borrow: Borrow<B, &'a mut [T]>,
 }
 
+impl<B: Backend, T: Element> std::fmt::Debug for TensorMut<'_, B, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let order = self.order.is_some();
+        f.debug_struct("TensorMut").field("ptr", &self.ptr).field("len", &self.len).field("ordered", &order).finish()
+    }
+}
+
 impl<'a, B: Backend, T: Element> TensorMut<'a, B, T> {
-    /// Borrows a slice of `B`'s memory exclusively.
+    /// Borrows a slice of `B`'s memory exclusively (see [`TensorRef::new`] for what it may be).
     pub fn new<S: DeviceSliceMut<B, Elem = T> + ?Sized>(slice: &'a mut S) -> Self {
-        TensorMut { ptr: slice.device_ptr(), len: slice.len(), _borrow: PhantomData }
+        let (ptr, len) = (slice.device_ptr(), slice.len());
+        TensorMut { ptr, len, order: slice.stream_order_mut(), _borrow: PhantomData }
     }
     /// A tensor from a raw device address.
     ///
@@ -62,7 +82,7 @@ impl<'a, B: Backend, T: Element> TensorMut<'a, B, T> {
     /// As [`TensorRef::from_raw`], and nothing else may read or write the memory until the call's
     /// work has executed.
     pub unsafe fn from_raw(ptr: DevicePtr, len: usize) -> Self {
-        TensorMut { ptr, len, _borrow: PhantomData }
+        TensorMut { ptr, len, order: None, _borrow: PhantomData }
     }
 }
 
@@ -81,6 +101,62 @@ pub struct Args<'a, B: Backend, T: Element> {
     pub residual_out: TensorMut<'a, B, T>,
     /// RMSNorm epsilon.
     pub eps: f32,
+}
+
+impl<'a, B: Backend, T: Element> Args<'a, B, T> {
+    /// The in-place call, without `unsafe`: `out` is written over `hidden_states` (this rank's
+    /// partial output, the input) and `residual_out` over `residual`, bit-identical to the call out
+    /// of place (the two overlaps the operator allows).
+    pub fn in_place<S, W>(hidden_states: &'a mut S, residual: &'a mut S, weight: &'a W, eps: f32) -> Self
+    where
+        S: DeviceSliceMut<B, Elem = T> + ?Sized,
+        W: DeviceSlice<B, Elem = T> + ?Sized,
+    {
+        // The read side of each pair is ordered by its write side (a written tensor waits for
+        // every pending use of its memory), as cudarc does for a `&mut` argument.
+        let as_read = |t: &TensorMut<'a, B, T>| TensorRef { ptr: t.ptr, len: t.len, order: None, _borrow: PhantomData };
+        let out = TensorMut::new(hidden_states);
+        let residual_out = TensorMut::new(residual);
+        Args {
+            input: as_read(&out),
+            residual: as_read(&residual_out),
+            weight: TensorRef::new(weight),
+            out,
+            residual_out,
+            eps,
+        }
+    }
+
+    /// Orders the call's stream after every pending use of the tensors whose owners track them
+    /// (cudarc's slices; nothing for the others). An error leaves nothing to undo: the waits
+    /// already enqueued only delay the stream.
+    fn order_before(&mut self, stream: &B::Stream) -> Result<()> {
+        for t in [&self.input, &self.residual, &self.weight] {
+            if let Some(order) = t.order {
+                order.before_read(stream)?;
+            }
+        }
+        for t in [&mut self.out, &mut self.residual_out] {
+            if let Some(order) = t.order.as_deref_mut() {
+                order.before_write(stream)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the tracking owners that the call's stream uses their tensors up to its current end.
+    fn order_after(&mut self, stream: &B::Stream) {
+        for t in [&self.input, &self.residual, &self.weight] {
+            if let Some(order) = t.order {
+                order.after_read(stream);
+            }
+        }
+        for t in [&mut self.out, &mut self.residual_out] {
+            if let Some(order) = t.order.as_deref_mut() {
+                order.after_write(stream);
+            }
+        }
+    }
 }
 
 /// A validated call: shapes known, nothing launched yet.
@@ -107,7 +183,11 @@ struct Call {
 ///
 /// # What a newcomer needs to know
 /// - **Devices and streams** come from the backend: `Cpu::open_device(0, 1)`,
-///   `Cuda::open_device(ordinal, ranks_sharing_it)`, `B::create_stream(&device)`. The
+///   `Cuda::open_device(ordinal, ranks_sharing_it)`, `B::create_stream(&device)`; or the stream is
+///   the engine's own: `CudaStream::from_cudarc(&device, its_cudarc_stream)` (shared),
+///   `CudaStream::from_raw` / `HipStream::from_raw` (a borrowed raw handle, never destroyed).
+///   Tensors may be the engine's cudarc `CudaSlice`/`CudaView`/`CudaViewMut` (`TensorRef::new`,
+///   no `unsafe`), ordered with cudarc's own event tracking. The
 ///   **rendezvous** comes from [`crate::ipc`]: `ThreadRendezvous::group` for ranks that are threads,
 ///   `UnixRendezvous::connect` for rank processes, or your own `Rendezvous` over your engine's
 ///   channel (whatever it returns is validated).
@@ -115,7 +195,8 @@ struct Call {
 ///   hidden size must be a multiple of 16 bytes (8 bf16/f16 elements).
 /// - **Every tensor starts on a 16-byte boundary**, or the call is refused (`Misaligned`).
 /// - **Aliasing**: `out` may be the input and `residual_out` the residual (the in-place forms,
-///   bit-identical to out of place); any other overlap is refused (`Aliasing`).
+///   bit-identical to out of place; [`Args::in_place`] builds them without `unsafe`); any other
+///   overlap is refused (`Aliasing`).
 /// - **Memory**: each rank allocates `64 KiB + 1.5 x max_size` of shared memory (staging and
 ///   scratch of the 2-stage path; 192 MiB by default) plus the push region, `3 x world x push
 ///   slot` (the 1-stage threshold of the world size: 12 MiB at 2 ranks), all at creation.
@@ -316,14 +397,17 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// tensors, but still takes part in the group's count of calls: it sends its peers a header
     /// saying it refused, so that a peer that made the call gets [`Error::CallMismatch`] instead
     /// of pairing it with this rank's next call. (A poisoned operator sends nothing.)
-    pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
+    pub fn forward<T: Element>(&mut self, stream: &B::Stream, mut args: Args<'_, B, T>) -> Result<Path> {
         let admitted = self.validate(&args).and_then(|call| {
             let path = choose_path(&call.request, &self.config.policy);
             self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
         });
+        let admitted = admitted.and_then(|admitted| args.order_before(stream).map(|()| admitted));
         let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.trace_path::<T>(path, &call, false);
-        self.run(stream, path, call, &args)?;
+        let ran = self.run(stream, path, call, &args);
+        args.order_after(stream);
+        ran?;
         self.last_path = Some(path);
         Ok(path)
     }
@@ -334,13 +418,16 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Only with the `test-hooks` feature: an engine lets the dispatcher choose
     /// ([`forward`](Self::forward)) and steers it through [`Config::policy`].
     #[cfg(feature = "test-hooks")]
-    pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
+    pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, mut args: Args<'_, B, T>) -> Result<Path> {
         let call = self
             .validate(&args)
             .and_then(|call| self.check_forced(path, &call).map(|()| call))
+            .and_then(|call| args.order_before(stream).map(|()| call))
             .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.trace_path::<T>(path, &call, true);
-        self.run(stream, path, call, &args)?;
+        let ran = self.run(stream, path, call, &args);
+        args.order_after(stream);
+        ran?;
         self.last_path = Some(path);
         Ok(path)
     }

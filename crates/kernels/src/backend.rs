@@ -183,11 +183,63 @@ pub trait Backend: Sized + Send + Sync + 'static {
     fn elapsed(start: &Self::Event, end: &Self::Event) -> Result<Duration>;
 }
 
+/// Who destroys a stream's handle: what a stream value owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamOwnership {
+    /// Created by arfuse (`Backend::create_stream`); destroyed when the value is dropped.
+    Owned,
+    /// Shared with the caller's own runtime wrapper (a cudarc `Arc<CudaStream>`): destroyed by that
+    /// wrapper when its last clone goes (and only if that wrapper created it), never by arfuse.
+    Shared,
+    /// A raw handle the caller owns (`from_raw`): never destroyed by arfuse; the caller keeps it
+    /// alive for as long as the value (and any work enqueued through it) lives.
+    Borrowed,
+}
+
+impl fmt::Display for StreamOwnership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StreamOwnership::Owned => "owned",
+            StreamOwnership::Shared => "shared",
+            StreamOwnership::Borrowed => "borrowed",
+        })
+    }
+}
+
+/// How work enqueued on a stream is ordered with the other users of a tensor whose owner tracks
+/// its uses itself (cudarc's `CudaSlice`, which records a read and a write event per allocation
+/// when its context manages synchronisation across streams).
+///
+/// An operator that reads such a tensor on `stream` calls [`before_read`](Self::before_read)
+/// before it enqueues anything that reads it, and [`after_read`](Self::after_read) once all of
+/// that work is enqueued; the exact counterpart of what the owner's own launches do.
+pub trait StreamOrder<B: Backend>: Send + Sync {
+    /// Makes `stream` wait for the memory's pending writes elsewhere. An error means the order
+    /// could not be established: nothing that reads the memory may then be enqueued.
+    fn before_read(&self, stream: &B::Stream) -> Result<()>;
+    /// Tells the owner that `stream` reads the memory up to its current end (the owner keeps the
+    /// memory alive and unwritten until then). Cannot fail: an error is parked where the owner
+    /// reports its own (cudarc: the next call on the slice's context).
+    fn after_read(&self, stream: &B::Stream);
+}
+
+/// [`StreamOrder`] for a tensor that is written: `stream` waits for every pending use (reads and
+/// writes), and the owner learns that `stream` writes it up to its current end.
+pub trait StreamOrderMut<B: Backend>: StreamOrder<B> {
+    /// Makes `stream` wait for the memory's pending reads and writes elsewhere (see
+    /// [`StreamOrder::before_read`]).
+    fn before_write(&mut self, stream: &B::Stream) -> Result<()>;
+    /// Tells the owner that `stream` writes the memory up to its current end (see
+    /// [`StreamOrder::after_read`]).
+    fn after_write(&mut self, stream: &B::Stream);
+}
+
 /// Memory that a backend's kernels can read: a typed, contiguous view of device memory.
 ///
 /// # Safety
 /// `device_ptr()` must point to `len()` valid elements of `Elem` in `B`'s memory space for as
-/// long as the borrow lasts.
+/// long as the borrow lasts, provided that work using it on a stream is ordered through
+/// [`stream_order`](Self::stream_order) where that returns `Some`.
 pub unsafe trait DeviceSlice<B: Backend> {
     /// The element type.
     type Elem: crate::Element;
@@ -199,10 +251,21 @@ pub unsafe trait DeviceSlice<B: Backend> {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// How work that reads this memory on a stream must be ordered with its other users, for
+    /// memory whose owner tracks its uses (cudarc's slices). `None` (the default): the memory is
+    /// the caller's to order, by stream order or otherwise.
+    fn stream_order(&self) -> Option<&dyn StreamOrder<B>> {
+        None
+    }
 }
 
 /// Memory that a backend's kernels can write. Same contract as [`DeviceSlice`], exclusively borrowed.
 ///
 /// # Safety
 /// As [`DeviceSlice`], and the memory must be writable and not aliased by any other live view.
-pub unsafe trait DeviceSliceMut<B: Backend>: DeviceSlice<B> {}
+pub unsafe trait DeviceSliceMut<B: Backend>: DeviceSlice<B> {
+    /// As [`DeviceSlice::stream_order`], for work that writes the memory.
+    fn stream_order_mut(&mut self) -> Option<&mut dyn StreamOrderMut<B>> {
+        None
+    }
+}

@@ -132,6 +132,15 @@ pub enum Error {
         /// Size of the buffer.
         len: usize,
     },
+    /// A stream handed to arfuse cannot carry its work: another device's or context's, a handle
+    /// whose meaning depends on the calling thread, or tensors a capture cannot order with it.
+    #[error("{backend} stream refused: {reason}")]
+    BadStream {
+        /// The backend.
+        backend: crate::BackendKind,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The backend cannot do what was asked (e.g. export memory it did not allocate).
     #[error("{backend} backend: {what} is not supported")]
     Unsupported {

@@ -16,6 +16,10 @@
 //!
 //! Design choices:
 //! - One static trait, no `dyn` on the hot path; every launch is `unsafe` with its extents documented.
+//!   (One `dyn` pointer per tensor whose owner tracks its uses, cudarc's slices:
+//!   [`DeviceSlice::stream_order`], called twice per call.)
+//! - Streams say who destroys them ([`StreamOwnership`]): arfuse's own, the engine's cudarc stream
+//!   shared, or a raw handle borrowed and never destroyed.
 //! - The CPU backend is a real backend (POSIX shared memory between processes) running the same
 //!   algorithms and barrier protocol as the GPU kernels.
 //! - One [`LaunchParams`] struct for every kernel and backend, mirrored in the C++ header.
@@ -43,7 +47,9 @@ pub mod kernel_id;
 pub mod params;
 pub mod source;
 
-pub use backend::{Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut};
+pub use backend::{
+    Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, StreamOrder, StreamOrderMut, StreamOwnership,
+};
 pub use collective::CollectiveBackend;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -8,6 +8,8 @@
 //! (`arfuse_testkit::require_backend`). On a GPU host:
 //! `ARFUSE_REQUIRE_BACKENDS=cuda <test binary> cuda:: --test-threads=1 --nocapture` (or `hip::`).
 
+#[cfg(feature = "cuda")]
+mod cudarc_tensors;
 mod graphs;
 mod paths;
 mod processes;
@@ -71,6 +73,15 @@ macro_rules! suite {
 #[cfg(feature = "cuda")]
 mod cuda {
     suite!(arfuse_kernels::api::Cuda);
+
+    /// The cuda backend alone: an engine's cudarc tensors on its own cudarc stream.
+    #[test]
+    fn cudarc_tensors_on_the_engines_own_stream_in_place_out_of_place_and_captured() {
+        let _device = crate::DEVICE.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let test =
+            arfuse_testkit::test_path!(cudarc_tensors_on_the_engines_own_stream_in_place_out_of_place_and_captured);
+        crate::cudarc_tensors::cudarc_tensors_on_the_engines_own_stream_in_place_out_of_place_and_captured(&test);
+    }
 }
 
 #[cfg(feature = "hip")]

@@ -7,6 +7,7 @@ mod kills;
 mod leaks;
 mod load;
 mod matrix;
+mod ordering;
 mod processes;
 mod refusals;
 mod snapshots;

@@ -6,7 +6,8 @@
 //! | concept | here |
 //! |---|---|
 //! | a rank's device (primary context, attributes, kernels) | [`CudaDevice`] |
-//! | ordered queue of work, stream capture | [`CudaStream`], [`CudaGraphExec`] |
+//! | ordered queue of work, stream capture | [`CudaStream`] (arfuse's own, the engine's cudarc stream, or a borrowed `CUstream`), [`CudaGraphExec`] |
+//! | the engine's cudarc tensors (`CudaSlice`, `CudaView`, `CudaViewMut`) | `DeviceSlice`/`DeviceSliceMut` impls (the `tensors` module), ordered with cudarc's event tracking |
 //! | timing point | [`CudaEvent`] |
 //! | memory peers map (`cuMemAlloc_v2`, never pool memory) | [`CudaShared`] |
 //! | what peers receive | [`CudaIpcHandle`] (`Pod`) |
@@ -34,6 +35,11 @@ mod memory;
 mod module;
 mod result;
 mod stream;
+mod tensors;
+
+/// The cudarc this backend is built with (the same crate as an engine's own `cudarc`, when their
+/// versions are compatible), for engines and tests that name its types beside arfuse's.
+pub use cudarc;
 
 pub use device::CudaDevice;
 pub use memory::{CudaBuffer, CudaIpcHandle, CudaPeerMapping, CudaShared};

@@ -2,18 +2,34 @@
 
 use super::device::CudaDevice;
 use super::result::CallExt;
-use crate::{DevicePtr, Error, Result};
+use crate::{DevicePtr, Error, Result, StreamOwnership};
 use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A non-blocking stream on one device (it does not synchronise with the legacy default stream).
-/// Destroyed on drop.
+/// `CU_STREAM_PER_THREAD` of `cuda.h` (`((CUstream)0x2)`), which cudarc's bindings do not define.
+const CU_STREAM_PER_THREAD: usize = 0x2;
+
+/// A stream on one device, through cudarc's `CudaStream`. Who destroys the handle is explicit
+/// ([`CudaStream::ownership`]):
+///
+/// - [`CudaStream::new`] (what `Backend::create_stream` gives): a non-blocking stream arfuse
+///   created (it does not synchronise with the legacy default stream), destroyed on drop
+///   ([`StreamOwnership::Owned`]);
+/// - [`CudaStream::from_cudarc`]: the engine's own cudarc stream, shared (`Arc`): cudarc destroys
+///   it when its last clone goes, if cudarc created it ([`StreamOwnership::Shared`]);
+/// - [`CudaStream::from_raw`]: a `CUstream` the caller owns (PyTorch's, an engine's own binding),
+///   never destroyed by arfuse ([`StreamOwnership::Borrowed`]).
+///
+/// `Send` and `Sync` (cudarc's `CudaStream` is both): a `CUstream` is a process-wide driver object
+/// that any thread may enqueue on, and the driver serialises calls on one stream. The per-thread
+/// default stream, whose meaning depends on the calling thread, is refused by `from_raw`.
 #[derive(Debug)]
 pub struct CudaStream {
     inner: Arc<cudarc::driver::CudaStream>,
     device: CudaDevice,
+    ownership: StreamOwnership,
 }
 
 impl CudaStream {
@@ -21,7 +37,79 @@ impl CudaStream {
     pub fn new(device: &CudaDevice) -> Result<CudaStream> {
         device.bind()?;
         let inner = device.0.ctx.new_stream().call("cuStreamCreate")?;
-        Ok(CudaStream { inner, device: device.clone() })
+        Ok(CudaStream { inner, device: device.clone(), ownership: StreamOwnership::Owned })
+    }
+
+    /// The engine's own cudarc stream, shared: arfuse's calls on the returned stream are ordered
+    /// with the engine's work on `stream`, with no event between them, and a graph the engine
+    /// captures on `stream` records them. The stream must belong to `device`'s context (the device's
+    /// primary context, which `cudarc::driver::CudaContext::new(ordinal)` also retains), else
+    /// [`Error::BadStream`].
+    ///
+    /// cudarc's slices used on it keep their own use tracking: see the `DeviceSlice` impls of
+    /// this module for `CudaSlice`, `CudaView` and `CudaViewMut`.
+    pub fn from_cudarc(device: &CudaDevice, stream: Arc<cudarc::driver::CudaStream>) -> Result<CudaStream> {
+        let theirs = stream.context().cu_ctx();
+        let ours = device.0.ctx.cu_ctx();
+        if theirs != ours {
+            return Err(Error::BadStream {
+                backend: crate::BackendKind::Cuda,
+                reason: format!(
+                    "the cudarc stream belongs to context {theirs:?} (device {}), not to cuda:{}'s primary context {ours:?}",
+                    stream.context().ordinal(),
+                    device.ordinal()
+                ),
+            });
+        }
+        Ok(CudaStream { inner: stream, device: device.clone(), ownership: StreamOwnership::Shared })
+    }
+
+    /// Wraps a `CUstream` (a `cudaStream_t` is the same handle) that the caller owns, such as an
+    /// engine's or PyTorch's current stream. arfuse never destroys it: dropping the returned value
+    /// leaves the stream as it was. The null handle (the legacy default stream) is accepted;
+    /// `CU_STREAM_PER_THREAD` is refused ([`Error::BadStream`]: it names a different stream on
+    /// every thread, so a value that can move between threads cannot hold it), as is a stream of
+    /// another context than `device`'s.
+    ///
+    /// # Safety
+    /// `raw` must be a live stream (or the null/legacy handle) and stay alive, undestroyed, while
+    /// the returned value, anything made from it (a graph captured on it), and the work enqueued
+    /// through it live. Ordering arfuse's work on it with work the owner enqueues elsewhere is the
+    /// owner's business, as with any stream it hands out.
+    pub unsafe fn from_raw(device: &CudaDevice, raw: sys::CUstream) -> Result<CudaStream> {
+        let refuse = |reason: String| Error::BadStream { backend: crate::BackendKind::Cuda, reason };
+        if raw as usize == CU_STREAM_PER_THREAD {
+            return Err(refuse(
+                "CU_STREAM_PER_THREAD names another stream on every thread; pass the thread's real stream".into(),
+            ));
+        }
+        device.bind()?;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `raw` is a live stream (or the legacy handle, which names the current context's,
+        // bound above), as the caller guarantees; `ctx` is a valid out-pointer.
+        unsafe { sys::cuStreamGetCtx(raw, &mut ctx) }.result().call("cuStreamGetCtx")?;
+        let ours = device.0.ctx.cu_ctx();
+        if ctx != ours {
+            return Err(refuse(format!(
+                "the stream belongs to context {ctx:?}, not to cuda:{}'s primary context {ours:?}",
+                device.ordinal()
+            )));
+        }
+        // SAFETY: `raw` belongs to this context (checked above) and outlives the wrapper, as the
+        // caller guarantees; cudarc's borrowed wrapper never destroys it.
+        let inner = unsafe { device.0.ctx.wrap_borrowed_stream(raw) };
+        Ok(CudaStream { inner, device: device.clone(), ownership: StreamOwnership::Borrowed })
+    }
+
+    /// Who destroys the handle.
+    pub fn ownership(&self) -> StreamOwnership {
+        self.ownership
+    }
+
+    /// The cudarc stream underneath (for cudarc calls the engine makes on it, e.g. copies or a
+    /// capture of its own).
+    pub fn cudarc(&self) -> &Arc<cudarc::driver::CudaStream> {
+        &self.inner
     }
 
     /// The device the stream belongs to.
@@ -34,6 +122,14 @@ impl CudaStream {
         self.inner.cu_stream()
     }
 
+    /// Whether a capture is under way on this stream (`cuStreamIsCapturing`).
+    pub fn is_capturing(&self) -> Result<bool> {
+        self.device.bind()?;
+        // SAFETY: the stream is live (owned, shared or borrowed, as `self`'s constructor requires).
+        let status = unsafe { cu::stream::is_capturing(self.cu_stream()) }.call("cuStreamIsCapturing")?;
+        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
     /// Waits for all work queued so far, then reports any error parked on the device.
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
@@ -43,7 +139,7 @@ impl CudaStream {
 
     /// `cuStreamSynchronize` (without the parked-error check of [`CudaStream::synchronize`]).
     fn sync(&self) -> Result<()> {
-        // SAFETY: the stream is live (owned).
+        // SAFETY: the stream is live (owned, shared or borrowed: `self`'s constructors require it).
         unsafe { cu::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize")
     }
 
@@ -112,14 +208,14 @@ impl CudaStream {
     pub fn begin_capture(&self) -> Result<()> {
         self.device.bind()?;
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        // SAFETY: the stream is live (owned).
+        // SAFETY: the stream is live (owned, shared or borrowed: `self`'s constructors require it).
         unsafe { cu::stream::begin_capture(self.cu_stream(), mode) }.call("cuStreamBeginCapture")
     }
 
     /// Ends the capture begun by [`CudaStream::begin_capture`] and instantiates the graph.
     pub fn end_capture(&self) -> Result<CudaGraphExec> {
         self.device.bind()?;
-        // SAFETY: the stream is live (owned).
+        // SAFETY: the stream is live (owned, shared or borrowed: `self`'s constructors require it).
         let graph = unsafe { cu::stream::end_capture(self.cu_stream()) }.call("cuStreamEndCapture")?;
         if graph.is_null() {
             return Err(Error::Driver {

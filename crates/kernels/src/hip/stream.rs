@@ -3,20 +3,29 @@
 use super::device::HipDevice;
 use super::result::{self, event, graph, mem};
 use super::sys;
-use crate::{DevicePtr, Error, Result};
+use crate::{DevicePtr, Error, Result, StreamOwnership};
 use std::time::Duration;
 
-/// A non-blocking stream on one device (`hipStreamNonBlocking`: it does not synchronise with the
-/// null stream). Destroyed on drop.
+/// `hipStreamPerThread` of `hip_runtime_api.h` (`((hipStream_t)2)`).
+const HIP_STREAM_PER_THREAD: usize = 0x2;
+
+/// A stream on one device. Who destroys the handle is explicit ([`HipStream::ownership`]):
+/// [`HipStream::new`] (what `Backend::create_stream` gives) creates a non-blocking stream
+/// (`hipStreamNonBlocking`: it does not synchronise with the null stream), destroyed on drop
+/// ([`StreamOwnership::Owned`]); [`HipStream::from_raw`] wraps a `hipStream_t` the caller owns
+/// (an engine's or PyTorch's), never destroyed by arfuse ([`StreamOwnership::Borrowed`]).
 #[derive(Debug)]
 pub struct HipStream {
     raw: sys::hipStream_t,
     device: HipDevice,
+    ownership: StreamOwnership,
 }
 
 // SAFETY: a `hipStream_t` is a process-wide runtime object, not bound to the thread that created
 // it; the runtime serialises the calls made on one stream internally, so it may be used and
 // dropped from any thread, and from several at once (the order of their work is theirs to decide).
+// This holds for a borrowed handle too; `hipStreamPerThread`, whose meaning depends on the calling
+// thread, is refused by `from_raw`.
 unsafe impl Send for HipStream {}
 // SAFETY: as above; every method takes `&self` and only passes the handle to the runtime.
 unsafe impl Sync for HipStream {}
@@ -26,7 +35,33 @@ impl HipStream {
     pub fn new(device: &HipDevice) -> Result<HipStream> {
         device.bind()?;
         let raw = result::stream::create_non_blocking()?;
-        Ok(HipStream { raw, device: device.clone() })
+        Ok(HipStream { raw, device: device.clone(), ownership: StreamOwnership::Owned })
+    }
+
+    /// Wraps a `hipStream_t` that the caller owns, such as an engine's or PyTorch's current stream;
+    /// arfuse's calls on it are ordered with the owner's work there, and a graph the owner captures
+    /// on it records them. arfuse never destroys it: dropping the returned value leaves the stream
+    /// as it was. The null stream is accepted; `hipStreamPerThread` is refused
+    /// ([`Error::BadStream`]: it names a different stream on every thread, so a value that can
+    /// move between threads cannot hold it).
+    ///
+    /// # Safety
+    /// `raw` must be a live stream of `device` (or the null stream) and stay alive, undestroyed,
+    /// while the returned value, anything made from it (a graph captured on it) and the work
+    /// enqueued through it live. (This HIP has no `hipStreamGetDevice` to check the device with.)
+    pub unsafe fn from_raw(device: &HipDevice, raw: sys::hipStream_t) -> Result<HipStream> {
+        if raw as usize == HIP_STREAM_PER_THREAD {
+            return Err(Error::BadStream {
+                backend: crate::BackendKind::Hip,
+                reason: "hipStreamPerThread names another stream on every thread; pass the thread's real stream".into(),
+            });
+        }
+        Ok(HipStream { raw, device: device.clone(), ownership: StreamOwnership::Borrowed })
+    }
+
+    /// Who destroys the handle.
+    pub fn ownership(&self) -> StreamOwnership {
+        self.ownership
     }
 
     /// The device the stream belongs to.
@@ -42,7 +77,7 @@ impl HipStream {
     /// Waits for all work queued so far, then reports any error parked on the device.
     pub fn synchronize(&self) -> Result<()> {
         self.device.bind()?;
-        // SAFETY: the stream is live (owned).
+        // SAFETY: the stream is live (owned, or borrowed and kept alive as `from_raw` requires).
         unsafe { result::stream::synchronize(self.raw) }?;
         self.device.check_err()
     }
@@ -143,6 +178,10 @@ impl HipStream {
 
 impl Drop for HipStream {
     fn drop(&mut self) {
+        if self.ownership != StreamOwnership::Owned {
+            // Borrowed: the caller owns the handle and destroys it.
+            return;
+        }
         let res = self.device.bind().and_then(|()| {
             // SAFETY: the stream is owned, live and destroyed once; the runtime finishes its queued
             // work first.
