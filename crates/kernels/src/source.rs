@@ -141,7 +141,7 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         work.div_ceil(u64::from(ELEMENTWISE_THREADS)).min(u64::from(cap)).max(1) as u32
     };
     let (grid, block) = match kernel.op {
-        Op::FusedOneStage => {
+        Op::FusedOneStage | Op::FusedOneStageEpilogue => {
             // One warp more than the row's packs, where it fits and every row still gets a block
             // of its own: its threads check the peers' call headers while the others wait for
             // the data (kernels.cu `check_headers`), one round trip off a call.
@@ -151,7 +151,9 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
             let block = if spare { with_checkers } else { row_threads };
             (rows.min(resident_blocks(sm_count, block)), block)
         }
-        Op::ScratchAddRmsNorm | Op::AddRmsNorm => (rows.min(65_535), row_threads),
+        Op::ScratchAddRmsNorm | Op::AddRmsNorm | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue => {
+            (rows.min(65_535), row_threads)
+        }
         Op::AllReduceOneStage => {
             (elementwise(packs, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
         }
@@ -201,7 +203,7 @@ mod tests {
                     let row_packs = hidden as usize / dtype.pack_elems();
                     assert!(
                         row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
-                            || !matches!(op, Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
+                            || !matches!(op.plain(), Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
                     );
                 }
             }
@@ -295,6 +297,31 @@ mod tests {
         assert!(src.contains(&format!("#define ARFUSE_PUSH_SENTINEL {:#x}u\n", crate::params::PUSH_SENTINEL)));
         assert!(src.contains(&format!("#define ARFUSE_FLAG_REFUSED {}u\n", crate::params::FLAG_REFUSED)));
         assert!(src.contains(&format!("#define ARFUSE_OP_CODE_REFUSED {}u\n", crate::params::OP_CODE_REFUSED)));
+        for (name, value) in [
+            ("ARFUSE_EPILOGUE_GEMMA", crate::params::EPILOGUE_GEMMA),
+            ("ARFUSE_EPILOGUE_NO_RESIDUAL", crate::params::EPILOGUE_NO_RESIDUAL),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value}u\n")), "{name} != {value} in arfuse.h");
+        }
+        for (name, value) in [
+            ("ARFUSE_EPILOGUE_SCALE_MASK", crate::params::EPILOGUE_SCALE_MASK),
+            ("ARFUSE_EPILOGUE_SCALE_PER_TENSOR", crate::params::EPILOGUE_SCALE_PER_TENSOR),
+            ("ARFUSE_EPILOGUE_SCALE_PER_TOKEN", crate::params::EPILOGUE_SCALE_PER_TOKEN),
+            ("ARFUSE_EPILOGUE_SCALE_PER_GROUP", crate::params::EPILOGUE_SCALE_PER_GROUP),
+            ("ARFUSE_EPILOGUE_FNUZ", crate::params::EPILOGUE_FNUZ),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value:#x}u\n")), "{name} != {value:#x} in arfuse.h");
+        }
+        // The FP8 constants the kernels write as bits: the contract's values.
+        use crate::contract::Fp8Format;
+        for (f, bits) in [(Fp8Format::E4m3Fn, "0x36924925u"), (Fp8Format::E4m3Fnuz, "0x37088889u")] {
+            assert!(src.contains(bits), "min scale of {} not in arfuse.h", f.name());
+            assert_eq!(format!("{:#x}u", f.min_scale().to_bits()), bits, "{}", f.name());
+        }
+        for (f, bits) in [(Fp8Format::E4m3Fn, "0x43e00000u"), (Fp8Format::E4m3Fnuz, "0x43700000u")] {
+            assert!(src.contains(bits));
+            assert_eq!(format!("{:#x}u", f.max().to_bits()), bits);
+        }
         for op in Op::ALL {
             for dtype in DType::ALL {
                 let symbol = KernelId { op, dtype }.symbol();
