@@ -8,6 +8,7 @@
 //! (`arfuse_testkit::require_backend`). On a GPU host:
 //! `ARFUSE_REQUIRE_BACKENDS=cuda <test binary> cuda:: --test-threads=1 --nocapture` (or `hip::`).
 
+mod epilogues;
 mod graphs;
 mod paths;
 mod processes;
@@ -57,6 +58,7 @@ macro_rules! suite {
         instantiate!(
             $backend;
             paths::operator_every_path_matches_the_reference: read,
+            epilogues::every_epilogue_on_every_path_is_exact: read,
             graphs::one_captured_graph_replayed_many_times_stays_exact: read,
             graphs::graph_inputs_registered_after_capture_are_read_in_place: read,
             graphs::graph_inputs_registered_after_capture_over_ipc: read,
