@@ -242,9 +242,9 @@ pub fn fp8_spec(quant: &Quant) -> String {
 
 /// An FP8 output read back: the codes and scales of one rank's call.
 pub(crate) struct Fp8Out<'a> {
-    quant: Quant,
-    codes: &'a [u8],
-    scales: &'a [f32],
+    pub(crate) quant: Quant,
+    pub(crate) codes: &'a [u8],
+    pub(crate) scales: &'a [f32],
 }
 
 /// Fails unless the FP8 output of `fixture`'s call equals testkit's computation bit for bit.
