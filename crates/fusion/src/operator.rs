@@ -94,6 +94,13 @@ pub struct BytesMut<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> BytesMut<'a, B> {
+    /// Borrows the bytes of a slice of `B`'s memory exclusively, whatever its element type (the
+    /// FP8 codes need no [`Element`] of their own: an f32 buffer of `n / 4` elements holds `n`).
+    pub fn new<S: DeviceSliceMut<B> + ?Sized>(slice: &'a mut S) -> Self {
+        let len = slice.len() * std::mem::size_of::<S::Elem>();
+        BytesMut { ptr: slice.device_ptr(), len, _borrow: PhantomData }
+    }
+
     /// A byte tensor from a raw device address.
     ///
     /// # Safety

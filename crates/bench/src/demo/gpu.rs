@@ -152,7 +152,6 @@ fn run_case<B: GpuBackend, T: Element>(
         residual_out.upload(stream, &poisoned)?;
         codes.upload(stream, &code_poison)?;
         scales.upload(stream, &vec![f32::NAN; n_scales.max(1)])?;
-        let (codes_ptr, scales_ptr) = (codes.device_ptr(), scales.device_ptr());
         let mut call = |op: &mut AllReduceRmsNorm<B>| -> Result<Path> {
             let call = Args {
                 input: TensorRef::new(&input),
@@ -162,14 +161,10 @@ fn run_case<B: GpuBackend, T: Element>(
                 residual_out: TensorMut::new(&mut residual_out),
                 eps: problem.eps,
             };
-            // SAFETY: `codes` holds `elems` bytes and `scales` at least `n_scales` f32s; both
-            // live until after `check` below, and nothing else touches them meanwhile.
-            let quant = quant.map(|quant| unsafe {
-                QuantOut {
-                    quant,
-                    codes: BytesMut::from_raw(codes_ptr, elems),
-                    scales: (n_scales > 0).then(|| TensorMut::from_raw(scales_ptr, n_scales)),
-                }
+            let quant = quant.map(|quant| QuantOut {
+                quant,
+                codes: BytesMut::new(&mut codes),
+                scales: (n_scales > 0).then(|| TensorMut::new(&mut scales)),
             });
             let variant = Variant { no_residual: false, quant };
             let ran = match forced {
