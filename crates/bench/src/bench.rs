@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// Input seed.
     #[arg(long, default_value_t = 0x00a7_f05e)]
     pub seed: u64,
+    /// Also time each fused path with `out` quantised to FP8 in the same call (issue 17; rows
+    /// `fused-1stage+fp8`, `fused-2stage+fp8`): `FORMAT:SCALING` as `arfuse-demo --fp8`
+    /// (`e4m3fn:per-token`, `e4m3fn:per-tensor=0.01`, ...). Checked bit-exact unless --no-check.
+    #[arg(long, value_name = "FORMAT:SCALING")]
+    pub fp8: Option<String>,
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -216,6 +221,7 @@ fn run_backend(args: &BenchArgs, cases: Vec<(Mode, Shape)>, command: String) -> 
         input_sets: args.input_sets.map(usize::from),
         seed: args.seed,
         command,
+        fp8: args.fp8.as_deref().map(crate::demo::parse_fp8).transpose()?,
     };
     match args.backend.as_str() {
         #[cfg(feature = "cuda")]

@@ -19,10 +19,14 @@ mod gpu;
 pub mod verify;
 
 use anyhow::{bail, Context, Result};
-use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_fusion::{
+    AllReduce, AllReduceRmsNorm, Args, BytesMut, Config, FallbackReason, Path, QuantOut, TensorMut, TensorRef, Variant,
+};
 use arfuse_ipc::UnixRendezvous;
 use arfuse_kernels::api::Cpu;
+use arfuse_kernels::contract::{Epilogue, Fp8Format, Quant, Scaling};
 use arfuse_kernels::{Backend, DType, Element};
+use arfuse_testkit::quant::ExactOutputs;
 use arfuse_testkit::{poison, unwritten, Fixture, Problem, Reference};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -72,6 +76,12 @@ pub struct DemoArgs {
     /// residual_out bit-exact, out within the accepted band, every element written), then exit.
     #[arg(long, value_name = "DIR")]
     pub verify_dump: Option<PathBuf>,
+    /// Also quantise `out` to FP8 in the same call (issue 17): `FORMAT:SCALING`, FORMAT `e4m3fn`
+    /// or `e4m3fnuz`, SCALING `per-token`, `per-group` (of 128) or `per-tensor=SCALE`. The codes
+    /// and scales are checked bit-exact against testkit's independent computation, and `--dump`
+    /// writes them too (`out_fp8`, u8, and `scales`, f32).
+    #[arg(long, value_name = "FORMAT:SCALING")]
+    pub fp8: Option<String>,
     /// Seconds a rank waits for its peers.
     #[arg(long, default_value_t = 30)]
     pub timeout_s: u64,
@@ -201,6 +211,57 @@ fn resolve(choice: BackendChoice) -> Result<Resolved> {
 }
 
 /// The storage dtype `--dtype` names.
+/// `FORMAT:SCALING` of `--fp8` (and of a dump's `fp8` metadata).
+pub fn parse_fp8(spec: &str) -> Result<Quant> {
+    let (format, scaling) = spec.split_once(':').with_context(|| format!("--fp8 {spec:?}: FORMAT:SCALING"))?;
+    let format = match format {
+        "e4m3fn" => Fp8Format::E4m3Fn,
+        "e4m3fnuz" => Fp8Format::E4m3Fnuz,
+        other => bail!("--fp8: format {other:?} is not e4m3fn or e4m3fnuz"),
+    };
+    let scaling = match scaling {
+        "per-token" => Scaling::PerToken,
+        "per-group" => Scaling::PerGroup,
+        other => match other.strip_prefix("per-tensor=") {
+            Some(scale) => Scaling::PerTensor(scale.parse().with_context(|| format!("--fp8 scale {scale:?}"))?),
+            None => bail!("--fp8: scaling {other:?} is not per-token, per-group or per-tensor=SCALE"),
+        },
+    };
+    Ok(Quant { format, scaling })
+}
+
+/// The `--fp8` text of `quant` (exact: a static scale as the shortest f32 that reads back).
+pub fn fp8_spec(quant: &Quant) -> String {
+    let scaling = match quant.scaling {
+        Scaling::PerToken => "per-token".to_string(),
+        Scaling::PerGroup => "per-group".to_string(),
+        Scaling::PerTensor(s) => format!("per-tensor={s:?}"),
+    };
+    format!("{}:{scaling}", quant.format.name())
+}
+
+/// An FP8 output read back: the codes and scales of one rank's call.
+pub(crate) struct Fp8Out<'a> {
+    pub(crate) quant: Quant,
+    pub(crate) codes: &'a [u8],
+    pub(crate) scales: &'a [f32],
+}
+
+/// Fails unless the FP8 output of `fixture`'s call equals testkit's computation bit for bit.
+pub(crate) fn check_fp8<T: Element>(what: &str, fixture: &Fixture<T>, fp8: &Fp8Out<'_>) -> Result<()> {
+    let want = ExactOutputs::compute(fixture, &Epilogue { quant: Some(fp8.quant), ..Epilogue::default() });
+    if let Some(i) = want.codes.iter().zip(fp8.codes).position(|(a, b)| a != b) {
+        bail!("{what}: FP8 code {i} is {:#04x}, the contract's is {:#04x}", fp8.codes[i], want.codes[i]);
+    }
+    if let Some(i) = want.scales.iter().zip(fp8.scales).position(|(a, b)| a.to_bits() != b.to_bits()) {
+        bail!("{what}: FP8 scale {i} is {:e}, the contract's is {:e}", fp8.scales[i], want.scales[i]);
+    }
+    if want.codes.len() != fp8.codes.len() || want.scales.len() != fp8.scales.len() {
+        bail!("{what}: FP8 output of the wrong size");
+    }
+    Ok(())
+}
+
 fn parse_dtype(name: &str) -> Result<DType> {
     DType::ALL
         .into_iter()
@@ -382,14 +443,20 @@ fn run_case<T: Element>(
     let fixture = Fixture::<T>::generate(problem);
     let reference = Reference::compute(&fixture);
     let elems = problem.rows * problem.hidden;
+    let quant = args.fp8.as_deref().map(parse_fp8).transpose()?;
+    let n_scales = quant.map_or(0, |q| problem.rows * q.scaling.scales_per_row(problem.hidden));
     for (asked, forced) in PATHS {
         let mut out = vec![T::from_f32(0.0); elems];
         let mut residual_out = vec![T::from_f32(0.0); elems];
+        let mut codes = vec![0u8; if quant.is_some() { elems } else { 0 }];
+        let mut scales = vec![f32::NAN; n_scales];
         let mut times = Vec::with_capacity(args.iters);
         let mut ran = Path::Noop;
         for iter in 0..args.iters + 1 {
             poison(&mut out);
             poison(&mut residual_out);
+            codes.fill(0xa5);
+            scales.fill(f32::NAN);
             let call = Args {
                 input: TensorRef::new(&fixture.inputs[rank][..]),
                 residual: TensorRef::new(&fixture.residual[..]),
@@ -398,10 +465,18 @@ fn run_case<T: Element>(
                 residual_out: TensorMut::new(&mut residual_out[..]),
                 eps: problem.eps,
             };
+            let variant = Variant {
+                no_residual: false,
+                quant: quant.map(|quant| QuantOut {
+                    quant,
+                    codes: BytesMut::host(&mut codes[..]),
+                    scales: (n_scales > 0).then(|| TensorMut::new(&mut scales[..])),
+                }),
+            };
             let start = Instant::now();
             ran = match forced {
-                Some(path) => op.forward_on(stream, path, call)?,
-                None => op.forward(stream, call)?,
+                Some(path) => op.forward_on_with(stream, path, call, variant)?,
+                None => op.forward_with(stream, call, variant)?,
             };
             if iter > 0 {
                 times.push(start.elapsed());
@@ -412,8 +487,12 @@ fn run_case<T: Element>(
         let us = median.as_secs_f64() * 1e6;
         let result = case_result(rank, mode, problem, asked, ran, us, &reference, &out, &residual_out);
         println!("{RESULT_TAG}{}", serde_json::to_string(&result)?);
+        let fp8 = quant.map(|quant| Fp8Out { quant, codes: &codes, scales: &scales });
+        if let Some(fp8) = &fp8 {
+            check_fp8(&format!("rank {rank} {problem} {asked}"), &fixture, fp8)?;
+        }
         if let (Some(dir), "auto") = (&args.dump, asked) {
-            dump(dir, rank, problem, &fixture, &out, &residual_out)?;
+            dump(dir, rank, problem, &fixture, &out, &residual_out, fp8.as_ref())?;
         }
     }
     Ok(())
@@ -426,6 +505,7 @@ fn dump<T: Element>(
     fixture: &Fixture<T>,
     out: &[T],
     residual_out: &[T],
+    fp8: Option<&Fp8Out<'_>>,
 ) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     std::fs::create_dir_all(dir)?;
@@ -443,11 +523,23 @@ fn dump<T: Element>(
         ("out", bytes(out), shape.clone()),
         ("residual_out", bytes(residual_out), shape.clone()),
     ];
-    let views = tensors
+    let mut views = tensors
         .iter()
         .map(|(name, data, shape)| Ok((name.to_string(), TensorView::new(dtype, shape.clone(), data)?)))
         .collect::<Result<Vec<_>>>()?;
+    let scale_bytes: Vec<u8> = fp8.map(|f| bytemuck::cast_slice(f.scales).to_vec()).unwrap_or_default();
+    if let Some(f) = fp8 {
+        // The codes as u8 (safetensors' F8_E4M3 is e4m3fn only; the `fp8` metadata names the format).
+        views.push(("out_fp8".to_string(), TensorView::new(Dtype::U8, shape.clone(), f.codes)?));
+        let per_row = f.quant.scaling.scales_per_row(problem.hidden);
+        if per_row > 0 {
+            views.push(("scales".to_string(), TensorView::new(Dtype::F32, vec![problem.rows, per_row], &scale_bytes)?));
+        }
+    }
     let mut meta = std::collections::HashMap::new();
+    if let Some(f) = fp8 {
+        meta.insert("fp8".to_string(), fp8_spec(&f.quant));
+    }
     meta.insert("world_size".to_string(), problem.world_size.to_string());
     meta.insert("rank".to_string(), rank.to_string());
     meta.insert("eps".to_string(), format!("{:e}", problem.eps));

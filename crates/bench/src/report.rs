@@ -225,6 +225,35 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 impl Report {
+    /// The FP8-out rows of one mode (`--fp8`), in Markdown: each fused path plain and with its
+    /// FP8 output, and the ratio (issue 17's target: at most 1.1 at decode shapes). Empty without them.
+    pub fn fp8_table(&self, mode: Mode) -> String {
+        let rows: Vec<&Row> =
+            self.rows.iter().filter(|r| r.mode == mode && r.path("fused-1stage+fp8").is_some()).collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut s = format!(
+            "FP8 out, {mode:?} ({}), p50 µs\n\n| shape | fused-1stage | +fp8 | ratio | fused-2stage | +fp8 | ratio |\n|---|---|---|---|---|---|---|\n",
+            mode.how()
+        );
+        for row in rows {
+            let mut cells = Vec::new();
+            for path in ["fused-1stage", "fused-2stage"] {
+                let plain = row.path(path).map(|p| p.stats.p50);
+                let fp8 = row.path(&format!("{path}+fp8")).map(|p| p.stats.p50);
+                cells.push(format!(
+                    "{} | {} | {}",
+                    opt(plain, 1),
+                    opt(fp8, 1),
+                    opt(plain.zip(fp8).map(|(a, b)| b / a), 2)
+                ));
+            }
+            let _ = writeln!(s, "| {} | {} | {} |", row.shape, cells[0], cells[1]);
+        }
+        s
+    }
+
     /// The table of one mode, in Markdown.
     pub fn table(&self, mode: Mode) -> String {
         let rows: Vec<&Row> = self.rows.iter().filter(|r| r.mode == mode).collect();
@@ -297,6 +326,11 @@ impl Report {
             let table = self.table(mode);
             if !table.is_empty() {
                 s.push_str(&table);
+                s.push('\n');
+            }
+            let fp8 = self.fp8_table(mode);
+            if !fp8.is_empty() {
+                s.push_str(&fp8);
                 s.push('\n');
             }
         }
@@ -402,6 +436,13 @@ mod tests {
         let json = serde_json::to_string(&report).expect("json");
         let back: Report = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, report);
+        // `--fp8` rows: their own table, plain beside quantised, with the ratio.
+        assert!(report.fp8_table(Mode::Decode).is_empty());
+        report.rows[0].paths.push(timing("fused-1stage+fp8", 10.5, Some(true)));
+        report.rows[0].paths.push(timing("fused-2stage+fp8", 20.0, Some(true)));
+        let fp8 = report.fp8_table(Mode::Decode);
+        assert!(fp8.contains("| 4x4096 | 10.0 | 10.5 | 1.05 | 16.0 | 20.0 | 1.25 |"), "{fp8}");
+        assert!(report.render().contains(&fp8));
     }
 
     #[test]

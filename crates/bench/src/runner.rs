@@ -15,7 +15,9 @@
 
 use crate::report::{floor_bytes, Floors, Mode, PathTiming, Report, Row, Shape, Stats};
 use anyhow::{anyhow, bail, Context, Result};
-use arfuse_fusion::{AllReduce, AllReduceRmsNorm, Args, Config, FallbackReason, Path, TensorMut, TensorRef};
+use arfuse_fusion::{
+    AllReduce, AllReduceRmsNorm, Args, BytesMut, Config, FallbackReason, Path, QuantOut, TensorMut, TensorRef, Variant,
+};
 use arfuse_ipc::ThreadRendezvous;
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{Element, GpuBackend};
@@ -53,6 +55,8 @@ pub struct Plan {
     pub seed: u64,
     /// The command line, for the report.
     pub command: String,
+    /// `--fp8`: the fused paths are timed again with this FP8 output (`+fp8` rows).
+    pub fp8: Option<arfuse_kernels::contract::Quant>,
 }
 
 /// The unfused path as the bench forces it.
@@ -139,6 +143,9 @@ struct DeviceSet<B: GpuBackend, T: Element> {
     residual: DeviceBuffer<B, T>,
     out: DeviceBuffer<B, T>,
     residual_out: DeviceBuffer<B, T>,
+    /// `--fp8`: the codes (in f32 words: u8 is no Element) and the scales (at least one).
+    codes: DeviceBuffer<B, f32>,
+    scales: DeviceBuffer<B, f32>,
 }
 
 /// The device's floors: copy bandwidth and one graph node.
@@ -356,6 +363,8 @@ fn run_case<B: GpuBackend, T: Element>(
     let what = format!("rank {rank} {:?} {}", case.mode, case.shape);
     phase.wait()?;
     let poisoned = poisoned::<T>(case.shape.rows * case.shape.hidden);
+    let elems = case.shape.rows * case.shape.hidden;
+    let n_scales = plan.fp8.map_or(0, |q| case.shape.rows * q.scaling.scales_per_row(case.shape.hidden));
     let weight = DeviceBuffer::<B, _>::from_slice(stream, &case.sets[0].weight)?;
     let mut sets = Vec::new();
     for fixture in &case.sets {
@@ -364,6 +373,11 @@ fn run_case<B: GpuBackend, T: Element>(
             residual: DeviceBuffer::<B, _>::from_slice(stream, &fixture.residual)?,
             out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
             residual_out: DeviceBuffer::<B, _>::from_slice(stream, &poisoned)?,
+            codes: DeviceBuffer::<B, _>::from_slice(
+                stream,
+                &vec![0.0f32; if plan.fp8.is_some() { elems / 4 } else { 1 }],
+            )?,
+            scales: DeviceBuffer::<B, _>::from_slice(stream, &vec![f32::NAN; n_scales.max(1)])?,
         });
     }
     let iters = match case.mode {
@@ -372,13 +386,28 @@ fn run_case<B: GpuBackend, T: Element>(
     }
     .max(1);
     let mut timings = Vec::new();
-    for path in [UNFUSED, Path::OneStage, Path::TwoStage] {
+    let mut runs: Vec<(Path, Option<arfuse_kernels::contract::Quant>)> =
+        vec![(UNFUSED, None), (Path::OneStage, None), (Path::TwoStage, None)];
+    if let Some(q) = plan.fp8 {
+        runs.extend([(Path::OneStage, Some(q)), (Path::TwoStage, Some(q))]);
+    }
+    for (path, quant) in runs {
         sets[0].out.upload(stream, &poisoned)?;
         sets[0].residual_out.upload(stream, &poisoned)?;
         let call = |op: &mut AllReduceRmsNorm<B>, sets: &mut [DeviceSet<B, T>], k: usize| -> Result<()> {
             let n = sets.len();
             let set = &mut sets[k % n];
-            op.forward_on(
+            let (codes, scales) = (set.codes.device_ptr(), set.scales.device_ptr());
+            // SAFETY: `codes` holds `elems` bytes (elems / 4 f32 words) and `scales` at least
+            // `n_scales` f32s whenever `quant` is set; the set outlives every call and replay.
+            let quant = quant.map(|quant| unsafe {
+                QuantOut {
+                    quant,
+                    codes: BytesMut::from_raw(codes, elems),
+                    scales: (n_scales > 0).then(|| TensorMut::from_raw(scales, n_scales)),
+                }
+            });
+            op.forward_on_with(
                 stream,
                 path,
                 Args {
@@ -389,6 +418,7 @@ fn run_case<B: GpuBackend, T: Element>(
                     residual_out: TensorMut::new(&mut set.residual_out),
                     eps: case.sets[0].problem.eps,
                 },
+                Variant { no_residual: false, quant },
             )
             .with_context(|| format!("{what} {path}"))?;
             Ok(())
@@ -451,10 +481,20 @@ fn run_case<B: GpuBackend, T: Element>(
             Some(reference) => {
                 let out = sets[0].out.download(stream)?;
                 let residual_out = sets[0].residual_out.download(stream)?;
-                let ok = unwritten(&out).is_empty()
+                let mut ok = unwritten(&out).is_empty()
                     && unwritten(&residual_out).is_empty()
                     && reference.residual_out_mismatches(&residual_out).total == 0
                     && reference.out_violations(&out, 1).total == 0;
+                if let Some(quant) = quant {
+                    let words = sets[0].codes.download(stream)?;
+                    let codes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_ne_bytes()).collect();
+                    let scales = sets[0].scales.download(stream)?;
+                    let fp8 = crate::demo::Fp8Out { quant, codes: &codes, scales: &scales[..n_scales] };
+                    if let Err(e) = crate::demo::check_fp8(&what, &case.sets[0], &fp8) {
+                        eprintln!("{e}");
+                        ok = false;
+                    }
+                }
                 if !ok {
                     eprintln!("{what} {path}: outputs differ from the reference");
                 }
@@ -463,7 +503,8 @@ fn run_case<B: GpuBackend, T: Element>(
             None => None,
         };
         let stats = Stats::of(&samples).context("no samples (repeats 0?)")?;
-        timings.push(PathTiming { path: path.name().to_string(), stats, exact });
+        let name = if quant.is_some() { format!("{}+fp8", path.name()) } else { path.name().to_string() };
+        timings.push(PathTiming { path: name, stats, exact });
         if rank == 0 {
             progress.set_message(format!("{:?} {} {}", case.mode, case.shape, path.name()));
             progress.inc(1);

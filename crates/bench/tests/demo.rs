@@ -125,3 +125,47 @@ fn an_explicit_gpu_backend_without_a_gpu_is_refused_clearly() {
         }
     }
 }
+
+/// `--fp8`: every path's FP8 codes and scales checked in the run, and `--dump` writes them
+/// (`out_fp8` u8, `scales` f32, the `fp8` metadata) so that `--verify-dump` checks them again
+/// independently; a flipped code is refused.
+#[test]
+fn demo_quantises_exactly_and_dumps_the_codes_and_scales() {
+    let dump = scratch("fp8");
+    let shapes =
+        ["--world", "2", "--decode-tokens", "1,5", "--prefill-tokens", "40", "--hidden", "4096", "--iters", "1"];
+    for (spec, per_row) in [("e4m3fn:per-group", 32usize), ("e4m3fnuz:per-token", 1), ("e4m3fn:per-tensor=0.01", 0)] {
+        let _ = std::fs::remove_dir_all(&dump);
+        let output = demo(&[&shapes[..], &["--backend", "cpu", "--fp8", spec]].concat(), Some(&dump));
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "demo --fp8 {spec} failed:\n{stdout}\n{stderr}");
+        let file = dump.join("rank1-40x4096-bf16.safetensors");
+        let bytes = std::fs::read(&file).expect("dump written");
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+        assert_eq!(header.metadata().as_ref().and_then(|m| m.get("fp8")).map(String::as_str), Some(spec));
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        assert_eq!(tensors.tensor("out_fp8").expect("out_fp8").shape(), &[40, 4096]);
+        match per_row {
+            0 => assert!(tensors.tensor("scales").is_err(), "{spec}: no scales per tensor"),
+            n => assert_eq!(tensors.tensor("scales").expect("scales").shape(), &[40, n]),
+        }
+        let verified = demo(&["--verify-dump", dump.to_str().expect("utf-8 path")], None);
+        let (stdout, stderr) = text(&verified);
+        assert!(verified.status.success(), "verify-dump --fp8 {spec} failed:\n{stdout}\n{stderr}");
+    }
+    // One code of rank 0 changed.
+    let victim = dump.join("rank0-5x4096-bf16.safetensors");
+    let mut bytes = std::fs::read(&victim).expect("dump");
+    let at = {
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let data = tensors.tensor("out_fp8").expect("out_fp8").data();
+        data.as_ptr() as usize - bytes.as_ptr() as usize + 777
+    };
+    bytes[at] ^= 0x01;
+    std::fs::write(&victim, &bytes).expect("rewrite");
+    let refused = demo(&["--verify-dump", dump.to_str().expect("utf-8 path")], None);
+    let (stdout, stderr) = text(&refused);
+    assert!(!refused.status.success(), "a corrupted FP8 dump passed:\n{stdout}");
+    assert!(stderr.contains("FP8 code 777"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dump);
+}

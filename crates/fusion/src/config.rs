@@ -9,11 +9,13 @@
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
 //! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 32768 |
 //! | `ARFUSE_TUNE_FILE` | a measured table of 1-stage thresholds per world size ([`crate::tune`]) | none |
+//! | `ARFUSE_NORM` | `standard`: `w · x̂`; `gemma`: `(1 + w) · x̂`, weights stored as offsets ([`Norm`]) | `standard` |
 //! | `ARFUSE_PUSH_SLOT_BYTES` | bytes of each push receive slot (the largest 1-stage call); 0: the 1-stage threshold | 0 |
 
 use crate::dispatch::Policy;
 use crate::graph::DEFAULT_GRAPH_SLOTS;
 use crate::{Error, Result};
+pub use arfuse_kernels::contract::Norm;
 use std::time::Duration;
 
 /// Default time a rank waits for its peers before it reports [`Error::PeerTimeout`].
@@ -57,6 +59,10 @@ pub struct Config {
     /// each, allocated with the operator in whole 2 MiB (none on the cpu backend). 0 disables
     /// the feature.
     pub graph_slots: usize,
+    /// How RMSNorm applies its weight: [`Norm::Standard`] (`w · x̂`) or Gemma's
+    /// [`Norm::GemmaOffset`] (`(1 + w) · x̂`, the checkpoint's weights used as they are). Every
+    /// call and path of the operator uses it (`arfuse_kernels::contract`, "Epilogues").
+    pub norm: Norm,
 }
 
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
@@ -82,6 +88,7 @@ impl Default for Config {
             #[cfg(feature = "test-hooks")]
             fault: None,
             graph_slots: DEFAULT_GRAPH_SLOTS,
+            norm: Norm::Standard,
         }
     }
 }
@@ -105,6 +112,12 @@ impl Config {
     #[must_use]
     pub fn with_graph_slots(mut self, graph_slots: usize) -> Self {
         self.graph_slots = graph_slots;
+        self
+    }
+
+    /// `self` with RMSNorm's weight applied as `norm` says (Gemma's `(1 + w)`: [`Norm::GemmaOffset`]).
+    pub fn with_norm(mut self, norm: Norm) -> Self {
+        self.norm = norm;
         self
     }
 
@@ -159,6 +172,13 @@ impl Config {
         }
         if let Some(v) = parse("ARFUSE_PUSH_SLOT_BYTES")? {
             self.policy.push_slot_bytes = v as usize;
+        }
+        if let Some(v) = lookup("ARFUSE_NORM") {
+            self.norm = match v.trim() {
+                "standard" => Norm::Standard,
+                "gemma" => Norm::GemmaOffset,
+                other => return Err(Error::Config(format!("ARFUSE_NORM must be standard or gemma, not {other:?}"))),
+            };
         }
         self.validate()?;
         Ok(self)

@@ -76,6 +76,21 @@ pub enum Error {
         /// Whether the two are the identical range (else they overlap partly).
         identical: bool,
     },
+    /// Per-group FP8 quantisation of a row whose hidden size is not a multiple of the group
+    /// (128); nothing was launched.
+    #[error("per-group FP8 quantisation needs a hidden size that is a multiple of {group}, not {hidden}")]
+    QuantGroupUnsupported {
+        /// The call's hidden size.
+        hidden: usize,
+        /// The group size (`arfuse_kernels::contract::QUANT_GROUP`).
+        group: usize,
+    },
+    /// A static (per-tensor) FP8 scale that is not finite and positive; nothing was launched.
+    #[error("the static FP8 scale {scale} must be finite and > 0")]
+    BadQuantScale {
+        /// The scale given.
+        scale: f32,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

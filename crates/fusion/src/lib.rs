@@ -36,10 +36,11 @@ pub mod vendor;
 
 pub use arfuse_ipc as ipc;
 pub use arfuse_kernels as kernels;
+pub use arfuse_kernels::contract::{Fp8Format, Norm, Quant, Scaling};
 pub use config::Config;
 #[cfg(feature = "test-hooks")]
 pub use config::Fault;
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
-pub use operator::{AllReduceRmsNorm, Args, TensorMut, TensorRef};
+pub use operator::{AllReduceRmsNorm, Args, BytesMut, QuantOut, TensorMut, TensorRef, Variant};
 pub use tune::TuneTable;

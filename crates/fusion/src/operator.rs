@@ -10,6 +10,8 @@ use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
 use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator};
+use arfuse_kernels::contract::{Epilogue, Quant, Scaling, QUANT_GROUP};
+use arfuse_kernels::params::epilogue_bits;
 use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{
     Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
@@ -159,12 +161,81 @@ impl<'a, B: Backend, T: Element> Args<'a, B, T> {
     }
 }
 
+/// A written byte tensor (the FP8 codes of [`QuantOut`]), exclusively borrowed for the call.
+#[derive(Debug)]
+pub struct BytesMut<'a, B: Backend> {
+    ptr: DevicePtr,
+    len: usize,
+    _borrow: Borrow<B, &'a mut [u8]>,
+}
+
+impl<'a, B: Backend> BytesMut<'a, B> {
+    /// Borrows the bytes of a slice of `B`'s memory exclusively, whatever its element type (the
+    /// FP8 codes need no [`Element`] of their own: an f32 buffer of `n / 4` elements holds `n`).
+    pub fn new<S: DeviceSliceMut<B> + ?Sized>(slice: &'a mut S) -> Self {
+        let len = slice.len() * std::mem::size_of::<S::Elem>();
+        BytesMut { ptr: slice.device_ptr(), len, _borrow: PhantomData }
+    }
+
+    /// A byte tensor from a raw device address.
+    ///
+    /// # Safety
+    /// As [`TensorMut::from_raw`]: `len` bytes at `ptr` in `B`'s memory, valid, and untouched by
+    /// anything else until the call's work has executed.
+    pub unsafe fn from_raw(ptr: DevicePtr, len: usize) -> Self {
+        BytesMut { ptr, len, _borrow: PhantomData }
+    }
+}
+
+impl<'a> BytesMut<'a, arfuse_kernels::api::Cpu> {
+    /// Borrows host bytes (the cpu backend's memory is host memory).
+    pub fn host(bytes: &'a mut [u8]) -> Self {
+        BytesMut { ptr: DevicePtr(bytes.as_mut_ptr() as u64), len: bytes.len(), _borrow: PhantomData }
+    }
+}
+
+/// An FP8 copy of `out` ([`Variant::quant`]): `codes` receives `[rows, hidden]` codes of
+/// `quant.format`, `scales` the dynamic scales (f32 `[rows]` per token, `[rows, hidden / 128]`
+/// per group, row major; `None` per tensor). Exact by contract (`arfuse_kernels::contract`,
+/// "Epilogues"); `out` itself is written too (the unquantised side output).
+#[derive(Debug)]
+pub struct QuantOut<'a, B: Backend> {
+    /// Format and scaling.
+    pub quant: Quant,
+    /// The codes, `rows * hidden` bytes, 16-byte aligned.
+    pub codes: BytesMut<'a, B>,
+    /// The dynamic scales (4-byte aligned), `None` for per-tensor scaling.
+    pub scales: Option<TensorMut<'a, B, f32>>,
+}
+
+/// What a call may add to [`Args`] ([`AllReduceRmsNorm::forward_with`]); the default is the plain
+/// call.
+#[derive(Debug)]
+pub struct Variant<'a, B: Backend> {
+    /// No residual (TensorRT-LLM's `RMS_NORM`): `out = RMSNorm(Σ x_r)`; [`Args::residual`] and
+    /// [`Args::residual_out`] must then be empty (length 0): nothing is read or written there.
+    pub no_residual: bool,
+    /// An FP8 copy of `out`.
+    pub quant: Option<QuantOut<'a, B>>,
+}
+
+impl<B: Backend> Default for Variant<'_, B> {
+    fn default() -> Self {
+        Variant { no_residual: false, quant: None }
+    }
+}
+
 /// A validated call: shapes known, nothing launched yet.
 #[derive(Clone, Copy, Debug)]
 struct Call {
     rows: usize,
     hidden: usize,
     request: Request,
+    /// The contract's epilogue (plain unless the config or the call's [`Variant`] asks).
+    epilogue: Epilogue,
+    /// The FP8 codes and scales (0 when not quantised / not dynamic).
+    out_q: u64,
+    scales: u64,
 }
 
 /// The fused all-reduce + residual add + RMSNorm of one rank.
@@ -397,8 +468,21 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// tensors, but still takes part in the group's count of calls: it sends its peers a header
     /// saying it refused, so that a peer that made the call gets [`Error::CallMismatch`] instead
     /// of pairing it with this rank's next call. (A poisoned operator sends nothing.)
-    pub fn forward<T: Element>(&mut self, stream: &B::Stream, mut args: Args<'_, B, T>) -> Result<Path> {
-        let admitted = self.validate(&args).and_then(|call| {
+    pub fn forward<T: Element>(&mut self, stream: &B::Stream, args: Args<'_, B, T>) -> Result<Path> {
+        self.forward_with(stream, args, Variant::default())
+    }
+
+    /// [`forward`](Self::forward) with a [`Variant`]: no residual and/or an FP8 copy of `out`.
+    /// Bad combinations (per-group scaling of a hidden size not a multiple of 128, a scales
+    /// buffer of the wrong length, a bad static scale, a non-empty residual with `no_residual`)
+    /// are typed errors, refused like any other bad input, with nothing launched.
+    pub fn forward_with<T: Element>(
+        &mut self,
+        stream: &B::Stream,
+        mut args: Args<'_, B, T>,
+        variant: Variant<'_, B>,
+    ) -> Result<Path> {
+        let admitted = self.validate(&args, &variant).and_then(|call| {
             let path = choose_path(&call.request, &self.config.policy);
             self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
         });
@@ -418,9 +502,21 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     /// Only with the `test-hooks` feature: an engine lets the dispatcher choose
     /// ([`forward`](Self::forward)) and steers it through [`Config::policy`].
     #[cfg(feature = "test-hooks")]
-    pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, mut args: Args<'_, B, T>) -> Result<Path> {
+    pub fn forward_on<T: Element>(&mut self, stream: &B::Stream, path: Path, args: Args<'_, B, T>) -> Result<Path> {
+        self.forward_on_with(stream, path, args, Variant::default())
+    }
+
+    /// [`forward_on`](Self::forward_on) with a [`Variant`] (feature `test-hooks`).
+    #[cfg(feature = "test-hooks")]
+    pub fn forward_on_with<T: Element>(
+        &mut self,
+        stream: &B::Stream,
+        path: Path,
+        mut args: Args<'_, B, T>,
+        variant: Variant<'_, B>,
+    ) -> Result<Path> {
         let call = self
-            .validate(&args)
+            .validate(&args, &variant)
             .and_then(|call| self.check_forced(path, &call).map(|()| call))
             .and_then(|call| args.order_before(stream).map(|()| call))
             .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
@@ -589,7 +685,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     }
 
     /// Checks everything about a call before anything is launched.
-    fn validate<T: Element>(&self, args: &Args<'_, B, T>) -> Result<Call> {
+    fn validate<T: Element>(&self, args: &Args<'_, B, T>, variant: &Variant<'_, B>) -> Result<Call> {
         if let Some(why) = &self.poisoned {
             return Err(Error::Poisoned(why.clone()));
         }
@@ -613,11 +709,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 got: elems,
             });
         }
-        for (what, len) in
-            [("residual", args.residual.len), ("out", args.out.len), ("residual_out", args.residual_out.len)]
-        {
-            if len != elems {
-                return Err(Error::ShapeMismatch { what, expected: elems, got: len });
+        let residual_elems = if variant.no_residual { 0 } else { elems };
+        for (what, len, expected) in [
+            ("residual", args.residual.len, residual_elems),
+            ("out", args.out.len, elems),
+            ("residual_out", args.residual_out.len, residual_elems),
+        ] {
+            if len != expected {
+                return Err(Error::ShapeMismatch { what, expected, got: len });
             }
         }
         if !args.eps.is_finite() || args.eps < 0.0 {
@@ -638,7 +737,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             ("out", args.out.ptr),
             ("residual_out", args.residual_out.ptr),
         ] {
-            if ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 {
+            let empty = variant.no_residual && (what == "residual" || what == "residual_out");
+            if ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 && !empty {
                 return Err(Error::Misaligned { what, ptr: ptr.0, align: PACK_BYTES });
             }
         }
@@ -647,20 +747,92 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         if row_bytes > self.config.policy.max_size / 2 {
             return Err(Error::HiddenUnsupported { hidden, max: self.config.policy.max_size / 2 / T::DTYPE.size() });
         }
-        Ok(Call { rows, hidden, request: self.request::<T>(rows, hidden) })
+        let (epilogue, out_q, scales) = self.validate_variant(args, variant, rows, hidden)?;
+        Ok(Call { rows, hidden, request: self.request::<T>(rows, hidden), epilogue, out_q, scales })
+    }
+
+    /// The epilogue of a call (the config's norm, the variant's residual and quantisation) and its
+    /// FP8 outputs' addresses, after checking them against the call's shape and tensors.
+    fn validate_variant<T: Element>(
+        &self,
+        args: &Args<'_, B, T>,
+        variant: &Variant<'_, B>,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<(Epilogue, u64, u64)> {
+        let mut epilogue = Epilogue { norm: self.config.norm, no_residual: variant.no_residual, quant: None };
+        let Some(q) = &variant.quant else { return Ok((epilogue, 0, 0)) };
+        let elems = rows * hidden;
+        match q.quant.scaling {
+            Scaling::PerTensor(scale) if !scale.is_finite() || scale <= 0.0 => {
+                return Err(Error::BadQuantScale { scale });
+            }
+            Scaling::PerGroup if hidden % QUANT_GROUP != 0 => {
+                return Err(Error::QuantGroupUnsupported { hidden, group: QUANT_GROUP });
+            }
+            _ => {}
+        }
+        if q.codes.len != elems {
+            return Err(Error::ShapeMismatch { what: "codes", expected: elems, got: q.codes.len });
+        }
+        let want_scales = rows * q.quant.scaling.scales_per_row(hidden);
+        let scales = q.scales.as_ref().map_or((0, 0), |t| (t.ptr.0, t.len));
+        if scales.1 != want_scales {
+            return Err(Error::ShapeMismatch { what: "scales", expected: want_scales, got: scales.1 });
+        }
+        if q.codes.ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 {
+            return Err(Error::Misaligned { what: "codes", ptr: q.codes.ptr.0, align: PACK_BYTES });
+        }
+        if scales.0 % 4 != 0 && want_scales > 0 {
+            return Err(Error::Misaligned { what: "scales", ptr: scales.0, align: 4 });
+        }
+        // The FP8 outputs overlap nothing: not each other, not any tensor of the call.
+        let size = T::DTYPE.size() as u64;
+        let spans = [
+            ("input", args.input.ptr.0, args.input.len as u64 * size),
+            ("residual", args.residual.ptr.0, args.residual.len as u64 * size),
+            ("weight", args.weight.ptr.0, args.weight.len as u64 * size),
+            ("out", args.out.ptr.0, args.out.len as u64 * size),
+            ("residual_out", args.residual_out.ptr.0, args.residual_out.len as u64 * size),
+            ("codes", q.codes.ptr.0, elems as u64),
+            ("scales", scales.0, want_scales as u64 * 4),
+        ];
+        let overlap = |a: (u64, u64), b: (u64, u64)| {
+            a.1 > 0
+                && b.1 > 0
+                && u128::from(a.0) < u128::from(b.0) + u128::from(b.1)
+                && u128::from(b.0) < u128::from(a.0) + u128::from(a.1)
+        };
+        for (i, &(a, pa, la)) in spans.iter().enumerate().skip(5) {
+            for &(b, pb, lb) in &spans[..i] {
+                if overlap((pa, la), (pb, lb)) {
+                    return Err(Error::Aliasing { a: b, b: a, identical: pa == pb && la == lb });
+                }
+            }
+        }
+        epilogue.quant = Some(q.quant);
+        Ok((epilogue, q.codes.ptr.0, scales.0))
     }
 
     /// Parameters shared by every launch of a call.
     fn params<T: Element>(&self, call: &Call, args: &Args<'_, B, T>) -> LaunchParams {
+        let (epilogue, quant_scale) = epilogue_bits(&call.epilogue);
+        let no_residual = call.epilogue.no_residual;
         LaunchParams {
             input: args.input.ptr.0,
-            residual: args.residual.ptr.0,
+            // With no residual the kernels read none (the 1-stage kernel's early loads still
+            // name a pack of it: the input is valid memory of the same extent).
+            residual: if no_residual { args.input.ptr.0 } else { args.residual.ptr.0 },
             weight: args.weight.ptr.0,
             out: args.out.ptr.0,
-            residual_out: args.residual_out.ptr.0,
+            residual_out: if no_residual { 0 } else { args.residual_out.ptr.0 },
             rows: call.rows as u32,
             hidden: call.hidden as u32,
             eps: args.eps,
+            out_q: call.out_q,
+            scales: call.scales,
+            quant_scale,
+            epilogue,
             ..self.group_params()
         }
     }
@@ -713,7 +885,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     }
 
     fn run<T: Element>(&mut self, stream: &B::Stream, path: Path, call: Call, args: &Args<'_, B, T>) -> Result<()> {
-        let kernel = |op| KernelId { op, dtype: T::DTYPE };
+        // The epilogue kernels where the call has one (the plain ones carry none of its code).
+        let epilogue = !call.epilogue.is_plain();
+        let kernel = |op: Op| KernelId { op: if epilogue { op.with_epilogue() } else { op }, dtype: T::DTYPE };
         let params = self.params(&call, args);
         match path {
             // No data: the header exchange alone (1-stage kernel, zero rows) keeps the ranks in step.

@@ -226,3 +226,92 @@ fn nccl_vendor_path_world_2_matches_the_reference() {
     });
     println!("{test}: bf16 {SHAPES:?}, two GPUs: residual_out exact, out within 1 ulp");
 }
+
+/// Issue 17's epilogues on the vendor path (NCCL's sum, then our add+RMSNorm epilogue kernel):
+/// FP8 codes and scales of every format × scaling, no residual, bit-exact against testkit's
+/// independent computation, world 1 (inputs without `-0.0`, as above).
+#[test]
+fn nccl_vendor_path_epilogues_are_exact() {
+    use arfuse_fusion::{BytesMut, QuantOut, Variant};
+    use arfuse_kernels::contract::Fp8Format;
+    use arfuse_testkit::quant::{
+        all_epilogues, assert_codes_exact, assert_exact, assert_scales_exact, quant_fixture, saturating_scale,
+        ExactOutputs,
+    };
+    let test = "nccl_vendor_path_epilogues_are_exact";
+    if !nccl_available(test, 1) {
+        return;
+    }
+    let mut rendezvous = ThreadRendezvous::group(1, Duration::from_secs(60)).pop().expect("rank 0");
+    let device = Cuda::open_device(0, 1).expect("device");
+    let mut op = AllReduceRmsNorm::<Cuda>::with_collective(&device, &mut rendezvous, config()).expect("operator");
+    let stream = Cuda::create_stream(&device).expect("stream");
+    let (rows, hidden) = (9, 4096);
+    let problem = Problem::new(1, rows, hidden, bf16::DTYPE).with_seed(TestSeed::new("nccl::epilogues").seed());
+    let fixture = without_negative_zero_inputs(quant_fixture::<bf16>(&problem));
+    let elems = rows * hidden;
+    let input = CudaBuffer::from_slice(&stream, &fixture.inputs[0]).expect("input");
+    let residual = CudaBuffer::from_slice(&stream, &fixture.residual).expect("residual");
+    let weight = CudaBuffer::from_slice(&stream, &fixture.weight).expect("weight");
+    let poison = poisoned::<bf16>(elems);
+    let mut out = CudaBuffer::from_slice(&stream, &poison).expect("out");
+    let mut residual_out = CudaBuffer::from_slice(&stream, &poison).expect("residual_out");
+    let mut codes = CudaBuffer::<f32>::from_slice(&stream, &vec![f32::NAN; elems / 4]).expect("codes");
+    let mut scales = CudaBuffer::<f32>::from_slice(&stream, &vec![f32::NAN; rows * hidden / 128]).expect("scales");
+    let mut checked = 0;
+    for format in Fp8Format::ALL {
+        for e in all_epilogues(saturating_scale(format))
+            .into_iter()
+            .filter(|e| e.norm == arfuse_fusion::Norm::Standard && e.quant.is_none_or(|q| q.format == format))
+        {
+            let want = ExactOutputs::compute(&fixture, &e);
+            let per_row = e.quant.map_or(0, |q| q.scaling.scales_per_row(hidden));
+            out.upload(&stream, &poison).expect("poison");
+            residual_out.upload(&stream, &poison).expect("poison");
+            codes.upload(&stream, &vec![f32::NAN; elems / 4]).expect("poison");
+            scales.upload(&stream, &vec![f32::NAN; rows * hidden / 128]).expect("poison");
+            let n = if e.no_residual { 0 } else { elems };
+            // SAFETY: every buffer holds at least the length given and stays live and otherwise
+            // untouched until `check` below.
+            let (residual_arg, residual_out_arg, quant) = unsafe {
+                (
+                    TensorRef::from_raw(residual.device_ptr(), n),
+                    TensorMut::from_raw(residual_out.device_ptr(), n),
+                    e.quant.map(|quant| QuantOut {
+                        quant,
+                        codes: BytesMut::from_raw(codes.device_ptr(), elems),
+                        scales: (per_row > 0).then(|| TensorMut::from_raw(scales.device_ptr(), rows * per_row)),
+                    }),
+                )
+            };
+            let args = Args {
+                input: TensorRef::new(&input),
+                residual: residual_arg,
+                weight: TensorRef::new(&weight),
+                out: TensorMut::new(&mut out),
+                residual_out: residual_out_arg,
+                eps: problem.eps,
+            };
+            let ran = op
+                .forward_on_with(&stream, VENDOR, args, Variant { no_residual: e.no_residual, quant })
+                .expect("forward");
+            op.check(&stream).expect("no failure");
+            assert_eq!(ran, VENDOR);
+            let what = format!("nccl {problem} {e:?}");
+            assert_exact(&format!("{what} out"), &want.out, &out.download(&stream).expect("download"));
+            if !e.no_residual {
+                let got = residual_out.download(&stream).expect("download");
+                assert_exact(&format!("{what} residual_out"), &want.residual_out, &got);
+            }
+            if e.quant.is_some() {
+                let words = codes.download(&stream).expect("download");
+                let got: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_ne_bytes()).collect();
+                assert_codes_exact(&what, &want.codes, &got);
+                let got_scales = scales.download(&stream).expect("download");
+                assert_scales_exact(&what, &want.scales, &got_scales[..rows * per_row]);
+            }
+            checked += 1;
+        }
+    }
+    println!("{test}: {checked} epilogues on the vendor path, bf16 {rows}x{hidden}: exact");
+}

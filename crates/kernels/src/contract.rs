@@ -43,6 +43,48 @@
 //! the underflow edge only with an all-zero row (the squares of f16 subnormals are normal f32s).
 //! Which NaN comes out is the platform's (payload and sign are not part of the contract); zeros and
 //! infinities, signs included, are.
+//!
+//! ## Epilogues (issue 17)
+//!
+//! Three independent choices change step 3 or what it writes; with none of them the steps above
+//! are unchanged (the plain kernels do not even contain the code below).
+//!
+//! - **Gemma's RMSNorm** ([`Norm::GemmaOffset`], weights stored as offsets from 1):
+//!   `out = round(f32(round(f32(residual_out) * inv)) * (f32(weight) + 1.0))`, the `+ 1.0` one f32
+//!   addition (exact for every bf16/f16 weight in [-1, 2^8)), the product one f32 multiplication.
+//! - **No residual**: step 2 is skipped: `x = s` (the rounded all-reduced sum, used as is: no
+//!   `+ 0.0`, so a sum that rounded to `-0.0` stays `-0.0`), `residual` is not read and
+//!   `residual_out` not written; step 3 runs on `x` with the same tree.
+//! - **FP8 out** ([`Quant`]): `y = f32(out)`, the value of `out` *after* its storage rounding (so
+//!   quantising the stored `out` afterwards gives the same bits, and the unquantised `out`, which
+//!   every path writes anyway, is the side output). Then, per element, in f32:
+//!   `q = encode(y / scale)` (one IEEE division, not a multiplication by a reciprocal), where
+//!   `encode` is [`Fp8Format::encode`]: round to nearest, ties to even, with saturation:
+//!   - NaN → the format's NaN (`0x7f` for e4m3fn, `0x80` for e4m3fnuz), whatever its sign;
+//!   - `|v| >= fmax` (±inf included) → `±fmax` (`0x7e`/`0xfe` for e4m3fn, `0x7f`/`0xff` for
+//!     e4m3fnuz): saturation, never NaN for a number;
+//!   - otherwise the nearest code, ties to the even code (mantissa bit 0 clear), subnormals
+//!     included; a result of zero keeps the sign in e4m3fn (`0x80` is `-0`) and is `0x00` in
+//!     e4m3fnuz, which has no `-0` (`0x80` is its NaN).
+//!
+//!   The scale, by [`Scaling`]:
+//!   - per tensor, static: the caller's `scale` (finite, `> 0`), nothing written;
+//!   - per token, dynamic: `amax = max(+0, |y_j| over the row)` (a NaN `y` is skipped: it never
+//!     compares greater; an infinite one makes `amax = +inf`), `scale = max(amax / fmax,
+//!     min_scale)` (one IEEE division, then the larger), written as f32 `scales[row]`;
+//!   - per group of [`QUANT_GROUP`] = 128 consecutive elements of a row (hidden a multiple of
+//!     128): the same with `amax` over the group; `scales` is f32 `[rows, hidden / 128]`, row
+//!     major: the scale of elements `g * 128 .. (g + 1) * 128` of row `r` at `r * (hidden / 128) +
+//!     g` (the layout of DeepSeek-style block-FP8 checkpoints' activations, K-major).
+//!
+//!   `min_scale` is `1 / (fmax * 512)` rounded to f32 ([`Fp8Format::min_scale`], as vLLM's
+//!   dynamic quantisation uses): a row of zeros (amax 0) gets `scale = min_scale` and codes `+0`
+//!   (`-0` stays `0x80` in e4m3fn). The consequences at the edges follow from IEEE arithmetic
+//!   and are part of the contract: `amax = +inf` gives `scale = +inf`, so every finite `y` of the
+//!   row (group) encodes as a zero of its sign and every infinite `y` as NaN (`inf / inf`); a
+//!   NaN `y` encodes as NaN and does not change the scale. A row whose `out` is all NaN (a NaN in
+//!   its `residual_out`, see above) gets `scale = min_scale` and NaN codes.
+//!   Per-tensor with `y = ±inf` saturates to `±fmax` (`inf / scale = inf`).
 
 use crate::Element;
 
@@ -137,6 +179,284 @@ pub fn add_rmsnorm_row<T: Element>(
     let inv = inv_rms(row_sum_squares(residual_out, T::DTYPE.pack_elems()), sum.len(), eps);
     for ((o, &ro), &w) in out.iter_mut().zip(residual_out.iter()).zip(weight) {
         *o = normalise(ro, w, inv);
+    }
+}
+
+/// How step 3 applies the weight.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Norm {
+    /// `out = round(w · round(x · inv))` (Llama and most models).
+    #[default]
+    Standard,
+    /// Gemma's: `out = round(round(x · inv) · (w + 1))`, the weights stored as offsets from 1.
+    GemmaOffset,
+}
+
+/// `round(f32(round(f32(residual_out) * inv)) * (f32(weight) + 1.0))`: Gemma's step 3.
+#[inline]
+pub fn normalise_gemma<T: Element>(residual_out: T, weight: T, inv: f32) -> T {
+    let normed = T::from_f32(residual_out.to_f32() * inv);
+    T::from_f32(normed.to_f32() * (weight.to_f32() + 1.0))
+}
+
+/// Step 3 of one element under `norm`.
+#[inline]
+pub fn normalise_with<T: Element>(norm: Norm, residual_out: T, weight: T, inv: f32) -> T {
+    match norm {
+        Norm::Standard => normalise(residual_out, weight, inv),
+        Norm::GemmaOffset => normalise_gemma(residual_out, weight, inv),
+    }
+}
+
+/// Elements per group of [`Scaling::PerGroup`].
+pub const QUANT_GROUP: usize = 128;
+
+/// The two FP8 formats of quantised outputs: 1 sign bit, 4 exponent bits, 3 mantissa bits, no
+/// infinities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Format {
+    /// OCP `E4M3FN` (NVIDIA, gfx950): bias 7, max 448 (`0x7e`), NaN `0x7f`/`0xff`, a `-0` (`0x80`).
+    E4m3Fn,
+    /// `E4M3FNUZ` (gfx942): bias 8, max 240 (`0x7f`), NaN `0x80` only, no `-0`.
+    E4m3Fnuz,
+}
+
+impl Fp8Format {
+    /// Both formats.
+    pub const ALL: [Fp8Format; 2] = [Fp8Format::E4m3Fn, Fp8Format::E4m3Fnuz];
+
+    /// Exponent bias.
+    pub const fn bias(self) -> i32 {
+        match self {
+            Fp8Format::E4m3Fn => 7,
+            Fp8Format::E4m3Fnuz => 8,
+        }
+    }
+
+    /// The largest finite value.
+    pub const fn max(self) -> f32 {
+        match self {
+            Fp8Format::E4m3Fn => 448.0,
+            Fp8Format::E4m3Fnuz => 240.0,
+        }
+    }
+
+    /// The code of `+max` (`-max` is it with bit 7 set).
+    pub const fn max_code(self) -> u8 {
+        match self {
+            Fp8Format::E4m3Fn => 0x7e,
+            Fp8Format::E4m3Fnuz => 0x7f,
+        }
+    }
+
+    /// The NaN every NaN encodes as.
+    pub const fn nan_code(self) -> u8 {
+        match self {
+            Fp8Format::E4m3Fn => 0x7f,
+            Fp8Format::E4m3Fnuz => 0x80,
+        }
+    }
+
+    /// The floor of dynamic scales, `fl(1 / (max * 512))`.
+    pub fn min_scale(self) -> f32 {
+        1.0f32 / (self.max() * 512.0)
+    }
+
+    /// Name as in `torch.float8_*`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Fp8Format::E4m3Fn => "e4m3fn",
+            Fp8Format::E4m3Fnuz => "e4m3fnuz",
+        }
+    }
+
+    /// Whether `code` is a NaN.
+    pub const fn is_nan(self, code: u8) -> bool {
+        match self {
+            Fp8Format::E4m3Fn => code & 0x7f == 0x7f,
+            Fp8Format::E4m3Fnuz => code == 0x80,
+        }
+    }
+
+    /// The value of `code` (exact in f32).
+    pub fn decode(self, code: u8) -> f32 {
+        if self.is_nan(code) {
+            return f32::NAN;
+        }
+        let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
+        let exp = i32::from((code >> 3) & 0xf);
+        let mant = f32::from(code & 7);
+        let magnitude = if exp == 0 {
+            mant * 2f32.powi(1 - self.bias() - 3)
+        } else {
+            (8.0 + mant) * 2f32.powi(exp - self.bias() - 3)
+        };
+        sign * magnitude
+    }
+
+    /// `v` rounded to nearest, ties to even, saturated to `±max`; NaN to [`Self::nan_code`]; a
+    /// zero result keeps the sign in e4m3fn and is `0x00` in e4m3fnuz (the module docs). The
+    /// integer sequence every backend uses: the f32 bits re-biased and shifted right with a
+    /// round-to-nearest-even increment, subnormals shifted further.
+    pub fn encode(self, v: f32) -> u8 {
+        let bits = v.to_bits();
+        let sign = ((bits >> 24) & 0x80) as u8;
+        let abits = bits & 0x7fff_ffff;
+        if abits > 0x7f80_0000 {
+            return self.nan_code();
+        }
+        if f32::from_bits(abits) >= self.max() {
+            return sign | self.max_code();
+        }
+        let e = (abits >> 23) as i32 - 127;
+        let e_min = 1 - self.bias();
+        let code = if e < e_min - 4 {
+            0 // below half the least subnormal 2^(e_min - 3) (f32 subnormals included): zero
+        } else if e < e_min {
+            // Subnormal: (1.m × 2^e) / 2^(e_min - 3) = mant >> (20 + e_min - e), shift 21..=24.
+            rne_shift((abits & 0x7f_ffff) | 0x80_0000, (20 + e_min - e) as u32)
+        } else {
+            // Normal: the exponent re-biased above the 23 mantissa bits, 20 of them rounded off
+            // (a carry moves into the exponent, which is the next code up).
+            rne_shift((((e + self.bias()) as u32) << 23) | (abits & 0x7f_ffff), 20)
+        } as u8;
+        match self {
+            Fp8Format::E4m3Fnuz if code == 0 => 0,
+            _ => sign | code,
+        }
+    }
+}
+
+/// `x >> s` rounded to nearest, ties to even (`1 <= s < 32`).
+#[inline]
+fn rne_shift(x: u32, s: u32) -> u32 {
+    (x + ((1 << (s - 1)) - 1) + ((x >> s) & 1)) >> s
+}
+
+/// How a quantised output is scaled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scaling {
+    /// One static scale for the whole tensor, the caller's (finite, `> 0`).
+    PerTensor(f32),
+    /// One dynamic scale per row, `scales: f32 [rows]`.
+    PerToken,
+    /// One dynamic scale per [`QUANT_GROUP`] elements of a row, `scales: f32 [rows, hidden / 128]`.
+    PerGroup,
+}
+
+impl Scaling {
+    /// Scales written per row of `hidden` elements.
+    pub const fn scales_per_row(self, hidden: usize) -> usize {
+        match self {
+            Scaling::PerTensor(_) => 0,
+            Scaling::PerToken => 1,
+            Scaling::PerGroup => hidden / QUANT_GROUP,
+        }
+    }
+}
+
+/// A quantised output: its format and scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quant {
+    /// The FP8 format.
+    pub format: Fp8Format,
+    /// The scaling.
+    pub scaling: Scaling,
+}
+
+/// `max(+0, |y| over ys)`, NaN skipped (it never compares greater).
+#[inline]
+pub fn amax(ys: impl IntoIterator<Item = f32>) -> f32 {
+    ys.into_iter().fold(0.0f32, |acc, y| if y.abs() > acc { y.abs() } else { acc })
+}
+
+/// `max(amax / fmax, min_scale)` (IEEE division; the larger of the two, `+inf` staying `+inf`).
+#[inline]
+pub fn dynamic_scale(format: Fp8Format, amax: f32) -> f32 {
+    let s = amax / format.max();
+    let floor = format.min_scale();
+    if s > floor {
+        s
+    } else {
+        floor
+    }
+}
+
+/// `encode(y / scale)`.
+#[inline]
+pub fn quantise(format: Fp8Format, y: f32, scale: f32) -> u8 {
+    format.encode(y / scale)
+}
+
+/// Quantises one row of `out` (`y = f32(out)`): writes `codes` (`out.len()`) and `scales`
+/// ([`Scaling::scales_per_row`] of them).
+pub fn quantise_row<T: Element>(quant: Quant, out: &[T], codes: &mut [u8], scales: &mut [f32]) {
+    let f = quant.format;
+    match quant.scaling {
+        Scaling::PerTensor(scale) => {
+            for (c, &y) in codes.iter_mut().zip(out) {
+                *c = quantise(f, y.to_f32(), scale);
+            }
+        }
+        Scaling::PerToken | Scaling::PerGroup => {
+            let group = if quant.scaling == Scaling::PerToken { out.len().max(1) } else { QUANT_GROUP };
+            for ((ys, cs), s) in out.chunks(group).zip(codes.chunks_mut(group)).zip(scales.iter_mut()) {
+                *s = dynamic_scale(f, amax(ys.iter().map(|y| y.to_f32())));
+                for (c, &y) in cs.iter_mut().zip(ys) {
+                    *c = quantise(f, y.to_f32(), *s);
+                }
+            }
+        }
+    }
+}
+
+/// Everything about step 3 and its outputs beyond the plain contract: the [`Norm`], whether the
+/// residual is added, and an optional quantised output.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Epilogue {
+    /// How the weight is applied.
+    pub norm: Norm,
+    /// `false`: no residual (step 2 skipped, `residual_out` not written).
+    pub no_residual: bool,
+    /// A quantised copy of `out`, if any.
+    pub quant: Option<Quant>,
+}
+
+impl Epilogue {
+    /// The plain contract (what the plain kernels compute).
+    pub fn is_plain(&self) -> bool {
+        *self == Epilogue::default()
+    }
+}
+
+/// Add+RMSNorm of one row under `epilogue`: `residual` and `residual_out` are ignored (may be
+/// empty) with `no_residual`; `codes`/`scales` are written when `epilogue.quant` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn epilogue_row<T: Element>(
+    epilogue: &Epilogue,
+    sum: &[T],
+    residual: &[T],
+    weight: &[T],
+    eps: f32,
+    residual_out: &mut [T],
+    out: &mut [T],
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
+    let x: &[T] = if epilogue.no_residual {
+        sum
+    } else {
+        for ((ro, &s), &r) in residual_out.iter_mut().zip(sum).zip(residual) {
+            *ro = add_residual(s, r);
+        }
+        residual_out
+    };
+    let inv = inv_rms(row_sum_squares(x, T::DTYPE.pack_elems()), sum.len(), eps);
+    for ((o, &xv), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = normalise_with(epilogue.norm, xv, w, inv);
+    }
+    if let Some(quant) = epilogue.quant {
+        quantise_row(quant, out, codes, scales);
     }
 }
 
@@ -320,5 +640,136 @@ mod tests {
         let tiny = f32::powi(2.0, -24);
         assert_eq!(sum_ranks([big, tiny, tiny]).to_bits(), 1.0f32.to_bits());
         assert_eq!(sum_ranks([tiny, tiny, big]).to_bits(), (1.0f32 + f32::powi(2.0, -23)).to_bits());
+    }
+
+    #[test]
+    fn every_fp8_code_round_trips() {
+        for f in Fp8Format::ALL {
+            let mut finite = 0;
+            for code in 0..=255u8 {
+                let v = f.decode(code);
+                if f.is_nan(code) {
+                    assert!(v.is_nan(), "{} {code:#04x}", f.name());
+                    assert_eq!(f.encode(v), f.nan_code());
+                    continue;
+                }
+                finite += 1;
+                assert!(v.is_finite() && v.abs() <= f.max(), "{} {code:#04x} = {v}", f.name());
+                assert_eq!(f.encode(v), code, "{} {code:#04x} = {v:e}", f.name());
+                assert_eq!(f.encode(-v) & 0x7f, code & 0x7f, "{} -{v:e}", f.name());
+            }
+            // e4m3fn: 254 numbers (two NaNs); e4m3fnuz: 255 (one NaN, 0x00 the only zero).
+            assert_eq!(finite, if f == Fp8Format::E4m3Fn { 254 } else { 255 });
+        }
+    }
+
+    #[test]
+    fn fp8_known_values() {
+        let fnz = Fp8Format::E4m3Fn;
+        let uz = Fp8Format::E4m3Fnuz;
+        for (v, a, b) in [
+            (1.0f32, 0x38u8, 0x40u8),
+            (0.5, 0x30, 0x38),
+            (-2.0, 0xc0, 0xc8),
+            (240.0, 0x77, 0x7f),
+            (448.0, 0x7e, 0x7f),
+            (2f32.powi(-6), 0x08, 0x10),
+            (2f32.powi(-9), 0x01, 0x02),
+            (2f32.powi(-10), 0x00, 0x01),
+            (0.0, 0x00, 0x00),
+            (-0.0, 0x80, 0x00),
+        ] {
+            assert_eq!(fnz.encode(v), a, "e4m3fn {v:e}");
+            assert_eq!(uz.encode(v), b, "e4m3fnuz {v:e}");
+        }
+        assert_eq!(fnz.decode(0x7e), 448.0);
+        assert_eq!(uz.decode(0x7f), 240.0);
+        assert_eq!(fnz.decode(0x01), 2f32.powi(-9));
+        assert_eq!(uz.decode(0x01), 2f32.powi(-10));
+        assert_eq!(fnz.decode(0x80).to_bits(), (-0.0f32).to_bits());
+    }
+
+    #[test]
+    fn fp8_ties_go_to_the_even_code() {
+        for f in Fp8Format::ALL {
+            // Every midpoint between neighbouring positive codes (exact in f32: 5 significant bits).
+            for code in 0..f.max_code() {
+                let (lo, hi) = (f.decode(code), f.decode(code + 1));
+                let mid = (lo + hi) / 2.0;
+                assert_eq!(f64::from(mid), (f64::from(lo) + f64::from(hi)) / 2.0);
+                let even = if code % 2 == 0 { code } else { code + 1 };
+                assert_eq!(f.encode(mid), even, "{} tie {lo:e}..{hi:e}", f.name());
+                // Just off the tie, the nearest.
+                assert_eq!(f.encode(f32::from_bits(mid.to_bits() - 1)), code, "{} below {mid:e}", f.name());
+                assert_eq!(f.encode(f32::from_bits(mid.to_bits() + 1)), code + 1, "{} above {mid:e}", f.name());
+                let neg = if f == Fp8Format::E4m3Fnuz && even == 0 { 0 } else { even | 0x80 };
+                assert_eq!(f.encode(-mid), neg, "{} tie -{mid:e}", f.name());
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_saturates_and_keeps_nan() {
+        for f in Fp8Format::ALL {
+            let m = f.max_code();
+            for v in [f.max(), f.max() * 1.0625, f.max() * 1.5, 1e30, f32::MAX, f32::INFINITY] {
+                assert_eq!(f.encode(v), m, "{} {v:e}", f.name());
+                assert_eq!(f.encode(-v), m | 0x80, "{} -{v:e}", f.name());
+            }
+            for nan in [f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffc0_1234)] {
+                assert_eq!(f.encode(nan), f.nan_code(), "{}", f.name());
+            }
+            // Below half the least subnormal (f32 subnormals included): a zero.
+            for v in [f.decode(1) / 2.0, f.decode(1) / 3.0, f32::from_bits(1), 1e-30] {
+                assert_eq!(f.encode(v), 0, "{} {v:e}", f.name());
+                assert_eq!(f.encode(-v), if f == Fp8Format::E4m3Fn { 0x80 } else { 0 }, "{} -{v:e}", f.name());
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_encode_is_the_nearest_code_over_a_sweep() {
+        // Every 2^12-th f32 bit pattern below 2 * max: the encoding is the nearest of the codes.
+        for f in Fp8Format::ALL {
+            let codes: Vec<(u8, f64)> = (0..=f.max_code()).map(|c| (c, f64::from(f.decode(c)))).collect();
+            let top = (2.0 * f.max()).to_bits();
+            for bits in (0..top).step_by(4096) {
+                let v = f32::from_bits(bits);
+                let got = f.encode(v);
+                let d = (f64::from(f.decode(got)) - f64::from(v)).abs();
+                let best = codes.iter().map(|&(_, c)| (c - f64::from(v)).abs()).fold(f64::INFINITY, f64::min);
+                if v < f.max() {
+                    assert_eq!(d, best, "{} {v:e} -> {got:#04x}", f.name());
+                } else {
+                    assert_eq!(got, f.max_code());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dynamic_scales_follow_the_stated_rules() {
+        for f in Fp8Format::ALL {
+            assert_eq!(f.min_scale(), 1.0 / (f.max() * 512.0));
+            assert_eq!(amax([0.0, -0.0]), 0.0);
+            assert_eq!(amax([1.0, f32::NAN, -3.0]), 3.0);
+            assert_eq!(amax([f32::NAN]), 0.0);
+            assert_eq!(dynamic_scale(f, 0.0), f.min_scale());
+            assert_eq!(dynamic_scale(f, f32::INFINITY), f32::INFINITY);
+            assert_eq!(dynamic_scale(f, f.max() * 2.0), 2.0);
+            // amax's element encodes as max exactly.
+            let row = [half::bf16::from_f32(-3.0), half::bf16::from_f32(1.5), half::bf16::ZERO];
+            let q = Quant { format: f, scaling: Scaling::PerToken };
+            let (mut codes, mut scales) = ([0u8; 3], [0f32; 1]);
+            quantise_row(q, &row, &mut codes, &mut scales);
+            assert_eq!(scales[0], 3.0 / f.max());
+            assert_eq!(codes[0], f.max_code() | 0x80);
+            assert_eq!(codes[2], 0);
+            // An infinite y: scale inf, finite ys become zeros of their sign, the infinity NaN.
+            let row = [f32::INFINITY, -1.0, 2.0];
+            quantise_row(q, &row, &mut codes, &mut scales);
+            assert_eq!(scales[0], f32::INFINITY);
+            assert_eq!(codes, [f.nan_code(), if f == Fp8Format::E4m3Fn { 0x80 } else { 0 }, 0]);
+        }
     }
 }

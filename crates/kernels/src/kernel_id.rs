@@ -18,17 +18,28 @@ pub enum Op {
     AllGather,
     /// Add + RMSNorm of a local tensor (`input` = the all-reduced sum): the unfused path's second kernel.
     AddRmsNorm,
+    /// [`Op::FusedOneStage`] with the epilogue [`LaunchParams::epilogue`](crate::LaunchParams::epilogue)
+    /// selects (Gemma's norm, no residual, FP8 out: `contract`'s "Epilogues"). A kernel of its
+    /// own, so that the plain kernels carry none of its code.
+    FusedOneStageEpilogue,
+    /// [`Op::ScratchAddRmsNorm`] with the epilogue (2-stage's second kernel).
+    ScratchAddRmsNormEpilogue,
+    /// [`Op::AddRmsNorm`] with the epilogue (the unfused path's second kernel).
+    AddRmsNormEpilogue,
 }
 
 impl Op {
     /// Every op, in a fixed order.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 9] = [
         Op::FusedOneStage,
         Op::ReduceScatter,
         Op::ScratchAddRmsNorm,
         Op::AllReduceOneStage,
         Op::AllGather,
         Op::AddRmsNorm,
+        Op::FusedOneStageEpilogue,
+        Op::ScratchAddRmsNormEpilogue,
+        Op::AddRmsNormEpilogue,
     ];
 
     /// The symbol stem in the kernel source.
@@ -40,7 +51,36 @@ impl Op {
             Op::AllReduceOneStage => "allreduce_1stage",
             Op::AllGather => "allgather",
             Op::AddRmsNorm => "add_rmsnorm",
+            Op::FusedOneStageEpilogue => "fused_ar_rmsnorm_1stage_epi",
+            Op::ScratchAddRmsNormEpilogue => "scratch_add_rmsnorm_epi",
+            Op::AddRmsNormEpilogue => "add_rmsnorm_epi",
         }
+    }
+
+    /// The op without an epilogue (itself for the plain ops).
+    pub const fn plain(self) -> Op {
+        match self {
+            Op::FusedOneStageEpilogue => Op::FusedOneStage,
+            Op::ScratchAddRmsNormEpilogue => Op::ScratchAddRmsNorm,
+            Op::AddRmsNormEpilogue => Op::AddRmsNorm,
+            op => op,
+        }
+    }
+
+    /// The op with the epilogue, for the three ops that normalise (the others are returned as
+    /// they are: their output is the sum).
+    pub const fn with_epilogue(self) -> Op {
+        match self {
+            Op::FusedOneStage => Op::FusedOneStageEpilogue,
+            Op::ScratchAddRmsNorm => Op::ScratchAddRmsNormEpilogue,
+            Op::AddRmsNorm => Op::AddRmsNormEpilogue,
+            op => op,
+        }
+    }
+
+    /// Whether this is one of the epilogue kernels.
+    pub const fn has_epilogue(self) -> bool {
+        matches!(self, Op::FusedOneStageEpilogue | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue)
     }
 
     /// The op's index in [`Op::ALL`] (its code in call descriptors and the kernel source).
@@ -50,7 +90,7 @@ impl Op {
 
     /// Whether the kernel synchronises with peers (takes part in barriers).
     pub const fn crosses_ranks(self) -> bool {
-        !matches!(self, Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::AllGather)
+        !matches!(self.plain(), Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::AllGather)
     }
 }
 

@@ -4,6 +4,8 @@
 //! `gpu/arfuse.h`; a test pins its size and offsets. The CPU backend reads the same struct, with
 //! host addresses in the pointer fields.
 
+use crate::contract::{Epilogue, Fp8Format, Norm, Quant, Scaling};
+
 /// The largest world size the kernels support.
 pub const MAX_RANKS: usize = 8;
 /// Barrier slots per rank: one per thread block a kernel may launch.
@@ -125,6 +127,76 @@ pub struct LaunchParams {
     pub push_slot_bytes: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// The epilogue kernels' ([`crate::Op::has_epilogue`]) FP8 output, `u8 [rows, hidden]`;
+    /// 0 without quantisation. The plain kernels ignore this and the fields after it.
+    pub out_q: u64,
+    /// The epilogue kernels' dynamic scales, f32 (`[rows]` per token, `[rows, hidden / 128]` per
+    /// group, row major); 0 otherwise.
+    pub scales: u64,
+    /// The static scale of per-tensor quantisation (`EPILOGUE_SCALE_PER_TENSOR`).
+    pub quant_scale: f32,
+    /// `EPILOGUE_*` bits of the epilogue kernels ([`epilogue_bits`]).
+    pub epilogue: u32,
+    /// Zero (keeps the size a multiple of 16 bytes).
+    pub reserved: u64,
+}
+
+/// [`LaunchParams::epilogue`] bit: Gemma's `(1 + w)` norm ([`Norm::GemmaOffset`]).
+pub const EPILOGUE_GEMMA: u32 = 1;
+/// [`LaunchParams::epilogue`] bit: no residual (not read; `residual_out` not written).
+pub const EPILOGUE_NO_RESIDUAL: u32 = 2;
+/// [`LaunchParams::epilogue`] bits 2..4: the scaling of the FP8 output (0: none).
+pub const EPILOGUE_SCALE_MASK: u32 = 0xc;
+/// Scaling code: per tensor, static ([`LaunchParams::quant_scale`]).
+pub const EPILOGUE_SCALE_PER_TENSOR: u32 = 0x4;
+/// Scaling code: per token, dynamic.
+pub const EPILOGUE_SCALE_PER_TOKEN: u32 = 0x8;
+/// Scaling code: per group of 128, dynamic.
+pub const EPILOGUE_SCALE_PER_GROUP: u32 = 0xc;
+/// [`LaunchParams::epilogue`] bit: e4m3fnuz (else e4m3fn).
+pub const EPILOGUE_FNUZ: u32 = 0x10;
+
+/// The [`LaunchParams::epilogue`] bits and [`LaunchParams::quant_scale`] of an epilogue.
+pub fn epilogue_bits(e: &Epilogue) -> (u32, f32) {
+    let mut bits = 0;
+    if e.norm == Norm::GemmaOffset {
+        bits |= EPILOGUE_GEMMA;
+    }
+    if e.no_residual {
+        bits |= EPILOGUE_NO_RESIDUAL;
+    }
+    let mut scale = 0.0;
+    if let Some(q) = e.quant {
+        if q.format == Fp8Format::E4m3Fnuz {
+            bits |= EPILOGUE_FNUZ;
+        }
+        bits |= match q.scaling {
+            Scaling::PerTensor(s) => {
+                scale = s;
+                EPILOGUE_SCALE_PER_TENSOR
+            }
+            Scaling::PerToken => EPILOGUE_SCALE_PER_TOKEN,
+            Scaling::PerGroup => EPILOGUE_SCALE_PER_GROUP,
+        };
+    }
+    (bits, scale)
+}
+
+/// The epilogue a launch's parameters describe (the inverse of [`epilogue_bits`]).
+pub fn epilogue_of(p: &LaunchParams) -> Epilogue {
+    let bits = p.epilogue;
+    let format = if bits & EPILOGUE_FNUZ != 0 { Fp8Format::E4m3Fnuz } else { Fp8Format::E4m3Fn };
+    let scaling = match bits & EPILOGUE_SCALE_MASK {
+        EPILOGUE_SCALE_PER_TENSOR => Some(Scaling::PerTensor(p.quant_scale)),
+        EPILOGUE_SCALE_PER_TOKEN => Some(Scaling::PerToken),
+        EPILOGUE_SCALE_PER_GROUP => Some(Scaling::PerGroup),
+        _ => None,
+    };
+    Epilogue {
+        norm: if bits & EPILOGUE_GEMMA != 0 { Norm::GemmaOffset } else { Norm::Standard },
+        no_residual: bits & EPILOGUE_NO_RESIDUAL != 0,
+        quant: scaling.map(|scaling| Quant { format, scaling }),
+    }
 }
 
 /// Bytes of one entry of a graph-input table (see [`LaunchParams::inputs`]).
@@ -262,7 +334,32 @@ mod tests {
         assert_eq!(offset_of!(LaunchParams, push), 280);
         assert_eq!(offset_of!(LaunchParams, push_slot_bytes), 344);
         assert_eq!(offset_of!(LaunchParams, flags), 348);
-        assert_eq!(size_of::<LaunchParams>(), 352);
+        assert_eq!(offset_of!(LaunchParams, out_q), 352);
+        assert_eq!(offset_of!(LaunchParams, scales), 360);
+        assert_eq!(offset_of!(LaunchParams, quant_scale), 368);
+        assert_eq!(offset_of!(LaunchParams, epilogue), 372);
+        assert_eq!(size_of::<LaunchParams>(), 384);
+        assert_eq!(size_of::<LaunchParams>() % 16, 0);
+    }
+
+    #[test]
+    fn epilogue_bits_round_trip() {
+        let mut all = vec![Epilogue::default()];
+        for norm in [Norm::Standard, Norm::GemmaOffset] {
+            for no_residual in [false, true] {
+                for format in Fp8Format::ALL {
+                    for scaling in [Scaling::PerTensor(0.25), Scaling::PerToken, Scaling::PerGroup] {
+                        all.push(Epilogue { norm, no_residual, quant: Some(Quant { format, scaling }) });
+                    }
+                }
+                all.push(Epilogue { norm, no_residual, quant: None });
+            }
+        }
+        for e in all {
+            let (epilogue, quant_scale) = epilogue_bits(&e);
+            assert_eq!(epilogue_of(&LaunchParams { epilogue, quant_scale, ..LaunchParams::default() }), e);
+        }
+        assert_eq!(epilogue_bits(&Epilogue::default()), (0, 0.0));
     }
 
     #[test]

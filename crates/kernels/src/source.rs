@@ -130,7 +130,7 @@ pub struct LaunchConfig {
 pub const DEFAULT_PROGRAMMATIC_MAX_WORLD: u32 = 4;
 
 /// Whether `op` at `world` ranks is launched as a programmatic dependent
-/// ([`LaunchConfig::programmatic`]): the fused 1-stage kernel up to
+/// ([`LaunchConfig::programmatic`]): the fused 1-stage kernels (plain and with the epilogue) up to
 /// [`DEFAULT_PROGRAMMATIC_MAX_WORLD`] ranks, unless `ARFUSE_KERNEL_DEFINES` holds
 /// `-DARFUSE_EXP_NO_PDL` (a measurement of what it saves).
 ///
@@ -150,7 +150,7 @@ pub fn programmatic_launch(op: Op, world: u32) -> bool {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(DEFAULT_PROGRAMMATIC_MAX_WORLD)
     });
-    op == Op::FusedOneStage && world <= max_world
+    op.plain() == Op::FusedOneStage && world <= max_world
 }
 
 /// The launch configuration of `kernel` for `params` on a device with `sm_count` multiprocessors
@@ -183,7 +183,7 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         work.div_ceil(u64::from(ELEMENTWISE_THREADS)).min(u64::from(cap)).max(1) as u32
     };
     let (grid, block) = match kernel.op {
-        Op::FusedOneStage => {
+        Op::FusedOneStage | Op::FusedOneStageEpilogue => {
             // One warp more than the row's packs, where it fits and every row still gets a block
             // of its own: its threads check the peers' call headers while the others wait for
             // the data (kernels.cu `check_headers`), one round trip off a call.
@@ -193,7 +193,9 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
             let block = if spare { with_checkers } else { row_threads };
             (rows.min(resident_blocks(sm_count, block)), block)
         }
-        Op::ScratchAddRmsNorm | Op::AddRmsNorm => (rows.min(65_535), row_threads),
+        Op::ScratchAddRmsNorm | Op::AddRmsNorm | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue => {
+            (rows.min(65_535), row_threads)
+        }
         Op::AllReduceOneStage => {
             (elementwise(packs, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
         }
@@ -243,7 +245,7 @@ mod tests {
                     let row_packs = hidden as usize / dtype.pack_elems();
                     assert!(
                         row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
-                            || !matches!(op, Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
+                            || !matches!(op.plain(), Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
                     );
                 }
             }
@@ -259,7 +261,7 @@ mod tests {
         assert_eq!(empty.grid, 0);
     }
 
-    /// Only the fused 1-stage kernel waits for the kernel before it (`wait_for_prior_grid` before
+    /// Only the fused 1-stage kernels (plain and with the epilogue) wait for the kernel before it (`wait_for_prior_grid` before
     /// its first read) and releases its dependents late enough (kernels.cu `fused_rows`); every
     /// other kernel reads memory from its first instruction, so it must start after the one before.
     #[test]
@@ -267,17 +269,19 @@ mod tests {
         for op in Op::ALL {
             for rows in [0, 1, 200] {
                 let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(rows, 4096, 2), 66, 32);
-                assert_eq!(c.programmatic, op == Op::FusedOneStage, "{op:?} {rows} rows");
+                assert_eq!(c.programmatic, op.plain() == Op::FusedOneStage, "{op:?} {rows} rows");
             }
             let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(1, 4096, 8), 16, 32);
             assert!(!c.programmatic, "{op:?} at 8 ranks");
         }
-        let entry = KERNELS.split("ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype)").nth(1).unwrap_or_default();
-        let first_statement = entry.lines().nth(1).unwrap_or_default();
-        assert!(
-            first_statement.contains("load_early<E>(p)"),
-            "the fused kernel starts with load_early: {first_statement}"
-        );
+        for (entry, early) in [
+            ("fused_ar_rmsnorm_1stage_##dtype", "load_early<E>(p)"),
+            ("fused_ar_rmsnorm_1stage_epi_##dtype", "load_early<Epi<E>>(p)"),
+        ] {
+            let body = KERNELS.split(&format!("ARFUSE_KERNEL({entry})")).nth(1).unwrap_or_default();
+            let first_statement = body.lines().nth(1).unwrap_or_default();
+            assert!(first_statement.contains(early), "{entry} starts with {early}: {first_statement}");
+        }
         let load_early = KERNELS.split("Early<E> load_early(const LaunchParams& p) {").nth(1).unwrap_or_default();
         let before_wait = load_early.split("wait_for_prior_grid();").next().unwrap_or_default();
         assert!(!before_wait.contains("load_pack") && !before_wait.contains("load16"), "nothing read before the wait");
@@ -361,6 +365,31 @@ mod tests {
         assert!(src.contains(&format!("#define ARFUSE_PUSH_SENTINEL {:#x}u\n", crate::params::PUSH_SENTINEL)));
         assert!(src.contains(&format!("#define ARFUSE_FLAG_REFUSED {}u\n", crate::params::FLAG_REFUSED)));
         assert!(src.contains(&format!("#define ARFUSE_OP_CODE_REFUSED {}u\n", crate::params::OP_CODE_REFUSED)));
+        for (name, value) in [
+            ("ARFUSE_EPILOGUE_GEMMA", crate::params::EPILOGUE_GEMMA),
+            ("ARFUSE_EPILOGUE_NO_RESIDUAL", crate::params::EPILOGUE_NO_RESIDUAL),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value}u\n")), "{name} != {value} in arfuse.h");
+        }
+        for (name, value) in [
+            ("ARFUSE_EPILOGUE_SCALE_MASK", crate::params::EPILOGUE_SCALE_MASK),
+            ("ARFUSE_EPILOGUE_SCALE_PER_TENSOR", crate::params::EPILOGUE_SCALE_PER_TENSOR),
+            ("ARFUSE_EPILOGUE_SCALE_PER_TOKEN", crate::params::EPILOGUE_SCALE_PER_TOKEN),
+            ("ARFUSE_EPILOGUE_SCALE_PER_GROUP", crate::params::EPILOGUE_SCALE_PER_GROUP),
+            ("ARFUSE_EPILOGUE_FNUZ", crate::params::EPILOGUE_FNUZ),
+        ] {
+            assert!(src.contains(&format!("#define {name} {value:#x}u\n")), "{name} != {value:#x} in arfuse.h");
+        }
+        // The FP8 constants the kernels write as bits: the contract's values.
+        use crate::contract::Fp8Format;
+        for (f, bits) in [(Fp8Format::E4m3Fn, "0x36924925u"), (Fp8Format::E4m3Fnuz, "0x37088889u")] {
+            assert!(src.contains(bits), "min scale of {} not in arfuse.h", f.name());
+            assert_eq!(format!("{:#x}u", f.min_scale().to_bits()), bits, "{}", f.name());
+        }
+        for (f, bits) in [(Fp8Format::E4m3Fn, "0x43e00000u"), (Fp8Format::E4m3Fnuz, "0x43700000u")] {
+            assert!(src.contains(bits));
+            assert_eq!(format!("{:#x}u", f.max().to_bits()), bits);
+        }
         for op in Op::ALL {
             for dtype in DType::ALL {
                 let symbol = KernelId { op, dtype }.symbol();

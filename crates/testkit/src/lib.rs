@@ -31,6 +31,7 @@ pub mod fixtures;
 pub mod float;
 pub mod harness;
 pub mod poison;
+pub mod quant;
 pub mod reference;
 pub mod seeds;
 pub mod skip;

@@ -9,9 +9,12 @@
 //! driver calls can wait for the device to go idle, which a peer's kernel spinning for this rank
 //! would prevent.
 
-use super::{case_result, cases, demo_config, dump, finish, parse_dtype, CaseResult, DemoArgs, PATHS};
+use super::{
+    case_result, cases, check_fp8, demo_config, dump, finish, parse_dtype, parse_fp8, CaseResult, DemoArgs, Fp8Out,
+    PATHS,
+};
 use anyhow::{anyhow, Context, Result};
-use arfuse_fusion::{AllReduceRmsNorm, Args, Path, TensorMut, TensorRef};
+use arfuse_fusion::{AllReduceRmsNorm, Args, BytesMut, Path, QuantOut, TensorMut, TensorRef, Variant};
 use arfuse_ipc::{checked_all_gather, Rendezvous, ThreadRendezvous};
 use arfuse_kernels::gpu::DeviceBuffer;
 use arfuse_kernels::{DType, Element, GpuBackend};
@@ -134,12 +137,21 @@ fn run_case<B: GpuBackend, T: Element>(
     let weight = DeviceBuffer::<B, T>::from_slice(stream, &fixture.weight)?;
     let mut out = DeviceBuffer::<B, T>::from_slice(stream, &poisoned)?;
     let mut residual_out = DeviceBuffer::<B, T>::from_slice(stream, &poisoned)?;
+    // `--fp8`: the codes in an f32 buffer of elems / 4 words (u8 is no Element), and the scales.
+    let elems = problem.rows * problem.hidden;
+    let quant = args.fp8.as_deref().map(parse_fp8).transpose()?;
+    let n_scales = quant.map_or(0, |q| problem.rows * q.scaling.scales_per_row(problem.hidden));
+    let code_poison = vec![f32::from_bits(0xa5a5_a5a5); elems / 4];
+    let mut codes = DeviceBuffer::<B, f32>::from_slice(stream, &code_poison)?;
+    let mut scales = DeviceBuffer::<B, f32>::from_slice(stream, &vec![f32::NAN; n_scales.max(1)])?;
     meet(rendezvous)?;
     let mut results = Vec::new();
     for (asked, forced) in PATHS {
         // Outputs poisoned before the path's first call: every element must be written again.
         out.upload(stream, &poisoned)?;
         residual_out.upload(stream, &poisoned)?;
+        codes.upload(stream, &code_poison)?;
+        scales.upload(stream, &vec![f32::NAN; n_scales.max(1)])?;
         let mut call = |op: &mut AllReduceRmsNorm<B>| -> Result<Path> {
             let call = Args {
                 input: TensorRef::new(&input),
@@ -149,9 +161,15 @@ fn run_case<B: GpuBackend, T: Element>(
                 residual_out: TensorMut::new(&mut residual_out),
                 eps: problem.eps,
             };
+            let quant = quant.map(|quant| QuantOut {
+                quant,
+                codes: BytesMut::new(&mut codes),
+                scales: (n_scales > 0).then(|| TensorMut::new(&mut scales)),
+            });
+            let variant = Variant { no_residual: false, quant };
             let ran = match forced {
-                Some(path) => op.forward_on(stream, path, call)?,
-                None => op.forward(stream, call)?,
+                Some(path) => op.forward_on_with(stream, path, call, variant)?,
+                None => op.forward_with(stream, call, variant)?,
             };
             Ok(ran)
         };
@@ -165,14 +183,20 @@ fn run_case<B: GpuBackend, T: Element>(
         let us = B::elapsed(&start, &end)?.as_secs_f64() * 1e6 / args.iters.max(1) as f64;
         let (out_host, residual_out_host) = (out.download(stream)?, residual_out.download(stream)?);
         results.push(case_result(rank, mode, problem, asked, ran, us, &reference, &out_host, &residual_out_host));
+        let code_bytes: Vec<u8> = codes.download(stream)?.iter().flat_map(|w| w.to_bits().to_ne_bytes()).collect();
+        let scales_host = scales.download(stream)?;
+        let fp8 = quant.map(|quant| Fp8Out { quant, codes: &code_bytes, scales: &scales_host[..n_scales] });
+        if let Some(fp8) = &fp8 {
+            check_fp8(&format!("rank {rank} {problem} {asked}"), &fixture, fp8)?;
+        }
         if let (Some(dir), "auto") = (&args.dump, asked) {
-            dump(dir, rank, problem, &fixture, &out_host, &residual_out_host)?;
+            dump(dir, rank, problem, &fixture, &out_host, &residual_out_host, fp8.as_ref())?;
         }
     }
     // Free only when no rank has a kernel in flight (a free can wait for the device to go idle).
     B::synchronize(stream)?;
     meet(rendezvous)?;
-    drop((input, residual, weight, out, residual_out));
+    drop((input, residual, weight, out, residual_out, codes, scales));
     Ok(results)
 }
 

@@ -91,6 +91,8 @@ struct RankFile<T> {
     weight: Vec<T>,
     out: Vec<T>,
     residual_out: Vec<T>,
+    /// `--fp8`'s output: the quantisation (the `fp8` metadata), the codes and the scales.
+    fp8: Option<(arfuse_kernels::contract::Quant, Vec<u8>, Vec<f32>)>,
 }
 
 fn read_rank<T: Element>(path: &Path, rank: usize, rows: usize, hidden: usize) -> Result<RankFile<T>> {
@@ -123,7 +125,34 @@ fn read_rank<T: Element>(path: &Path, rank: usize, rows: usize, hidden: usize) -
         Ok(view.data().chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
     };
     let matrix = [rows, hidden];
+    let fp8 = match meta.get("fp8") {
+        None => None,
+        Some(spec) => {
+            let quant = super::parse_fp8(spec).with_context(|| format!("{}: fp8 metadata", path.display()))?;
+            let codes = tensors.tensor("out_fp8").with_context(|| format!("{}: tensor `out_fp8`", path.display()))?;
+            if codes.dtype() != Dtype::U8 || codes.shape() != matrix {
+                bail!(
+                    "{}: tensor `out_fp8` is {:?} {:?}, expected U8 {matrix:?}",
+                    path.display(),
+                    codes.dtype(),
+                    codes.shape()
+                );
+            }
+            let per_row = quant.scaling.scales_per_row(hidden);
+            let scales = if per_row == 0 {
+                Vec::new()
+            } else {
+                let view = tensors.tensor("scales").with_context(|| format!("{}: tensor `scales`", path.display()))?;
+                if view.dtype() != Dtype::F32 || view.shape() != [rows, per_row] {
+                    bail!("{}: tensor `scales` is {:?} {:?}", path.display(), view.dtype(), view.shape());
+                }
+                view.data().chunks_exact(4).map(bytemuck::pod_read_unaligned).collect()
+            };
+            Some((quant, codes.data().to_vec(), scales))
+        }
+    };
     Ok(RankFile {
+        fp8,
         world_size,
         eps,
         input: read("input", &matrix)?,
@@ -169,6 +198,10 @@ fn verify_shape<T: Element>(rows: usize, hidden: usize, ranks: &BTreeMap<usize, 
         let out = reference.out_violations(&file.out, 1);
         if out.total > 0 {
             bail!("rank {rank}: out: {out}");
+        }
+        if let Some((quant, codes, scales)) = &file.fp8 {
+            let fp8 = super::Fp8Out { quant: *quant, codes, scales };
+            super::check_fp8(&format!("rank {rank}"), &fixture, &fp8)?;
         }
     }
     Ok(())

@@ -10,6 +10,7 @@
 
 #[cfg(feature = "cuda")]
 mod cudarc_tensors;
+mod epilogues;
 mod graphs;
 mod paths;
 mod processes;
@@ -59,6 +60,7 @@ macro_rules! suite {
         instantiate!(
             $backend;
             paths::operator_every_path_matches_the_reference: read,
+            epilogues::every_epilogue_on_every_path_is_exact: read,
             graphs::one_captured_graph_replayed_many_times_stays_exact: read,
             graphs::graph_inputs_registered_after_capture_are_read_in_place: read,
             graphs::graph_inputs_registered_after_capture_over_ipc: read,

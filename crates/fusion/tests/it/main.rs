@@ -1,5 +1,6 @@
 //! Integration tests of the operator on the cpu backend: ranks as threads and as processes.
 
+mod epilogues;
 mod events;
 mod faults;
 mod instep;

@@ -8,10 +8,12 @@
 //! - `staging[p]`: `E` elements, written by `p` and read by every rank (reduce-scatter);
 //! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
 //! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements;
-//!   add+RMSNorm may take `input == out` (in place).
+//!   add+RMSNorm may take `input == out` (in place);
+//! - the epilogue ops ([`Op::has_epilogue`]) with no residual: `residual` and `residual_out`
+//!   untouched (any value); with FP8 out: `out_q` `E` bytes, `scales` the scaling's count of f32.
 
-use crate::contract::{add_rmsnorm_row, sum_ranks};
-use crate::params::LaunchParams;
+use crate::contract::{add_rmsnorm_row, epilogue_row, sum_ranks, Epilogue};
+use crate::params::{epilogue_of, LaunchParams};
 use crate::{DType, Element, KernelId, Op, Result};
 
 use super::signal::{barrier, begin_epoch, check_headers, end_epoch, publish_header, push, receive};
@@ -130,7 +132,7 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
     let start = Instant::now();
     // The kernel after a cross-rank one writes nothing once this rank's error word is set (as on
     // the GPU).
-    if matches!(op, Op::ScratchAddRmsNorm | Op::AllGather | Op::AddRmsNorm) && p.signals[rank] != 0 {
+    if matches!(op.plain(), Op::ScratchAddRmsNorm | Op::AllGather | Op::AddRmsNorm) && p.signals[rank] != 0 {
         // SAFETY: a non-zero signal address is this rank's live signal area (the caller's guarantee).
         let word = unsafe { super::signal::error_word(p.signals[rank]) };
         if word.load(std::sync::atomic::Ordering::Acquire) != 0 {
@@ -146,33 +148,20 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
             publish_header(p, op.code(), T::DTYPE);
         }
         match op {
-            Op::FusedOneStage => {
+            Op::FusedOneStage | Op::FusedOneStageEpilogue => {
                 let input = view::<T>(p.input, elems);
                 let ranks = push_and_receive(p, op, input, start)?;
                 if elems == 0 {
                     return Ok(());
                 }
-                // Copied before the outputs are borrowed: `residual_out` may be `residual` and `out`
-                // may be `input` (the in-place forms; `ranks` holds our input already).
-                let residual = view::<T>(p.residual, elems).to_vec();
-                let weight = view::<T>(p.weight, hidden);
-                let out = view_mut::<T>(p.out, elems);
-                let residual_out = view_mut::<T>(p.residual_out, elems);
+                let mut rows_out = RowOutputs::new(p, op, elems);
                 let mut sum = vec![T::from_f32(0.0); hidden];
                 for row in 0..rows {
                     let base = row * hidden;
                     for (j, s) in sum.iter_mut().enumerate() {
                         *s = sum_ranks(ranks.iter().map(|x| x[base + j]));
                     }
-                    let range = base..base + hidden;
-                    add_rmsnorm_row(
-                        &sum,
-                        &residual[range.clone()],
-                        weight,
-                        p.eps,
-                        &mut residual_out[range.clone()],
-                        &mut out[range],
-                    );
+                    rows_out.row(row, &sum);
                 }
             }
             Op::AllReduceOneStage => {
@@ -202,32 +191,14 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 }
                 barrier(p, 1)?;
             }
-            Op::ScratchAddRmsNorm | Op::AddRmsNorm => {
-                let source = if op == Op::AddRmsNorm { p.input } else { p.scratch[rank] };
+            Op::ScratchAddRmsNorm | Op::AddRmsNorm | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue => {
+                let source = if op.plain() == Op::AddRmsNorm { p.input } else { p.scratch[rank] };
                 // add+RMSNorm may run in place (`input == out`, the unfused path): read the sum
                 // before `out` is borrowed mutably.
-                let in_place: Vec<T>;
-                let sum: &[T] = if source == p.out {
-                    in_place = view::<T>(source, elems).to_vec();
-                    &in_place
-                } else {
-                    view::<T>(source, elems)
-                };
-                // `residual_out` may be `residual` (updated in place): read it first.
-                let residual = view::<T>(p.residual, elems).to_vec();
-                let weight = view::<T>(p.weight, hidden);
-                let out = view_mut::<T>(p.out, elems);
-                let residual_out = view_mut::<T>(p.residual_out, elems);
+                let sum = view::<T>(source, elems).to_vec();
+                let mut rows_out = RowOutputs::new(p, op, elems);
                 for row in 0..rows {
-                    let range = row * hidden..(row + 1) * hidden;
-                    add_rmsnorm_row(
-                        &sum[range.clone()],
-                        &residual[range.clone()],
-                        weight,
-                        p.eps,
-                        &mut residual_out[range.clone()],
-                        &mut out[range],
-                    );
+                    rows_out.row(row, &sum[row * hidden..(row + 1) * hidden]);
                 }
             }
             Op::AllGather => {
@@ -237,6 +208,88 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The outputs of the row routine for one launch: the residual (copied first: `residual_out`
+/// may be `residual`), the weight and every output tensor, and the epilogue if the op has one.
+struct RowOutputs<'a, T> {
+    epilogue: Option<Epilogue>,
+    hidden: usize,
+    eps: f32,
+    residual: Vec<T>,
+    weight: &'a [T],
+    out: &'a mut [T],
+    residual_out: &'a mut [T],
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    scales_per_row: usize,
+}
+
+impl<'a, T: Element> RowOutputs<'a, T> {
+    /// Views of `p`'s tensors for `op` (`elems` elements, 0 for a refused call).
+    ///
+    /// # Safety
+    /// As [`run`]: the extents of the module docs.
+    unsafe fn new(p: &LaunchParams, op: Op, elems: usize) -> Self {
+        let hidden = p.hidden as usize;
+        let rows = elems.checked_div(hidden).unwrap_or(0);
+        let epilogue = op.has_epilogue().then(|| epilogue_of(p));
+        let no_residual = epilogue.is_some_and(|e| e.no_residual);
+        let quant = epilogue.and_then(|e| e.quant);
+        let scales_per_row = quant.map_or(0, |q| q.scaling.scales_per_row(hidden));
+        let residual_elems = if no_residual { 0 } else { elems };
+        // SAFETY: the caller's extents; `residual` is copied before `residual_out` is borrowed.
+        unsafe {
+            let residual = view::<T>(p.residual, residual_elems).to_vec();
+            RowOutputs {
+                epilogue,
+                hidden,
+                eps: p.eps,
+                residual,
+                weight: view::<T>(p.weight, if elems == 0 { 0 } else { hidden }),
+                out: view_mut::<T>(p.out, elems),
+                residual_out: view_mut::<T>(p.residual_out, residual_elems),
+                codes: view_mut::<u8>(p.out_q, if quant.is_some() { elems } else { 0 }),
+                scales: view_mut::<f32>(p.scales, rows * scales_per_row),
+                scales_per_row,
+            }
+        }
+    }
+
+    /// Row `row` from its all-reduced `sum`.
+    fn row(&mut self, row: usize, sum: &[T]) {
+        let range = row * self.hidden..(row + 1) * self.hidden;
+        match &self.epilogue {
+            None => add_rmsnorm_row(
+                sum,
+                &self.residual[range.clone()],
+                self.weight,
+                self.eps,
+                &mut self.residual_out[range.clone()],
+                &mut self.out[range],
+            ),
+            Some(e) => {
+                let (residual, residual_out): (&[T], &mut [T]) = if e.no_residual {
+                    (&[], &mut [])
+                } else {
+                    (&self.residual[range.clone()], &mut self.residual_out[range.clone()])
+                };
+                let codes: &mut [u8] = if e.quant.is_some() { &mut self.codes[range.clone()] } else { &mut [] };
+                let n = self.scales_per_row;
+                epilogue_row(
+                    e,
+                    sum,
+                    residual,
+                    self.weight,
+                    self.eps,
+                    residual_out,
+                    &mut self.out[range],
+                    codes,
+                    &mut self.scales[row * n..(row + 1) * n],
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

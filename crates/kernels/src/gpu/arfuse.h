@@ -235,6 +235,34 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
 #define ARFUSE_HW_CVT 0
 #endif
 
+// ---- FP8 (e4m3fn, e4m3fnuz) by hand: contract.rs `Fp8Format::encode`, the same integer sequence
+// on every target (no vendor header, no hardware conversion: the bits are the contract's). ----
+// `x >> s` rounded to nearest, ties to even (1 <= s < 32).
+__device__ __forceinline__ u32 rne_shift(u32 x, u32 s) { return (x + ((1u << (s - 1)) - 1u) + ((x >> s) & 1u)) >> s; }
+// `v` rounded to nearest even and saturated: NaN -> the format's NaN (0x7f e4m3fn, 0x80 e4m3fnuz),
+// |v| >= max (448, 240; infinities included) -> +-max, subnormals kept, a zero keeps its sign in
+// e4m3fn and is 0x00 in e4m3fnuz.
+__device__ __forceinline__ u32 fp8_encode(float v, bool fnuz) {
+  const u32 bits = bits_from_f32(v);
+  const u32 sign = (bits >> 24) & 0x80u;
+  const u32 a = bits & 0x7fffffffu;
+  if (a > 0x7f800000u) return fnuz ? 0x80u : 0x7fu;
+  if (a >= (fnuz ? 0x43700000u : 0x43e00000u)) return sign | (fnuz ? 0x7fu : 0x7eu);  // 240, 448
+  const int bias = fnuz ? 8 : 7;
+  const int e = (int)(a >> 23) - 127;
+  const int e_min = 1 - bias;
+  u32 code;
+  if (e < e_min - 4)
+    code = 0u;  // below half the least subnormal
+  else if (e < e_min)
+    code = rne_shift((a & 0x7fffffu) | 0x800000u, (u32)(20 + e_min - e));
+  else
+    code = rne_shift(((u32)(e + bias) << 23) | (a & 0x7fffffu), 20u);
+  return fnuz && code == 0u ? 0u : (sign | code);
+}
+// The floor of dynamic scales, fl(1 / (max * 512)) (contract.rs `Fp8Format::min_scale`).
+__device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits(fnuz ? 0x37088889u : 0x36924925u); }
+
 // ---- The launch parameters: a mirror of arfuse_kernels::LaunchParams (params.rs). ----
 #define ARFUSE_MAX_RANKS 8
 #define ARFUSE_MAX_BLOCKS 256
@@ -249,6 +277,14 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
 #define ARFUSE_ERROR_PEER_TIMEOUT 1ull
 #define ARFUSE_ERROR_CALL_MISMATCH 2ull
 #define ARFUSE_ERROR_NOT_REGISTERED 3ull
+// LaunchParams::epilogue bits (params.rs EPILOGUE_*).
+#define ARFUSE_EPILOGUE_GEMMA 1u
+#define ARFUSE_EPILOGUE_NO_RESIDUAL 2u
+#define ARFUSE_EPILOGUE_SCALE_MASK 0xcu
+#define ARFUSE_EPILOGUE_SCALE_PER_TENSOR 0x4u
+#define ARFUSE_EPILOGUE_SCALE_PER_TOKEN 0x8u
+#define ARFUSE_EPILOGUE_SCALE_PER_GROUP 0xcu
+#define ARFUSE_EPILOGUE_FNUZ 0x10u
 // Largest number of 16-byte packs per row (the tree lives in shared memory) and packs per thread.
 #define ARFUSE_MAX_ROW_PACKS 4096
 #define ARFUSE_MAX_PACKS_PER_THREAD 4
@@ -267,8 +303,13 @@ struct LaunchParams {
   u64 push[ARFUSE_MAX_RANKS];
   u32 push_slot_bytes;
   u32 flags;
+  u64 out_q;
+  u64 scales;
+  float quant_scale;
+  u32 epilogue;
+  u64 reserved;
 };
-static_assert(sizeof(LaunchParams) == 352, "LaunchParams layout differs from params.rs");
+static_assert(sizeof(LaunchParams) == 384, "LaunchParams layout differs from params.rs");
 #if defined(ARFUSE_HIP)  // NVRTC's front end has no __builtin_offsetof; clang checks the offsets.
 static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
@@ -277,6 +318,9 @@ static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout
 static_assert(__builtin_offsetof(LaunchParams, inputs) == 272, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, push) == 280, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, flags) == 348, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, out_q) == 352, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, quant_scale) == 368, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, epilogue) == 372, "LaunchParams layout differs from params.rs");
 #endif
 
 #endif  // ARFUSE_H

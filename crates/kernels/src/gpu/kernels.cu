@@ -91,6 +91,21 @@ struct F32 {
   static __device__ __forceinline__ u32 narrow(const float* f) { return bits_from_f32(f[0]); }
 };
 
+// The epilogue kernels' element types: `Epi<E>` is E (the same storage, the same dtype code)
+// marked so that the row routine compiles the epilogue (Gemma's norm, no residual, FP8 out, as
+// LaunchParams::epilogue selects at run time) into them and only into them: the plain kernels,
+// instantiated with E, carry none of it (contract.rs "Epilogues").
+template <class E>
+struct Epi : E {};
+template <class E>
+struct HasEpilogue {
+  static constexpr bool value = false;
+};
+template <class E>
+struct HasEpilogue<Epi<E>> {
+  static constexpr bool value = true;
+};
+
 // A 16-byte pack: four 32-bit words, each holding 32 / (bits of E) elements.
 template <class E>
 struct Pack {
@@ -308,6 +323,22 @@ __device__ bool barrier(const Launch& l, u64 value, bool check_headers) {
 // pack of a thread and the tree are the same for both; K = 1 only needs fewer registers, so that
 // what `early` holds (the pack's residual and weight, loaded before the kernel read its epoch)
 // fits beside the rest.
+// Whether the row routine skips the residual: never in the plain kernels (a constant there, so
+// their code is unchanged); in the epilogue kernels as LaunchParams::epilogue says. It then adds
+// +0.0 instead, and `round(s + 0.0)` is `s` (contract.rs "No residual").
+template <class E>
+__device__ __forceinline__ bool no_residual(const LaunchParams& p) {
+  if constexpr (HasEpilogue<E>::value) return (p.epilogue & ARFUSE_EPILOGUE_NO_RESIDUAL) != 0u;
+  return false;
+}
+template <class E>
+__device__ __forceinline__ Pack<E> zero_pack() {
+  Pack<E> zero;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) zero.w[i] = 0u;
+  return zero;
+}
+
 template <class E>
 struct Early {
   bool valid;  // this thread has a pack in the first row of its block (K = 1 rows only)
@@ -330,7 +361,7 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
 #ifndef ARFUSE_EXP_LATE_RW  // measurement: residual and weight loaded where the row routine needs them
-    f.residual = load_pack<E>(p.residual, k);
+    if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
     f.weight = load_pack<E>(p.weight, t);
 #endif
   }
@@ -343,6 +374,146 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
 __device__ __forceinline__ float mean_of(float sum, u32 n) {
   if ((n & (n - 1)) != 0) return div_rn(sum, (float)n);
   return sum * f32_from_bits((254u << 23) - bits_from_f32((float)n));
+}
+
+// ---- The epilogue of the row routine (Epi<E> kernels only; contract.rs "Epilogues"). ----
+
+
+// max(acc, |y|) with a NaN `y` skipped (it never compares greater): contract.rs `amax`.
+__device__ __forceinline__ float amax_step(float acc, float y) {
+  const float a = f32_from_bits(bits_from_f32(y) & 0x7fffffffu);
+  return a > acc ? a : acc;
+}
+
+// max(amax / fmax, min_scale): contract.rs `dynamic_scale`.
+__device__ __forceinline__ float fp8_dynamic_scale(float amax, bool fnuz) {
+  const float s = div_rn(amax, fnuz ? 240.0f : 448.0f);
+  const float floor = fp8_min_scale(fnuz);
+  return s > floor ? s : floor;
+}
+
+// max over the pack of |value|, NaN skipped.
+template <class E>
+__device__ __forceinline__ float pack_amax(const Pack<E>& v) {
+  constexpr int W = Pack<E>::PerWord;
+  float a = 0.0f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[W];
+    E::widen(v.w[w], f);
+#pragma unroll
+    for (int i = 0; i < W; ++i) a = amax_step(a, f[i]);
+  }
+  return a;
+}
+
+// The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
+// element order, as N / 4 32-bit words. Widened a word at a time (few registers live).
+template <class E>
+__device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>& v, float scale, bool fnuz) {
+  constexpr int N = Pack<E>::N;
+  constexpr int W = Pack<E>::PerWord;
+  u32 words[N / 4];
+#pragma unroll
+  for (int o = 0; o < N / 4; ++o) words[o] = 0u;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[W];
+    E::widen(v.w[w], f);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int e = w * W + i;
+      words[e / 4] |= fp8_encode(div_rn(f[i], scale), fnuz) << (8 * (e % 4));
+    }
+  }
+#pragma unroll
+  for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
+}
+
+// The output stage of the row routine with the epilogue: residual_out (unless no residual),
+// out by the selected norm, and the FP8 codes and scales if asked for. `ro` holds the thread's
+// packs of x (the row before normalisation); it is overwritten with `out`'s packs, which the
+// dynamic scalings quantise once their scale is known: per group from the 128 / N lanes holding
+// the group (a butterfly inside 32-lane groups), per token from the whole block.
+template <class E, int K>
+__device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32 n_packs, Pack<E> (&ro)[K],
+                                             const Pack<E>& w0, float inv) {
+  constexpr int N = Pack<E>::N;
+  constexpr u32 kGroupLanes = 128 / N;  // packs per group of 128 elements: 16 (bf16, f16), 32 (f32)
+  __shared__ float amax_slots[32];
+  __shared__ float row_scale;
+  const u32 t = tid_x();
+  const u64 row_pack = (u64)row * n_packs;
+  const u32 bits = p.epilogue;
+  const u32 scaling = bits & ARFUSE_EPILOGUE_SCALE_MASK;
+  const bool dynamic = (scaling & ARFUSE_EPILOGUE_SCALE_PER_TOKEN) != 0u;  // per token or per group
+  const bool fnuz = (bits & ARFUSE_EPILOGUE_FNUZ) != 0u;
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
+    const u32 j = t + k * bdim_x();
+    float pack_max = 0.0f;
+    if (j < n_packs) {
+      if ((bits & ARFUSE_EPILOGUE_NO_RESIDUAL) == 0u) store_pack<E>(p.residual_out, row_pack + j, ro[k]);
+      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
+      float x[N], y[N];
+      ro[k].widen(x);
+#pragma unroll
+      for (int i = 0; i < N; ++i) x[i] = x[i] * inv;
+      Pack<E>::narrow(x).widen(x);
+      w.widen(y);
+      if (bits & ARFUSE_EPILOGUE_GEMMA) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) y[i] = x[i] * (y[i] + 1.0f);
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) y[i] = y[i] * x[i];
+      }
+      ro[k] = Pack<E>::narrow(y);
+      store_pack<E>(p.out, row_pack + j, ro[k]);
+      if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR) store_codes<E>(p.out_q, row_pack + j, ro[k], p.quant_scale, fnuz);
+      if (dynamic) pack_max = pack_amax<E>(ro[k]);
+    }
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) {
+      // Every lane of the warp takes part; a group's lanes are all in the row or all past it
+      // (hidden is a multiple of 128, blocks a multiple of 32 threads).
+#pragma unroll
+      for (u32 offset = kGroupLanes / 2; offset >= 1; offset /= 2) {
+        const float other = shfl_xor32(pack_max, (int)offset);
+        pack_max = other > pack_max ? other : pack_max;
+      }
+      if (j < n_packs) {
+        const float scale = fp8_dynamic_scale(pack_max, fnuz);
+        if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
+        store_codes<E>(p.out_q, row_pack + j, ro[k], scale, fnuz);
+      }
+    }
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TOKEN) amax = pack_max > amax ? pack_max : amax;
+  }
+  if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
+#pragma unroll
+  for (int offset = 16; offset >= 1; offset /= 2) {
+    const float other = shfl_xor32(amax, offset);
+    amax = other > amax ? other : amax;
+  }
+  if ((t & 31u) == 0u) amax_slots[t / 32u] = amax;
+  block_sync();
+  if (t == 0) {
+    float a = 0.0f;
+    for (u32 i = 0; i < (bdim_x() + 31u) / 32u; ++i) a = amax_slots[i] > a ? amax_slots[i] : a;
+    row_scale = fp8_dynamic_scale(a, fnuz);
+    ((ARFUSE_GLOBAL float*)p.scales)[row] = row_scale;
+  }
+  block_sync();
+  const float scale = row_scale;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const u32 j = t + k * bdim_x();
+    // `out` as this thread stored it (read back rather than kept: fewer registers live across
+    // the block's reduction).
+    if (j < n_packs) store_codes<E>(p.out_q, row_pack + j, load_pack<E>(p.out, row_pack + j), scale, fnuz);
+  }
 }
 
 template <class E, int K, class Sum, class Checks>
@@ -368,7 +539,8 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
 #else
       const bool pre = k == 0 && use_early;
 #endif
-      const Pack<E> r = pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
+      const Pack<E> r =
+          no_residual<E>(p) ? zero_pack<E>() : pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
       if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
       float f[N], g[N];
       sum(k, row_pack + j).widen(f);
@@ -405,6 +577,10 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
   }
   block_sync();
   const float inv = rcp_rn(sqrt_rn(mean_of(row_sum, p.hidden) + p.eps));
+  if constexpr (HasEpilogue<E>::value) {
+    epilogue_out<E, K>(p, row, n_packs, ro, w0, inv);
+    return true;
+  }
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
@@ -772,7 +948,13 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
     cross_rank<E, false>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
   }                                                                                                   \
   ARFUSE_KERNEL(allgather_##dtype) { allgather<E>(p); }                                               \
-  ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }
+  ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }                                           \
+  ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_epi_##dtype) {                                                \
+    const Early<Epi<E>> early = load_early<Epi<E>>(p);                                                \
+    cross_rank<Epi<E>, false>(p, 6, [&](const Launch& l) { return fused_1stage<Epi<E>>(l, early); }); \
+  }                                                                                                   \
+  ARFUSE_KERNEL(scratch_add_rmsnorm_epi_##dtype) { scratch_add_rmsnorm<Epi<E>>(p); }                  \
+  ARFUSE_KERNEL(add_rmsnorm_epi_##dtype) { add_rmsnorm<Epi<E>>(p); }
 
 ARFUSE_INSTANTIATE(bf16, Bf16)
 ARFUSE_INSTANTIATE(f16, F16)

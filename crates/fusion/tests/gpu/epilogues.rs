@@ -1,0 +1,157 @@
+//! Issue 17's epilogues on the GPU: FP8 out (e4m3fn/e4m3fnuz × per tensor/token/group), Gemma's
+//! `(1 + w)` norm and no residual, on every path (the dispatched one, 1-stage, 2-stage, unfused),
+//! world sizes 2 and 4, bf16/f16/f32, row widths that take one pack per thread and several (the
+//! row routine's K = 1 and K = 4 forms), bit-exact against testkit's independent computation
+//! (`arfuse_testkit::quant`) with saturation, zero rows and NaN/Inf planted.
+
+use crate::{gpu_available, UNFUSED};
+use arfuse_fusion::{AllReduceRmsNorm, Args, BytesMut, Config, Norm, Path, QuantOut, TensorMut, TensorRef, Variant};
+use arfuse_ipc::ThreadRendezvous;
+use arfuse_kernels::contract::{Epilogue, Fp8Format};
+use arfuse_kernels::gpu::DeviceBuffer;
+use arfuse_kernels::{Element, GpuBackend};
+use arfuse_testkit::quant::{
+    all_epilogues, assert_codes_exact, assert_exact, assert_scales_exact, quant_fixture, saturating_scale, ExactOutputs,
+};
+use arfuse_testkit::{poisoned, run_threads_each, Fixture, Problem, TestSeed};
+use half::{bf16, f16};
+use std::time::Duration;
+
+/// A byte value that no expected code has (so an unwritten code cannot pass), else 0xa5.
+fn absent_byte(codes: &[u8]) -> u8 {
+    let mut seen = [false; 256];
+    codes.iter().for_each(|&c| seen[c as usize] = true);
+    (0..=255u8).rev().find(|&b| !seen[b as usize]).unwrap_or(0xa5)
+}
+
+fn check<B: GpuBackend, T: Element>(world: usize, norm: Norm, shapes: &[(usize, usize)], seed: &TestSeed) {
+    let fixtures: Vec<Fixture<T>> = shapes
+        .iter()
+        .map(|&(rows, hidden)| {
+            let problem = Problem::new(world, rows, hidden, T::DTYPE)
+                .with_seed(seed.derive_named(&format!("{rows}x{hidden}-{}", T::DTYPE)));
+            quant_fixture::<T>(&problem)
+        })
+        .collect();
+    let mut epilogues: Vec<Epilogue> = Vec::new();
+    for format in Fp8Format::ALL {
+        for e in all_epilogues(saturating_scale(format)) {
+            if e.norm == norm && !epilogues.contains(&e) {
+                epilogues.push(e);
+            }
+        }
+    }
+    let mut config = Config::default().with_deadline(Duration::from_secs(10)).with_norm(norm);
+    config.policy.push_slot_bytes = fixtures.iter().map(|f| f.residual.len() * T::DTYPE.size()).max().unwrap_or(16);
+    let phase = std::sync::Barrier::new(world);
+    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
+        let device = B::open_device(0, world).expect("device");
+        let stream = B::create_stream(&device).expect("stream");
+        let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
+        for fixture in &fixtures {
+            let (rows, hidden) = (fixture.problem.rows, fixture.problem.hidden);
+            let elems = rows * hidden;
+            let input = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.inputs[rank]).expect("input");
+            let residual = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.residual).expect("residual");
+            let weight = DeviceBuffer::<B, _>::from_slice(&stream, &fixture.weight).expect("weight");
+            let poison = poisoned::<T>(elems);
+            let mut out = DeviceBuffer::<B, _>::from_slice(&stream, &poison).expect("out");
+            let mut residual_out = DeviceBuffer::<B, _>::from_slice(&stream, &poison).expect("residual_out");
+            // The codes live in an f32 buffer of elems / 4 words (u8 is no Element).
+            let mut codes = DeviceBuffer::<B, f32>::from_slice(&stream, &vec![0.0; elems / 4]).expect("codes");
+            let mut scales = DeviceBuffer::<B, f32>::from_slice(&stream, &vec![f32::NAN; rows * hidden / 128 + rows])
+                .expect("scales");
+            phase.wait();
+            for e in &epilogues {
+                if e.quant.is_some_and(|q| q.scaling == arfuse_fusion::Scaling::PerGroup) && hidden % 128 != 0 {
+                    continue;
+                }
+                let want = ExactOutputs::compute(fixture, e);
+                let per_row = e.quant.map_or(0, |q| q.scaling.scales_per_row(hidden));
+                let code_poison = absent_byte(&want.codes);
+                let code_words = vec![f32::from_bits(u32::from_ne_bytes([code_poison; 4])); elems / 4];
+                for path in [None, Some(Path::OneStage), Some(Path::TwoStage), Some(UNFUSED)] {
+                    out.upload(&stream, &poison).expect("poison");
+                    residual_out.upload(&stream, &poison).expect("poison");
+                    codes.upload(&stream, &code_words).expect("poison");
+                    scales.upload(&stream, &vec![f32::NAN; scales.len()]).expect("poison");
+                    let residual_len = if e.no_residual { 0 } else { elems };
+                    // SAFETY: the buffers hold at least `residual_len` elements (`elems`) and live,
+                    // unwritten by anything else, until the call's work has run (`check` below).
+                    let (residual_arg, residual_out_arg) = unsafe {
+                        (
+                            TensorRef::from_raw(residual.device_ptr(), residual_len),
+                            TensorMut::from_raw(residual_out.device_ptr(), residual_len),
+                        )
+                    };
+                    let args = Args {
+                        input: TensorRef::new(&input),
+                        residual: residual_arg,
+                        weight: TensorRef::new(&weight),
+                        out: TensorMut::new(&mut out),
+                        residual_out: residual_out_arg,
+                        eps: fixture.problem.eps,
+                    };
+                    // SAFETY: `codes` holds `elems` bytes, `scales` at least `rows * per_row`
+                    // f32s, both live and otherwise untouched until `check` below.
+                    let quant = e.quant.map(|quant| unsafe {
+                        QuantOut {
+                            quant,
+                            codes: BytesMut::from_raw(codes.device_ptr(), elems),
+                            scales: (per_row > 0).then(|| TensorMut::from_raw(scales.device_ptr(), rows * per_row)),
+                        }
+                    });
+                    let variant = Variant { no_residual: e.no_residual, quant };
+                    let ran = match path {
+                        Some(path) => op.forward_on_with(&stream, path, args, variant),
+                        None => op.forward_with(&stream, args, variant),
+                    }
+                    .expect("forward");
+                    op.check(&stream).expect("no peer failure");
+                    let what = format!("{} rank {rank} {} {ran} {e:?}", B::KIND, fixture.problem);
+                    let got_out = out.download(&stream).expect("download");
+                    assert_exact(&format!("{what} out"), &want.out, &got_out);
+                    let got_ro = residual_out.download(&stream).expect("download");
+                    if e.no_residual {
+                        assert!(got_ro.iter().all(|&v| arfuse_testkit::is_poison(v)), "{what}: residual_out written");
+                    } else {
+                        assert_exact(&format!("{what} residual_out"), &want.residual_out, &got_ro);
+                    }
+                    if e.quant.is_some() {
+                        let words = codes.download(&stream).expect("download");
+                        let got_codes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_ne_bytes()).collect();
+                        assert_codes_exact(&what, &want.codes, &got_codes);
+                        let got_scales = scales.download(&stream).expect("download");
+                        assert_scales_exact(&what, &want.scales, &got_scales[..rows * per_row]);
+                        assert!(got_scales[rows * per_row..].iter().all(|s| s.is_nan()), "{what}: scales past the end");
+                    }
+                }
+            }
+            phase.wait();
+        }
+    });
+    println!(
+        "{} epilogues: world {world} {} {norm:?} {} shapes x {} epilogues x 4 paths: exact",
+        B::KIND,
+        T::DTYPE,
+        shapes.len(),
+        epilogues.len()
+    );
+}
+
+pub(crate) fn every_epilogue_on_every_path_is_exact<B: GpuBackend>(test: &str) {
+    if !gpu_available::<B>(test) {
+        return;
+    }
+    let seed = TestSeed::new(&format!("{0}::epilogues_on_{0}", B::KIND));
+    // Decode and prefill shapes; 16384 bf16/f16 (2048 packs) and 8192 f32 take several packs per
+    // thread; 2880 is no multiple of 128 (per-group skipped there, refused: the cpu suite).
+    let shapes = [(1, 4096), (7, 2048), (33, 8192), (81, 5120), (6, 16384), (3, 2880)];
+    for world in [2, 4] {
+        for norm in [Norm::Standard, Norm::GemmaOffset] {
+            check::<B, bf16>(world, norm, &shapes, &seed);
+            check::<B, f16>(world, norm, &shapes[..4], &seed);
+            check::<B, f32>(world, norm, &shapes[..3], &seed);
+        }
+    }
+}
