@@ -234,6 +234,11 @@ fn rank_round(
     let own = Cuda::create_stream(device).expect("an arfuse stream");
     assert_eq!(own.ownership(), StreamOwnership::Owned);
     step.load(&engine, fixture, rank);
+    engine.synchronize().expect("uploads");
+    // No rank's kernel may spin while a peer still creates its stream or uploads: a driver call
+    // that waits for the device (its memory, its streams) would wait for that kernel, which waits
+    // for the peer (seen twice on the H200 without this barrier: a peer timeout here).
+    phase.wait();
     op.forward(&own, step.args(fixture.problem.eps)).expect("forward on another stream than the tensors'");
     // Read back on the engine's stream before anything waits for `own`: cudarc's events (tracking
     // on) or the operator's join (tracking off) order the copy after the call.
@@ -248,6 +253,8 @@ fn rank_round(
     let borrowed = unsafe { CudaStream::from_raw(device, engine.cu_stream()) }.expect("a borrowed stream");
     assert_eq!(borrowed.ownership(), StreamOwnership::Borrowed);
     step.load(&engine, fixture, rank);
+    engine.synchronize().expect("uploads");
+    phase.wait();
     op.forward(&borrowed, step.args(fixture.problem.eps)).expect("forward on the borrowed handle");
     op.check(&borrowed).expect("no peer failure");
     drop(borrowed);
