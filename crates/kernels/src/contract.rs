@@ -164,7 +164,8 @@ pub fn normalise<T: Element>(residual_out: T, weight: T, inv: f32) -> T {
     T::from_f32(weight.to_f32() * normed.to_f32())
 }
 
-/// Add+RMSNorm of one row: given the all-reduced `sum` row, writes `residual_out` and `out`.
+/// Add+RMSNorm of one row: given the all-reduced `sum` row, writes `residual_out` and `out`
+/// ([`epilogue_row`] with the plain [`Epilogue`]: residual added, standard norm, nothing quantised).
 pub fn add_rmsnorm_row<T: Element>(
     sum: &[T],
     residual: &[T],
@@ -173,13 +174,7 @@ pub fn add_rmsnorm_row<T: Element>(
     residual_out: &mut [T],
     out: &mut [T],
 ) {
-    for ((ro, &s), &r) in residual_out.iter_mut().zip(sum).zip(residual) {
-        *ro = add_residual(s, r);
-    }
-    let inv = inv_rms(row_sum_squares(residual_out, T::DTYPE.pack_elems()), sum.len(), eps);
-    for ((o, &ro), &w) in out.iter_mut().zip(residual_out.iter()).zip(weight) {
-        *o = normalise(ro, w, inv);
-    }
+    epilogue_row(&Epilogue::default(), sum, residual, weight, eps, residual_out, out, &mut [], &mut []);
 }
 
 /// How step 3 applies the weight.
