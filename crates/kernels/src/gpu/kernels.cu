@@ -147,10 +147,9 @@ __device__ __forceinline__ void store_pack(u64 base, u64 index, const Pack<E>& p
 __device__ __forceinline__ float finish_sum(float acc) { return acc + 0.0f; }
 
 // ---- Measurement switches (ARFUSE_KERNEL_DEFINES, source.rs `experiment_defines`): each leaves a
-// stage out and gives wrong results on purpose; never set in normal use. (Three give right results:
+// stage out and gives wrong results on purpose; never set in normal use. (Two give right results:
 // ARFUSE_EXP_NO_PDL launches the fused kernel plainly, ARFUSE_EXP_NO_RELEASE keeps the programmatic
-// launch but lets the next kernel start only when this one ends (see arfuse.h), and
-// ARFUSE_EXP_LATE_RW loads residual and weight in the row routine, not with the input.) ----
+// launch but lets the next kernel start only when this one ends; see arfuse.h.) ----
 #ifdef ARFUSE_EXP_LOCAL_ONLY  // no data pushed or polled: every rank's pack is our own
 #undef ARFUSE_EXP_LOCAL_ONLY
 #define ARFUSE_EXP_LOCAL_ONLY 1
@@ -360,10 +359,8 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   if (f.valid) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
-#ifndef ARFUSE_EXP_LATE_RW  // measurement: residual and weight loaded where the row routine needs them
     if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
     f.weight = load_pack<E>(p.weight, t);
-#endif
   }
   return f;
 }
@@ -534,11 +531,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     float sq = 0.0f;
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum waits for peers.
-#ifdef ARFUSE_EXP_LATE_RW
-      const bool pre = false;
-#else
       const bool pre = k == 0 && use_early;
-#endif
       const Pack<E> r =
           no_residual<E>(p) ? zero_pack<E>() : pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
       if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
