@@ -11,7 +11,7 @@
 //! | `ARFUSE_TUNE_FILE` | a measured table of 1-stage thresholds per world size ([`crate::tune`]) | none |
 //! | `ARFUSE_NORM` | `standard`: `w · x̂`; `gemma`: `(1 + w) · x̂`, weights stored as offsets ([`Norm`]) | `standard` |
 //! | `ARFUSE_PUSH_SLOT_BYTES` | bytes of each push receive slot (the largest 1-stage call); 0: the 1-stage threshold | 0 |
-//! | `ARFUSE_PROGRAMMATIC_MAX_WORLD` | the most ranks at which the fused kernel starts early on NVIDIA sm_90+ (programmatic dependent launch); 0: never. Read by arfuse-kernels once per process, at the first launch | 4 |
+//! | `ARFUSE_PROGRAMMATIC_MAX_WORLD` | the most ranks at which the fused kernel starts early on NVIDIA sm_90+ (programmatic dependent launch); 0: never. Read by arfuse-kernels once per process, at the first launch | 8 (every world size) |
 
 use crate::dispatch::Policy;
 use crate::graph::DEFAULT_GRAPH_SLOTS;

@@ -291,41 +291,34 @@ impl Fp8Format {
 
     /// `v` rounded to nearest, ties to even, saturated to `±max`; NaN to [`Self::nan_code`]; a
     /// zero result keeps the sign in e4m3fn and is `0x00` in e4m3fnuz (the module docs). The
-    /// integer sequence every backend uses: the f32 bits re-biased and shifted right with a
-    /// round-to-nearest-even increment, subnormals shifted further.
+    /// branch-free sequence every backend uses: both candidates are computed, then one selected. A
+    /// normal code is the f32 bits re-biased with 20 mantissa bits rounded off to nearest even
+    /// (a carry moves into the exponent, which is the next code up); a subnormal one is
+    /// `|v| × 2^(2 + bias)` (exact) rounded to an integer by adding `2^23` in f32 (round to
+    /// nearest even at 1; a result of 8 is the least normal code, `0x08`).
     pub fn encode(self, v: f32) -> u8 {
         let bits = v.to_bits();
-        let sign = ((bits >> 24) & 0x80) as u8;
-        let abits = bits & 0x7fff_ffff;
-        if abits > 0x7f80_0000 {
-            return self.nan_code();
+        let sign = (bits >> 24) & 0x80;
+        let a = bits & 0x7fff_ffff;
+        let bias = self.bias() as u32;
+        let x = a.wrapping_sub((127 - bias) << 23);
+        let normal = x.wrapping_add(0x7_ffff + ((x >> 20) & 1)) >> 20;
+        let t = f32::from_bits(a) * f32::from_bits((129 + bias) << 23) + 8_388_608.0;
+        let subnormal = t.to_bits().wrapping_sub(0x4b00_0000);
+        let mut code = if a < (128 - bias) << 23 { subnormal } else { normal };
+        if a >= self.max().to_bits() {
+            code = u32::from(self.max_code());
         }
-        if f32::from_bits(abits) >= self.max() {
-            return sign | self.max_code();
-        }
-        let e = (abits >> 23) as i32 - 127;
-        let e_min = 1 - self.bias();
-        let code = if e < e_min - 4 {
-            0 // below half the least subnormal 2^(e_min - 3) (f32 subnormals included): zero
-        } else if e < e_min {
-            // Subnormal: (1.m × 2^e) / 2^(e_min - 3) = mant >> (20 + e_min - e), shift 21..=24.
-            rne_shift((abits & 0x7f_ffff) | 0x80_0000, (20 + e_min - e) as u32)
-        } else {
-            // Normal: the exponent re-biased above the 23 mantissa bits, 20 of them rounded off
-            // (a carry moves into the exponent, which is the next code up).
-            rne_shift((((e + self.bias()) as u32) << 23) | (abits & 0x7f_ffff), 20)
-        } as u8;
-        match self {
+        let code = match self {
             Fp8Format::E4m3Fnuz if code == 0 => 0,
             _ => sign | code,
+        };
+        if a > 0x7f80_0000 {
+            self.nan_code()
+        } else {
+            code as u8
         }
     }
-}
-
-/// `x >> s` rounded to nearest, ties to even (`1 <= s < 32`).
-#[inline]
-fn rne_shift(x: u32, s: u32) -> u32 {
-    (x + ((1 << (s - 1)) - 1) + ((x >> s) & 1)) >> s
 }
 
 /// How a quantised output is scaled.

@@ -123,11 +123,12 @@ pub struct LaunchConfig {
     pub programmatic: bool,
 }
 
-/// The most ranks at which the fused kernel is launched as a programmatic dependent: 4, or
-/// `ARFUSE_PROGRAMMATIC_MAX_WORLD` (0 turns it off; read once per process). Measured on one H200
-/// shared by the ranks (docs/performance.md, 2026-12-02): 0.7–1.5 µs off every decode call at 2
-/// and 4 ranks; at 8 ranks one run hung and another was slower, not yet understood, so not there.
-pub const DEFAULT_PROGRAMMATIC_MAX_WORLD: u32 = 4;
+/// The most ranks at which the fused kernel is launched as a programmatic dependent: every world
+/// size (8), or `ARFUSE_PROGRAMMATIC_MAX_WORLD` (0 turns it off; read once per process). Measured
+/// on one H200 shared by the ranks (docs/performance.md, 2026-12-02): 0.7–1.5 µs off every decode
+/// call at 2 and 4 ranks, 1.0 µs at 8 (1×4096). It was held at 4 while 8 ranks hung with it, until
+/// the release was found to come from the header-checking warp too early (kernels.cu `fused_rows`).
+pub const DEFAULT_PROGRAMMATIC_MAX_WORLD: u32 = 8;
 
 /// Whether `op` at `world` ranks is launched as a programmatic dependent
 /// ([`LaunchConfig::programmatic`]): the fused 1-stage kernels (plain and with the epilogue) up to
@@ -138,7 +139,9 @@ pub const DEFAULT_PROGRAMMATIC_MAX_WORLD: u32 = 4;
 /// first read, and release the next call's kernel only once every peer's data for their rows has
 /// arrived: by then every peer's blocks of the call are running, and none of ours needs anything
 /// more from a peer, so blocks that start early never keep a peer's blocks off the multiprocessors
-/// they wait for (the co-residency rule of [`resident_blocks`] still holds).
+/// they wait for (the co-residency rule of [`resident_blocks`] still holds). A block's release
+/// takes effect at its first thread's, so only threads that waited for a pack of the block's
+/// row from every peer release: a header checker has seen only the peers' block 0.
 pub fn programmatic_launch(op: Op, world: u32) -> bool {
     static MAX_WORLD: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let max_world = *MAX_WORLD.get_or_init(|| {
@@ -271,9 +274,14 @@ mod tests {
                 let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(rows, 4096, 2), 66, 32);
                 assert_eq!(c.programmatic, op.plain() == Op::FusedOneStage, "{op:?} {rows} rows");
             }
-            let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(1, 4096, 8), 16, 32);
-            assert!(!c.programmatic, "{op:?} at 8 ranks");
+            let c = launch_config(KernelId { op, dtype: DType::Bf16 }, &params(16, 4096, 8), 16, 32);
+            assert_eq!(c.programmatic, op.plain() == Op::FusedOneStage, "{op:?} at 8 ranks");
         }
+        // The release comes only from threads that waited for a pack of the row (a block's first
+        // release counts for it; the header-checking warp has seen only the peers' block 0).
+        let releases: Vec<&str> = KERNELS.lines().filter(|l| l.contains("release_dependent_grid();")).collect();
+        assert_eq!(releases.len(), 1, "one release site: {releases:?}");
+        assert!(releases[0].contains("tid_x() < n_packs"), "released by pack holders only: {}", releases[0]);
         for (entry, early) in [
             ("fused_ar_rmsnorm_1stage_##dtype", "load_early<E>(p)"),
             ("fused_ar_rmsnorm_1stage_epi_##dtype", "load_early<Epi<E>>(p)"),

@@ -111,12 +111,12 @@ __device__ __forceinline__ void store16_sys(ARFUSE_GLOBAL pack16* p, pack16 v) {
   __hip_atomic_store(w + 2, v.z, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
   __hip_atomic_store(w + 3, v.w, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
-// Butterfly exchange inside groups of 32 lanes (xor offsets below 32 never leave a 32-lane half of
-// a 64-wide wavefront): the reduction tree does not depend on the wavefront width.
 // Programmatic dependent launch is NVIDIA's (sm_90+); a HIP launch always starts after the kernel
 // before it in the stream has finished, so there is nothing to wait for or to release.
 __device__ __forceinline__ void wait_for_prior_grid() {}
 __device__ __forceinline__ void release_dependent_grid() {}
+// Butterfly exchange inside groups of 32 lanes (xor offsets below 32 never leave a 32-lane half of
+// a 64-wide wavefront): the reduction tree does not depend on the wavefront width.
 __device__ __forceinline__ float shfl_xor32(float v, int offset) {
   const int lane = __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
   return __builtin_bit_cast(float, __builtin_amdgcn_ds_bpermute((lane ^ offset) << 2, __builtin_bit_cast(int, v)));
@@ -237,28 +237,26 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
 
 // ---- FP8 (e4m3fn, e4m3fnuz) by hand: contract.rs `Fp8Format::encode`, the same integer sequence
 // on every target (no vendor header, no hardware conversion: the bits are the contract's). ----
-// `x >> s` rounded to nearest, ties to even (1 <= s < 32).
-__device__ __forceinline__ u32 rne_shift(u32 x, u32 s) { return (x + ((1u << (s - 1)) - 1u) + ((x >> s) & 1u)) >> s; }
 // `v` rounded to nearest even and saturated: NaN -> the format's NaN (0x7f e4m3fn, 0x80 e4m3fnuz),
 // |v| >= max (448, 240; infinities included) -> +-max, subnormals kept, a zero keeps its sign in
-// e4m3fn and is 0x00 in e4m3fnuz.
+// e4m3fn and is 0x00 in e4m3fnuz. Branch-free (both candidates computed, then selected): a
+// normal code is the f32 bits re-biased with 20 mantissa bits rounded off (a carry moves into the
+// exponent, the next code up); a subnormal one is |v| / 2^(-2 - bias) rounded to an integer by
+// the f32 addition of 2^23 (the product is exact; the sum rounds to nearest even at 1, and a
+// result of 8 is the least normal code). The same bits as contract.rs for every f32.
 __device__ __forceinline__ u32 fp8_encode(float v, bool fnuz) {
   const u32 bits = bits_from_f32(v);
   const u32 sign = (bits >> 24) & 0x80u;
   const u32 a = bits & 0x7fffffffu;
-  if (a > 0x7f800000u) return fnuz ? 0x80u : 0x7fu;
-  if (a >= (fnuz ? 0x43700000u : 0x43e00000u)) return sign | (fnuz ? 0x7fu : 0x7eu);  // 240, 448
-  const int bias = fnuz ? 8 : 7;
-  const int e = (int)(a >> 23) - 127;
-  const int e_min = 1 - bias;
-  u32 code;
-  if (e < e_min - 4)
-    code = 0u;  // below half the least subnormal
-  else if (e < e_min)
-    code = rne_shift((a & 0x7fffffu) | 0x800000u, (u32)(20 + e_min - e));
-  else
-    code = rne_shift(((u32)(e + bias) << 23) | (a & 0x7fffffu), 20u);
-  return fnuz && code == 0u ? 0u : (sign | code);
+  const u32 bias = fnuz ? 8u : 7u;
+  const u32 x = a - ((127u - bias) << 23);
+  const u32 normal = (x + 0x7ffffu + ((x >> 20) & 1u)) >> 20;
+  const float t = f32_from_bits(a) * f32_from_bits((129u + bias) << 23) + 8388608.0f;
+  const u32 subnormal = bits_from_f32(t) - 0x4b000000u;
+  u32 code = a < ((128u - bias) << 23) ? subnormal : normal;
+  code = a >= (fnuz ? 0x43700000u : 0x43e00000u) ? (fnuz ? 0x7fu : 0x7eu) : code;  // 240, 448
+  const u32 r = fnuz && code == 0u ? 0u : (sign | code);
+  return a > 0x7f800000u ? (fnuz ? 0x80u : 0x7fu) : r;
 }
 // The floor of dynamic scales, fl(1 / (max * 512)) (contract.rs `Fp8Format::min_scale`).
 __device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits(fnuz ? 0x37088889u : 0x36924925u); }

@@ -405,22 +405,36 @@ __device__ __forceinline__ float pack_amax(const Pack<E>& v) {
 }
 
 // The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
-// element order, as N / 4 32-bit words. Widened a word at a time (few registers live).
+// element order, as N / 4 32-bit words. Each quotient by the reciprocal route where that gives the
+// contract's code (fp8_code_of_quotient), else, for the whole pack, by IEEE division: the eight
+// codes stay independent of each other (no branch per element), the division is rare.
+// The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
+// element order, as N / 4 32-bit words. (A product with the reciprocal and one correction step,
+// dividing only near FP8 ties, gives the same codes but measured slower on the H200: its
+// registers spilled, 2026-12-02, docs/performance.md.)
 template <class E>
 __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>& v, float scale, bool fnuz) {
+#ifdef ARFUSE_EXP_FP8_NO_CODES  // measurement only: no code computed or written
+  return;
+#endif
   constexpr int N = Pack<E>::N;
   constexpr int W = Pack<E>::PerWord;
   u32 words[N / 4];
 #pragma unroll
   for (int o = 0; o < N / 4; ++o) words[o] = 0u;
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
+  for (int w = 0; w < 4; ++w) {  // widened a word at a time: few registers live
     float f[W];
     E::widen(v.w[w], f);
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       const int e = w * W + i;
-      words[e / 4] |= fp8_encode(div_rn(f[i], scale), fnuz) << (8 * (e % 4));
+#if defined(ARFUSE_EXP_FP8_NO_DIV)  // measurement only: a product, not the contract's quotient
+      const float q = f[i] * scale;
+#else
+      const float q = div_rn(f[i], scale);
+#endif
+      words[e / 4] |= fp8_encode(q, fnuz) << (8 * (e % 4));
     }
   }
 #pragma unroll
@@ -496,11 +510,18 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
   }
   if ((t & 31u) == 0u) amax_slots[t / 32u] = amax;
   block_sync();
-  if (t == 0) {
-    float a = 0.0f;
-    for (u32 i = 0; i < (bdim_x() + 31u) / 32u; ++i) a = amax_slots[i] > a ? amax_slots[i] : a;
-    row_scale = fp8_dynamic_scale(a, fnuz);
-    ((ARFUSE_GLOBAL float*)p.scales)[row] = row_scale;
+  // The block's max by the first 32 lanes (max is exact in any order; at most 32 warp slots).
+  if (t < 32u) {
+    float a = t < (bdim_x() + 31u) / 32u ? amax_slots[t] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) {
+      const float other = shfl_xor32(a, offset);
+      a = other > a ? other : a;
+    }
+    if (t == 0) {
+      row_scale = fp8_dynamic_scale(a, fnuz);
+      ((ARFUSE_GLOBAL float*)p.scales)[row] = row_scale;
+    }
   }
   block_sync();
   const float scale = row_scale;
@@ -508,7 +529,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
     // `out` as this thread stored it (read back rather than kept: fewer registers live across
-    // the block's reduction).
+    // the block's reduction; measured the same, 2026-12-02).
     if (j < n_packs) store_codes<E>(p.out_q, row_pack + j, load_pack<E>(p.out, row_pack + j), scale, fnuz);
   }
 }
@@ -723,7 +744,10 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
       // Every peer's data of the block's last row is in: the next kernel of the stream may start
       // (a programmatic dependent) while this block normalises. Not before: blocks of the next
       // call that spin while peers' blocks of this one wait for a multiprocessor could hang.
-      if (row + gdim_x() >= p.rows) release_dependent_grid();
+      // Only threads that waited for a pack of the row release: the first release of any thread
+      // counts for the whole block, and a header checker (the spare warp) has seen only the
+      // peers' block 0, not that their block of this row runs (8 ranks on one H200 hung so).
+      if (row + gdim_x() >= p.rows && tid_x() < n_packs) release_dependent_grid();
     };
     if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
