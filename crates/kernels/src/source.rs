@@ -368,6 +368,7 @@ mod tests {
         for (name, value) in [
             ("ARFUSE_EPILOGUE_GEMMA", crate::params::EPILOGUE_GEMMA),
             ("ARFUSE_EPILOGUE_NO_RESIDUAL", crate::params::EPILOGUE_NO_RESIDUAL),
+            ("ARFUSE_EPILOGUE_CALL_SHIFT", crate::params::EPILOGUE_CALL_SHIFT),
         ] {
             assert!(src.contains(&format!("#define {name} {value}u\n")), "{name} != {value} in arfuse.h");
         }
@@ -377,6 +378,7 @@ mod tests {
             ("ARFUSE_EPILOGUE_SCALE_PER_TOKEN", crate::params::EPILOGUE_SCALE_PER_TOKEN),
             ("ARFUSE_EPILOGUE_SCALE_PER_GROUP", crate::params::EPILOGUE_SCALE_PER_GROUP),
             ("ARFUSE_EPILOGUE_FNUZ", crate::params::EPILOGUE_FNUZ),
+            ("ARFUSE_EPILOGUE_CALL_MASK", crate::params::EPILOGUE_CALL_MASK),
         ] {
             assert!(src.contains(&format!("#define {name} {value:#x}u\n")), "{name} != {value:#x} in arfuse.h");
         }

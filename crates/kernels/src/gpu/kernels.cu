@@ -228,15 +228,17 @@ __device__ __forceinline__ bool spin(const Launch& l, u32 peer, Ready ready) {
 }
 
 // The call header `sender` writes for this call (params.rs `CallHeader`): bit 31 clear in every
-// word, so a header is never the sentinel.
+// word, so a header is never the sentinel. It names the call's epilogue selection (bits 16..21:
+// LaunchParams::epilogue under ARFUSE_EPILOGUE_CALL_MASK), which every launch of a call carries,
+// so a peer with another epilogue is a mismatch also where the cross-rank kernel is the same.
 template <class E>
 __device__ __forceinline__ pack16 call_header(const Launch& l, u32 sender) {
   const LaunchParams& p = l.p;
   const bool refused = (p.flags & ARFUSE_FLAG_REFUSED) != 0;
   pack16 h;
   h.x = (u32)(l.epoch & 0x7fffffffull);
-  h.y = (refused ? ARFUSE_OP_CODE_REFUSED : (l.op & 0xfu)) | ((u32)E::kCode << 4) | ((p.world_size & 0xfu) << 8) |
-        (sender << 12);
+  const u32 call = (l.op & 0xfu) | ((p.epilogue & ARFUSE_EPILOGUE_CALL_MASK) << ARFUSE_EPILOGUE_CALL_SHIFT);
+  h.y = (refused ? ARFUSE_OP_CODE_REFUSED : call) | ((u32)E::kCode << 4) | ((p.world_size & 0xfu) << 8) | (sender << 12);
   h.z = refused ? 0u : (p.rows & 0x7fffffffu);
   h.w = refused ? 0u : (p.hidden & 0x7fffffffu);
   return h;
