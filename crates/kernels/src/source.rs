@@ -204,6 +204,8 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
             (elementwise(chunk, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
         }
         Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
+        // A block per row, like the row routine's local kernels (per-token scales are a block's).
+        Op::QuantizeFp8 => (rows.min(65_535), row_threads),
     };
     LaunchConfig { grid, block, shared_bytes: 0, programmatic: programmatic_launch(kernel.op, params.world_size) }
 }
@@ -245,7 +247,10 @@ mod tests {
                     let row_packs = hidden as usize / dtype.pack_elems();
                     assert!(
                         row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
-                            || !matches!(op.plain(), Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
+                            || !matches!(
+                                op.plain(),
+                                Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::QuantizeFp8
+                            )
                     );
                 }
             }
