@@ -68,8 +68,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0x00a7_f05e)]
     pub seed: u64,
     /// Also time each fused path with `out` quantised to FP8 in the same call (issue 17; rows
-    /// `fused-1stage+fp8`, `fused-2stage+fp8`): `FORMAT:SCALING` as `arfuse-demo --fp8`
-    /// (`e4m3fn:per-token`, `e4m3fn:per-tensor=0.01`, ...). Checked bit-exact unless --no-check.
+    /// `fused-1stage+fp8`, `fused-2stage+fp8`) and as the plain call followed by the separate
+    /// quantisation kernel (`fused-1stage+quant`, `fused-2stage+quant`): `FORMAT:SCALING` as
+    /// `arfuse-demo --fp8` (`e4m3fn:per-token`, `e4m3fn:per-tensor=0.01`, ...). Checked bit-exact
+    /// unless --no-check.
     #[arg(long, value_name = "FORMAT:SCALING")]
     pub fp8: Option<String>,
     /// Write the report as JSON here.

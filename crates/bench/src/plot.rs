@@ -387,6 +387,7 @@ mod tests {
             prefill_iters: 10,
             repeats: 20,
             graph_inputs: String::new(),
+            fp8: String::new(),
             input_sets: vec![],
             floors: Floors { copy_gbs: 4000.0, graph_node_us: 0.8 },
             rows: vec![

@@ -185,6 +185,11 @@ pub struct Report {
     pub graph_inputs: String,
     /// Input sets the calls rotate through, per shape: (shape, sets).
     pub input_sets: Vec<(Shape, usize)>,
+    /// `--fp8`'s `FORMAT:SCALING` (as `arfuse-demo --fp8` takes it), empty without: what the
+    /// `+fp8` and `+quant` rows quantise, and what `peers/peers.py` times torch.compile's
+    /// add+RMSNorm+FP8 quantisation with.
+    #[serde(default)]
+    pub fp8: String,
     /// Machine floors.
     pub floors: Floors,
     /// The rows.
@@ -225,16 +230,20 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 impl Report {
-    /// The FP8-out rows of one mode (`--fp8`), in Markdown: each fused path plain and with its
-    /// FP8 output, and the ratio (issue 17's target: at most 1.1 at decode shapes). Empty without them.
+    /// The FP8-out rows of one mode (`--fp8`), in Markdown: each fused path plain, with its FP8
+    /// output fused (`+fp8`), and as the plain call followed by the separate quantisation kernel
+    /// (`+quant`), each with its ratio to the plain call (issue 17's target: `+fp8` at most 1.1 at
+    /// decode shapes), and `+fp8` against `+quant`. Empty without them.
     pub fn fp8_table(&self, mode: Mode) -> String {
         let rows: Vec<&Row> =
             self.rows.iter().filter(|r| r.mode == mode && r.path("fused-1stage+fp8").is_some()).collect();
         if rows.is_empty() {
             return String::new();
         }
+        let spec = if self.fp8.is_empty() { String::new() } else { format!(" {}", self.fp8) };
         let mut s = format!(
-            "FP8 out, {mode:?} ({}), p50 µs\n\n| shape | fused-1stage | +fp8 | ratio | fused-2stage | +fp8 | ratio |\n|---|---|---|---|---|---|---|\n",
+            "FP8 out{spec}, {mode:?} ({}), p50 µs\n\n| shape | fused-1stage | +fp8 | ratio | +quant | ratio | fp8/quant | \
+             fused-2stage | +fp8 | ratio | +quant | ratio | fp8/quant |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             mode.how()
         );
         for row in rows {
@@ -242,11 +251,16 @@ impl Report {
             for path in ["fused-1stage", "fused-2stage"] {
                 let plain = row.path(path).map(|p| p.stats.p50);
                 let fp8 = row.path(&format!("{path}+fp8")).map(|p| p.stats.p50);
+                let quant = row.path(&format!("{path}+quant")).map(|p| p.stats.p50);
+                let ratio = |a: Option<f64>, b: Option<f64>| opt(a.zip(b).map(|(a, b)| b / a), 2);
                 cells.push(format!(
-                    "{} | {} | {}",
+                    "{} | {} | {} | {} | {} | {}",
                     opt(plain, 1),
                     opt(fp8, 1),
-                    opt(plain.zip(fp8).map(|(a, b)| b / a), 2)
+                    ratio(plain, fp8),
+                    opt(quant, 1),
+                    ratio(plain, quant),
+                    ratio(quant, fp8)
                 ));
             }
             let _ = writeln!(s, "| {} | {} | {} |", row.shape, cells[0], cells[1]);
@@ -419,6 +433,7 @@ mod tests {
             prefill_iters: 5,
             repeats: 3,
             graph_inputs: "in place".into(),
+            fp8: String::new(),
             input_sets: vec![],
             floors: Floors { copy_gbs: 3000.0, graph_node_us: 1.0 },
             rows: vec![row(Some(true))],
@@ -441,7 +456,19 @@ mod tests {
         report.rows[0].paths.push(timing("fused-1stage+fp8", 10.5, Some(true)));
         report.rows[0].paths.push(timing("fused-2stage+fp8", 20.0, Some(true)));
         let fp8 = report.fp8_table(Mode::Decode);
-        assert!(fp8.contains("| 4x4096 | 10.0 | 10.5 | 1.05 | 16.0 | 20.0 | 1.25 |"), "{fp8}");
+        assert!(fp8.contains("| 4x4096 | 10.0 | 10.5 | 1.05 | - | - | - | 16.0 | 20.0 | 1.25 | - | - | - |"), "{fp8}");
+        // With the separate quantisation kernel's rows: their ratio to plain, and fused against it.
+        report.rows[0].paths.push(timing("fused-1stage+quant", 14.0, Some(true)));
+        report.rows[0].paths.push(timing("fused-2stage+quant", 25.0, Some(true)));
+        report.fp8 = "e4m3fn:per-token".into();
+        let fp8 = report.fp8_table(Mode::Decode);
+        assert!(fp8.starts_with("FP8 out e4m3fn:per-token, Decode"), "{fp8}");
+        assert!(
+            fp8.contains(
+                "| 4x4096 | 10.0 | 10.5 | 1.05 | 14.0 | 1.40 | 0.75 | 16.0 | 20.0 | 1.25 | 25.0 | 1.56 | 0.80 |"
+            ),
+            "{fp8}"
+        );
         assert!(report.render().contains(&fp8));
     }
 

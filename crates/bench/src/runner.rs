@@ -55,7 +55,8 @@ pub struct Plan {
     pub seed: u64,
     /// The command line, for the report.
     pub command: String,
-    /// `--fp8`: the fused paths are timed again with this FP8 output (`+fp8` rows).
+    /// `--fp8`: the fused paths are timed again with this FP8 output fused (`+fp8` rows) and as
+    /// the plain call followed by the separate quantisation kernel (`+quant` rows).
     pub fp8: Option<arfuse_kernels::contract::Quant>,
 }
 
@@ -213,7 +214,9 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
     }
     let floors: Mutex<Option<(Floors, String)>> = Mutex::new(None);
     let date = crate::report::utc_now();
-    let paths_per_case = 3;
+    // Unfused, 1-stage, 2-stage; with --fp8 each fused path with the FP8 out fused and with the
+    // separate quantisation kernel after it.
+    let paths_per_case = if plan.fp8.is_some() { 7 } else { 3 };
     progress.set_length((plan.cases.len() * paths_per_case) as u64);
 
     let rows = std::thread::scope(|scope| -> Result<Vec<Row>> {
@@ -329,6 +332,7 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
             "1-stage pushed, 2-stage staged".to_string()
         },
         input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(plan, *s, T::DTYPE.size()))).collect(),
+        fp8: plan.fp8.as_ref().map(crate::demo::fp8_spec).unwrap_or_default(),
         floors,
         rows,
     })
@@ -386,12 +390,15 @@ fn run_case<B: GpuBackend, T: Element>(
     }
     .max(1);
     let mut timings = Vec::new();
-    let mut runs: Vec<(Path, Option<arfuse_kernels::contract::Quant>)> =
-        vec![(UNFUSED, None), (Path::OneStage, None), (Path::TwoStage, None)];
+    // (path, FP8 output, whether it comes from the separate kernel after the plain call).
+    let mut runs: Vec<(Path, Option<arfuse_kernels::contract::Quant>, bool)> =
+        vec![(UNFUSED, None, false), (Path::OneStage, None, false), (Path::TwoStage, None, false)];
     if let Some(q) = plan.fp8 {
-        runs.extend([(Path::OneStage, Some(q)), (Path::TwoStage, Some(q))]);
+        for path in [Path::OneStage, Path::TwoStage] {
+            runs.extend([(path, Some(q), false), (path, Some(q), true)]);
+        }
     }
-    for (path, quant) in runs {
+    for (path, quant, separate) in runs {
         sets[0].out.upload(stream, &poisoned)?;
         sets[0].residual_out.upload(stream, &poisoned)?;
         let call = |op: &mut AllReduceRmsNorm<B>, sets: &mut [DeviceSet<B, T>], k: usize| -> Result<()> {
@@ -407,6 +414,9 @@ fn run_case<B: GpuBackend, T: Element>(
                     scales: (n_scales > 0).then(|| TensorMut::from_raw(scales, n_scales)),
                 }
             });
+            // `<path>+quant`: the plain call, then our separate quantisation kernel on its `out`
+            // (in the same graph or timed loop).
+            let (fused, after) = if separate { (None, quant) } else { (quant, None) };
             op.forward_on_with(
                 stream,
                 path,
@@ -418,9 +428,13 @@ fn run_case<B: GpuBackend, T: Element>(
                     residual_out: TensorMut::new(&mut set.residual_out),
                     eps: case.sets[0].problem.eps,
                 },
-                Variant { no_residual: false, quant },
+                Variant { no_residual: false, quant: fused },
             )
             .with_context(|| format!("{what} {path}"))?;
+            if let Some(after) = after {
+                op.quantize_fp8(stream, TensorRef::new(&set.out), case.shape.hidden, after)
+                    .with_context(|| format!("{what} {path}+quant"))?;
+            }
             Ok(())
         };
         let mut samples = Vec::new();
@@ -503,7 +517,11 @@ fn run_case<B: GpuBackend, T: Element>(
             None => None,
         };
         let stats = Stats::of(&samples).context("no samples (repeats 0?)")?;
-        let name = if quant.is_some() { format!("{}+fp8", path.name()) } else { path.name().to_string() };
+        let name = match (quant, separate) {
+            (None, _) => path.name().to_string(),
+            (Some(_), false) => format!("{}+fp8", path.name()),
+            (Some(_), true) => format!("{}+quant", path.name()),
+        };
         timings.push(PathTiming { path: name, stats, exact });
         if rank == 0 {
             progress.set_message(format!("{:?} {} {}", case.mode, case.shape, path.name()));

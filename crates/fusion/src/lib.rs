@@ -14,6 +14,7 @@
 //! | which path runs | [`choose_path`], [`Policy`], [`Path`] |
 //! | configuration, `ARFUSE_*` variables | [`Config`] |
 //! | the vendor collective fallback (NCCL/RCCL) | [`vendor`], [`AllReduceRmsNorm::with_collective`] |
+//! | FP8 out fused ([`Variant`], [`QuantOut`]), or as a separate kernel | [`quantize_fp8`] |
 //!
 //! Features: `cuda` (default) and `hip` choose the GPU backends (the cpu backend is always there);
 //! `test-hooks` adds `AllReduceRmsNorm::forward_on` (a call forced onto a path) and
@@ -31,6 +32,7 @@ pub mod dispatch;
 pub mod error;
 pub mod graph;
 pub mod operator;
+pub mod quantize;
 pub mod tune;
 pub mod vendor;
 
@@ -43,4 +45,5 @@ pub use config::Fault;
 pub use dispatch::{choose_path, AllReduce, FallbackReason, Path, Policy, Request};
 pub use error::{Error, Result};
 pub use operator::{AllReduceRmsNorm, Args, BytesMut, QuantOut, TensorMut, TensorRef, Variant};
+pub use quantize::quantize_fp8;
 pub use tune::TuneTable;

@@ -25,10 +25,10 @@ type Borrow<B, R> = PhantomData<(R, fn() -> B)>;
 /// A read-only tensor argument: device address and length, borrowed for the call.
 #[derive(Clone, Copy)]
 pub struct TensorRef<'a, B: Backend, T: Element> {
-    ptr: DevicePtr,
-    len: usize,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) len: usize,
     /// How the call orders its reads with the tensor's other users (cudarc's slices), if it must.
-    order: Option<&'a dyn StreamOrder<B>>,
+    pub(crate) order: Option<&'a dyn StreamOrder<B>>,
     _borrow: Borrow<B, &'a [T]>,
 }
 
@@ -58,10 +58,10 @@ impl<'a, B: Backend, T: Element> TensorRef<'a, B, T> {
 
 /// A written tensor argument: device address and length, exclusively borrowed for the call.
 pub struct TensorMut<'a, B: Backend, T: Element> {
-    ptr: DevicePtr,
-    len: usize,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) len: usize,
     /// How the call orders its writes with the tensor's other users (cudarc's slices), if it must.
-    order: Option<&'a mut dyn StreamOrderMut<B>>,
+    pub(crate) order: Option<&'a mut dyn StreamOrderMut<B>>,
     _borrow: Borrow<B, &'a mut [T]>,
 }
 
@@ -164,8 +164,8 @@ impl<'a, B: Backend, T: Element> Args<'a, B, T> {
 /// A written byte tensor (the FP8 codes of [`QuantOut`]), exclusively borrowed for the call.
 #[derive(Debug)]
 pub struct BytesMut<'a, B: Backend> {
-    ptr: DevicePtr,
-    len: usize,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) len: usize,
     _borrow: Borrow<B, &'a mut [u8]>,
 }
 
@@ -428,6 +428,19 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         self.vendor = Some(VendorFallback::new(comm));
         self.config.policy.vendor_available = true;
         self
+    }
+
+    /// [`crate::quantize_fp8`] on this operator's device: the separate FP8 quantisation of a
+    /// local `[rows, hidden]` tensor (e.g. the `out` of a plain call), bit-identical to the fused
+    /// FP8 output. A local kernel: it involves no peer and works on a poisoned operator too.
+    pub fn quantize_fp8<T: Element>(
+        &self,
+        stream: &B::Stream,
+        input: TensorRef<'_, B, T>,
+        hidden: usize,
+        out: QuantOut<'_, B>,
+    ) -> Result<()> {
+        crate::quantize::quantize_fp8::<B, T>(&self.device, stream, input, hidden, out)
     }
 
     /// The vendor library's communicator, if this operator has one.

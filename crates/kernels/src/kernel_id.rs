@@ -26,11 +26,17 @@ pub enum Op {
     ScratchAddRmsNormEpilogue,
     /// [`Op::AddRmsNorm`] with the epilogue (the unfused path's second kernel).
     AddRmsNormEpilogue,
+    /// FP8 quantisation of a local tensor (`input`, `[rows, hidden]`) into `out_q` and `scales`,
+    /// exactly as the epilogue kernels quantise their `out` (`contract::quantise_row`; the scaling
+    /// and format bits of [`LaunchParams::epilogue`](crate::LaunchParams::epilogue) and
+    /// `quant_scale`): the separate quantisation kernel an unfused FP8 pipeline runs after the
+    /// plain call. Crosses no ranks.
+    QuantizeFp8,
 }
 
 impl Op {
     /// Every op, in a fixed order.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::FusedOneStage,
         Op::ReduceScatter,
         Op::ScratchAddRmsNorm,
@@ -40,6 +46,7 @@ impl Op {
         Op::FusedOneStageEpilogue,
         Op::ScratchAddRmsNormEpilogue,
         Op::AddRmsNormEpilogue,
+        Op::QuantizeFp8,
     ];
 
     /// The symbol stem in the kernel source.
@@ -54,6 +61,7 @@ impl Op {
             Op::FusedOneStageEpilogue => "fused_ar_rmsnorm_1stage_epi",
             Op::ScratchAddRmsNormEpilogue => "scratch_add_rmsnorm_epi",
             Op::AddRmsNormEpilogue => "add_rmsnorm_epi",
+            Op::QuantizeFp8 => "quantize_fp8",
         }
     }
 
@@ -90,7 +98,7 @@ impl Op {
 
     /// Whether the kernel synchronises with peers (takes part in barriers).
     pub const fn crosses_ranks(self) -> bool {
-        !matches!(self.plain(), Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::AllGather)
+        !matches!(self.plain(), Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::AllGather | Op::QuantizeFp8)
     }
 }
 

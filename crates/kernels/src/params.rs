@@ -155,6 +155,18 @@ pub const EPILOGUE_SCALE_PER_TOKEN: u32 = 0x8;
 pub const EPILOGUE_SCALE_PER_GROUP: u32 = 0xc;
 /// [`LaunchParams::epilogue`] bit: e4m3fnuz (else e4m3fn).
 pub const EPILOGUE_FNUZ: u32 = 0x10;
+/// The [`LaunchParams::epilogue`] bits a [`CallHeader`] carries (bits 16..21 of its second word):
+/// every bit that selects what the call computes (norm, residual, FP8 format and scaling). Not
+/// the static scale's value ([`LaunchParams::quant_scale`], 32 bits with no room in the header,
+/// and data like the weight), nor any pointer.
+pub const EPILOGUE_CALL_MASK: u32 = 0x1f;
+/// Where the epilogue bits sit in a [`CallHeader`]'s second word.
+pub const EPILOGUE_CALL_SHIFT: u32 = 16;
+const _: () = assert!((EPILOGUE_CALL_MASK << EPILOGUE_CALL_SHIFT) >> 31 == 0, "header bit 31 must stay clear");
+const _: () = assert!(
+    EPILOGUE_CALL_MASK & (EPILOGUE_GEMMA | EPILOGUE_NO_RESIDUAL | EPILOGUE_SCALE_MASK | EPILOGUE_FNUZ)
+        == EPILOGUE_CALL_MASK
+);
 
 /// The [`LaunchParams::epilogue`] bits and [`LaunchParams::quant_scale`] of an epilogue.
 pub fn epilogue_bits(e: &Epilogue) -> (u32, f32) {
@@ -205,8 +217,12 @@ pub const GRAPH_SLOT_BYTES: usize = MAX_RANKS * 8;
 /// What every cross-rank launch of epoch `e` writes into header slot `rank` of rotation
 /// `e % PUSH_ROTATIONS` of every peer's push region, and checks against what each peer wrote into
 /// its own: four 32-bit words, bit 31 clear in each (so none is [`PUSH_SENTINEL`]):
-/// `[e, op | dtype << 4 | world << 8 | sender << 12, rows, hidden]` (each masked to 31 bits).
-/// A refused call carries [`OP_CODE_REFUSED`] and zeros for the shape.
+/// `[e, op | dtype << 4 | world << 8 | sender << 12 | epilogue << 16, rows, hidden]` (each masked
+/// to 31 bits), `epilogue` the call's [`LaunchParams::epilogue`] bits under [`EPILOGUE_CALL_MASK`]:
+/// so a rank calling with another epilogue (FP8 out, Gemma's norm, no residual) than its peer is a
+/// mismatch on every path, also where the cross-rank kernel itself is the same (2-stage's
+/// reduce-scatter, the unfused path's all-reduce). A refused call carries [`OP_CODE_REFUSED`] and
+/// zeros for the shape and the epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallHeader(pub [u32; 4]);
 
@@ -224,7 +240,12 @@ impl CallHeader {
         let refused = params.flags & FLAG_REFUSED != 0;
         let op = if refused { u64::from(OP_CODE_REFUSED) } else { op_code & 0xf };
         let (rows, hidden) = if refused { (0, 0) } else { (u64::from(params.rows), u64::from(params.hidden)) };
-        let code = op | (dtype as u64 & 0xf) << 4 | (u64::from(params.world_size) & 0xf) << 8 | u64::from(sender) << 12;
+        let epilogue = if refused { 0 } else { u64::from(params.epilogue & EPILOGUE_CALL_MASK) };
+        let code = op
+            | (dtype as u64 & 0xf) << 4
+            | (u64::from(params.world_size) & 0xf) << 8
+            | u64::from(sender) << 12
+            | epilogue << EPILOGUE_CALL_SHIFT;
         CallHeader([
             (epoch & Self::MASK) as u32,
             (code & Self::MASK) as u32,
@@ -248,7 +269,27 @@ impl std::fmt::Display for CallHeader {
         }
         let op = crate::Op::ALL.get(op as usize).map(|op| op.stem()).unwrap_or("?");
         let dtype = crate::DType::ALL.get(((code >> 4) & 0xf) as usize).map(|d| d.name()).unwrap_or("?");
-        write!(f, "call #{epoch} {op} {rows}x{hidden} {dtype} world {}", (code >> 8) & 0xf)
+        write!(f, "call #{epoch} {op} {rows}x{hidden} {dtype} world {}", (code >> 8) & 0xf)?;
+        let bits = (code >> EPILOGUE_CALL_SHIFT) & EPILOGUE_CALL_MASK;
+        if bits != 0 {
+            let e = epilogue_of(&LaunchParams { epilogue: bits, ..LaunchParams::default() });
+            write!(f, " epilogue")?;
+            if e.norm == Norm::GemmaOffset {
+                write!(f, " gemma")?;
+            }
+            if e.no_residual {
+                write!(f, " no-residual")?;
+            }
+            if let Some(q) = e.quant {
+                let scaling = match q.scaling {
+                    Scaling::PerTensor(_) => "per-tensor",
+                    Scaling::PerToken => "per-token",
+                    Scaling::PerGroup => "per-group",
+                };
+                write!(f, " fp8 {} {scaling}", q.format.name())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -306,7 +347,7 @@ impl ErrorWord {
                 rank,
                 peer,
                 ours: format!("the call at barrier {barrier}"),
-                theirs: "a different call descriptor (epoch, op, dtype, world size, shape)".into(),
+                theirs: "a different call descriptor (epoch, op, dtype, world size, shape, epilogue)".into(),
             }),
             Self::KIND_NOT_REGISTERED => Some(crate::Error::NotRegistered { rank, barrier }),
             _ => None,
@@ -360,6 +401,51 @@ mod tests {
             assert_eq!(epilogue_of(&LaunchParams { epilogue, quant_scale, ..LaunchParams::default() }), e);
         }
         assert_eq!(epilogue_bits(&Epilogue::default()), (0, 0.0));
+    }
+
+    /// The header names the epilogue selection (and nothing of it for a refusal): calls that
+    /// differ only in it differ in their headers, every word keeps bit 31 clear, and the
+    /// description says which epilogue it was.
+    #[test]
+    fn call_headers_name_the_epilogue() {
+        let base = LaunchParams { rows: 3, hidden: 4096, world_size: 8, rank: 7, ..LaunchParams::default() };
+        let plain = CallHeader::new(u64::MAX, 1, crate::DType::F32, &base);
+        let mut seen = vec![plain];
+        for norm in [Norm::Standard, Norm::GemmaOffset] {
+            for no_residual in [false, true] {
+                for quant in [None, Some(Scaling::PerTensor(3.0)), Some(Scaling::PerToken), Some(Scaling::PerGroup)] {
+                    for format in Fp8Format::ALL {
+                        let e = Epilogue { norm, no_residual, quant: quant.map(|scaling| Quant { format, scaling }) };
+                        let (epilogue, quant_scale) = epilogue_bits(&e);
+                        let p = LaunchParams { epilogue, quant_scale, ..base };
+                        let h = CallHeader::new(u64::MAX, 1, crate::DType::F32, &p);
+                        assert!(h.0.iter().all(|w| w >> 31 == 0), "{e:?}: {h:x?}");
+                        assert_eq!((h.0[1] >> EPILOGUE_CALL_SHIFT) & EPILOGUE_CALL_MASK, epilogue, "{e:?}");
+                        assert_eq!(h.0[1] & 0xffff, plain.0[1], "{e:?}: op, dtype, world and sender unchanged");
+                        // The static scale's value is not part of the call's description.
+                        let other_scale = LaunchParams { quant_scale: quant_scale * 2.0, ..p };
+                        assert_eq!(CallHeader::new(u64::MAX, 1, crate::DType::F32, &other_scale), h);
+                        if !seen.contains(&h) {
+                            seen.push(h);
+                        }
+                        let text = h.to_string();
+                        assert_eq!(text.contains("gemma"), norm == Norm::GemmaOffset, "{text}");
+                        assert_eq!(text.contains("no-residual"), no_residual, "{text}");
+                        if quant.is_some() {
+                            assert!(text.contains(format.name()), "{text}");
+                        }
+                        let refused = LaunchParams { flags: FLAG_REFUSED, ..p };
+                        let r = CallHeader::new(5, 1, crate::DType::F32, &refused);
+                        assert_eq!(
+                            r,
+                            CallHeader::new(5, 1, crate::DType::F32, &LaunchParams { flags: FLAG_REFUSED, ..base })
+                        );
+                    }
+                }
+            }
+        }
+        // 2 norms x 2 residuals x (unquantised + 2 formats x 3 scalings) distinct headers.
+        assert_eq!(seen.len(), 2 * 2 * 7, "every epilogue its own header");
     }
 
     #[test]

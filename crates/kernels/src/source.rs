@@ -207,6 +207,8 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
             (elementwise(chunk, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
         }
         Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
+        // A block per row, like the row routine's local kernels (per-token scales are a block's).
+        Op::QuantizeFp8 => (rows.min(65_535), row_threads),
     };
     LaunchConfig { grid, block, shared_bytes: 0, programmatic: programmatic_launch(kernel.op, params.world_size) }
 }
@@ -248,7 +250,10 @@ mod tests {
                     let row_packs = hidden as usize / dtype.pack_elems();
                     assert!(
                         row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
-                            || !matches!(op.plain(), Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm)
+                            || !matches!(
+                                op.plain(),
+                                Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::QuantizeFp8
+                            )
                     );
                 }
             }
@@ -376,6 +381,7 @@ mod tests {
         for (name, value) in [
             ("ARFUSE_EPILOGUE_GEMMA", crate::params::EPILOGUE_GEMMA),
             ("ARFUSE_EPILOGUE_NO_RESIDUAL", crate::params::EPILOGUE_NO_RESIDUAL),
+            ("ARFUSE_EPILOGUE_CALL_SHIFT", crate::params::EPILOGUE_CALL_SHIFT),
         ] {
             assert!(src.contains(&format!("#define {name} {value}u\n")), "{name} != {value} in arfuse.h");
         }
@@ -385,6 +391,7 @@ mod tests {
             ("ARFUSE_EPILOGUE_SCALE_PER_TOKEN", crate::params::EPILOGUE_SCALE_PER_TOKEN),
             ("ARFUSE_EPILOGUE_SCALE_PER_GROUP", crate::params::EPILOGUE_SCALE_PER_GROUP),
             ("ARFUSE_EPILOGUE_FNUZ", crate::params::EPILOGUE_FNUZ),
+            ("ARFUSE_EPILOGUE_CALL_MASK", crate::params::EPILOGUE_CALL_MASK),
         ] {
             assert!(src.contains(&format!("#define {name} {value:#x}u\n")), "{name} != {value:#x} in arfuse.h");
         }

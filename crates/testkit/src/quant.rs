@@ -14,7 +14,7 @@
 use crate::fixtures::Fixture;
 use crate::float::{round_to, to_f64};
 use crate::reference::{add_residual_element, reduce_element};
-use arfuse_kernels::contract::{Epilogue, Fp8Format, Norm, Scaling};
+use arfuse_kernels::contract::{Epilogue, Fp8Format, Norm, Quant, Scaling};
 use arfuse_kernels::Element;
 
 /// This module's own description of an FP8 format: `(bias, largest finite value, NaN code)`.
@@ -173,22 +173,9 @@ impl<T: Element> ExactOutputs<T> {
                 })
                 .collect();
             if let Some(quant) = epilogue.quant {
-                let ys: Vec<f32> = out.iter().map(|&v| to_f64(v) as f32).collect();
-                let group = match quant.scaling {
-                    Scaling::PerTensor(_) | Scaling::PerToken => hidden,
-                    Scaling::PerGroup => 128,
-                };
-                for g in ys.chunks(group) {
-                    let scale = match quant.scaling {
-                        Scaling::PerTensor(s) => s,
-                        _ => {
-                            let s = dynamic_scale(quant.format, g);
-                            result.scales.push(s);
-                            s
-                        }
-                    };
-                    result.codes.extend(g.iter().map(|&y| fp8_encode(quant.format, y / scale)));
-                }
+                let (codes, scales) = quantize_exact(&out, hidden, quant);
+                result.codes.extend(codes);
+                result.scales.extend(scales);
             }
             result.out.extend(out);
         }
@@ -196,10 +183,47 @@ impl<T: Element> ExactOutputs<T> {
     }
 }
 
+/// The FP8 codes and scales of `values` (`[rows, hidden]`, `y = f32(value)`) under `quant`, by
+/// this module's own sequence: what the epilogue writes for an `out` of these values, and what the
+/// separate quantisation kernel (`Op::QuantizeFp8`) must write for them.
+pub fn quantize_exact<T: Element>(values: &[T], hidden: usize, quant: Quant) -> (Vec<u8>, Vec<f32>) {
+    assert!(hidden > 0 && values.len() % hidden == 0, "values are not whole rows of {hidden}");
+    let (mut codes, mut scales) = (Vec::with_capacity(values.len()), Vec::new());
+    for row in values.chunks(hidden) {
+        let ys: Vec<f32> = row.iter().map(|&v| to_f64(v) as f32).collect();
+        let group = match quant.scaling {
+            Scaling::PerTensor(_) | Scaling::PerToken => hidden,
+            Scaling::PerGroup => 128,
+        };
+        for g in ys.chunks(group) {
+            let scale = match quant.scaling {
+                Scaling::PerTensor(s) => s,
+                _ => {
+                    let s = dynamic_scale(quant.format, g);
+                    scales.push(s);
+                    s
+                }
+            };
+            codes.extend(g.iter().map(|&y| fp8_encode(quant.format, y / scale)));
+        }
+    }
+    (codes, scales)
+}
+
+/// Every quantisation the contract defines: each format × scaling (`static_scale` per tensor).
+pub fn all_quants(static_scale: f32) -> Vec<Quant> {
+    let mut all = Vec::new();
+    for format in Fp8Format::ALL {
+        for scaling in [Scaling::PerTensor(static_scale), Scaling::PerToken, Scaling::PerGroup] {
+            all.push(Quant { format, scaling });
+        }
+    }
+    all
+}
+
 /// Every epilogue the contract defines: both norms, with and without residual, unquantised and
 /// each format × scaling (`static_scale` for per tensor).
 pub fn all_epilogues(static_scale: f32) -> Vec<Epilogue> {
-    use arfuse_kernels::contract::Quant;
     let mut quants = vec![None];
     for format in Fp8Format::ALL {
         for scaling in [Scaling::PerTensor(static_scale), Scaling::PerToken, Scaling::PerGroup] {
@@ -258,6 +282,42 @@ pub fn quant_fixture<T: Element>(problem: &crate::Problem) -> Fixture<T> {
         f.inputs[problem.world_size - 1][3 * hidden + 5] = round_to::<T>(f64::INFINITY);
     }
     f
+}
+
+/// A `[rows, hidden]` tensor to quantise directly (the separate quantisation kernel's input),
+/// rank 0's generated input of `problem` with the edges planted (rows that exist only): row 1 all
+/// zeros (amax 0); row 2 a NaN at column 3; row 3 `+inf` at column 5 and `-inf` at column 6; row 4
+/// its first group of 128 at `±1000` (saturating any scale below `1000 / fmax`) and its second
+/// all zeros (hidden >= 256); row 5 `-0.0` everywhere; row 6 scaled by `2^-20` (tiny codes,
+/// subnormal f16).
+pub fn quant_input<T: Element>(problem: &crate::Problem) -> Vec<T> {
+    let mut v = Fixture::<T>::generate(problem).inputs.swap_remove(0);
+    let (rows, hidden) = (problem.rows, problem.hidden);
+    let mut set = |row: usize, col: usize, value: f64| {
+        if row < rows && col < hidden {
+            v[row * hidden + col] = round_to::<T>(value);
+        }
+    };
+    for c in 0..hidden {
+        set(1, c, 0.0);
+        set(5, c, -0.0);
+    }
+    set(2, 3, f64::NAN);
+    set(3, 5, f64::INFINITY);
+    set(3, 6, f64::NEG_INFINITY);
+    if hidden >= 256 {
+        for c in 0..128 {
+            set(4, c, if c % 3 == 0 { -1000.0 } else { 1000.0 });
+            set(4, 128 + c, 0.0);
+        }
+    }
+    if rows > 6 {
+        for c in 0..hidden {
+            let x = to_f64(v[6 * hidden + c]);
+            v[6 * hidden + c] = round_to::<T>(x * 2f64.powi(-20));
+        }
+    }
+    v
 }
 
 /// Indices where two code tensors differ, with both codes (for a failure message), at most 16.

@@ -155,3 +155,95 @@ pub(crate) fn every_epilogue_on_every_path_is_exact<B: GpuBackend>(test: &str) {
         }
     }
 }
+
+/// `quantize_fp8` of `values` on `B` (codes poisoned with a byte no expected code has, scales
+/// NaN, one more scale than needed to see nothing is written past the end), checked bit for bit.
+fn check_quantize<B: GpuBackend, T: Element>(
+    stream: &B::Stream,
+    device: &B::Device,
+    what: &str,
+    values: &[T],
+    hidden: usize,
+    quant: arfuse_fusion::Quant,
+    want: (&[u8], &[f32]),
+) {
+    let rows = values.len() / hidden;
+    let elems = values.len();
+    let per_row = quant.scaling.scales_per_row(hidden);
+    let input = DeviceBuffer::<B, _>::from_slice(stream, values).expect("input");
+    let poison = absent_byte(want.0);
+    // The codes live in an f32 buffer of elems / 4 words (u8 is no Element).
+    let words = vec![f32::from_bits(u32::from_ne_bytes([poison; 4])); elems.div_ceil(4)];
+    let codes = DeviceBuffer::<B, f32>::from_slice(stream, &words).expect("codes");
+    let scales = DeviceBuffer::<B, f32>::from_slice(stream, &vec![f32::NAN; rows * per_row + 1]).expect("scales");
+    // SAFETY: `codes` holds at least `elems` bytes and `scales` `rows * per_row` f32s, both live
+    // and untouched by anything else until the stream is synchronised below.
+    let out = unsafe {
+        QuantOut {
+            quant,
+            codes: BytesMut::from_raw(codes.device_ptr(), elems),
+            scales: (per_row > 0).then(|| TensorMut::from_raw(scales.device_ptr(), rows * per_row)),
+        }
+    };
+    arfuse_fusion::quantize_fp8::<B, T>(device, stream, TensorRef::new(&input), hidden, out).expect(what);
+    B::synchronize(stream).expect("synchronize");
+    let got: Vec<u8> =
+        codes.download(stream).expect("download").iter().flat_map(|w| w.to_bits().to_ne_bytes()).collect();
+    assert_codes_exact(what, want.0, &got[..elems]);
+    assert!(got[elems..].iter().all(|&c| c == poison), "{what}: codes past the end");
+    let got_scales = scales.download(stream).expect("download");
+    assert_scales_exact(what, want.1, &got_scales[..rows * per_row]);
+    assert!(got_scales[rows * per_row..].iter().all(|s| s.is_nan()), "{what}: scales past the end");
+}
+
+fn check_quantize_dtype<B: GpuBackend, T: Element>(seed: &TestSeed, shapes: &[(usize, usize)]) {
+    use arfuse_testkit::quant::{all_quants, quant_input, quantize_exact};
+    let device = B::open_device(0, 1).expect("device");
+    let stream = B::create_stream(&device).expect("stream");
+    for &(rows, hidden) in shapes {
+        let problem = Problem::new(2, rows, hidden, T::DTYPE)
+            .with_seed(seed.derive_named(&format!("quantize-{rows}x{hidden}-{}", T::DTYPE)));
+        let values = quant_input::<T>(&problem);
+        // The plain call's `out` of a fixture with the epilogue's edges, and what the fused FP8
+        // call writes for it: the separate kernel must write the same.
+        let fixture = quant_fixture::<T>(&problem);
+        let plain_out = ExactOutputs::compute(&fixture, &Epilogue::default()).out;
+        for format in Fp8Format::ALL {
+            for quant in all_quants(saturating_scale(format)).into_iter().filter(|q| q.format == format) {
+                if quant.scaling == arfuse_fusion::Scaling::PerGroup && hidden % 128 != 0 {
+                    continue;
+                }
+                let what = format!("{} quantize {problem} {quant:?}", B::KIND);
+                let (codes, scales) = quantize_exact(&values, hidden, quant);
+                check_quantize::<B, T>(&stream, &device, &what, &values, hidden, quant, (&codes, &scales));
+                let fused = ExactOutputs::compute(&fixture, &Epilogue { quant: Some(quant), ..Epilogue::default() });
+                let what = format!("{what}, the plain call's out");
+                check_quantize::<B, T>(
+                    &stream,
+                    &device,
+                    &what,
+                    &plain_out,
+                    hidden,
+                    quant,
+                    (&fused.codes, &fused.scales),
+                );
+            }
+        }
+    }
+    println!("{} quantize_fp8 {}: {} shapes x 6 quantisations: exact", B::KIND, T::DTYPE, shapes.len());
+}
+
+/// The separate quantisation kernel (`quantize_fp8`, `Op::QuantizeFp8`) on the GPU: bit-exact
+/// against testkit for every format × scaling × dtype (zero rows, saturation, NaN/Inf planted),
+/// and on a plain call's `out` the fused FP8 call's codes and scales; one pack per thread and
+/// several (16384 bf16/f16, 8192 f32), 2880 (no per-group).
+pub(crate) fn the_separate_quantisation_kernel_is_exact<B: GpuBackend>(test: &str) {
+    if !gpu_available::<B>(test) {
+        return;
+    }
+    let seed = TestSeed::new(&format!("{0}::quantize_on_{0}", B::KIND));
+    let shapes = [(1, 4096), (7, 2048), (33, 8192), (81, 5120), (6, 16384), (3, 2880)];
+    check_quantize_dtype::<B, bf16>(&seed, &shapes);
+    check_quantize_dtype::<B, f16>(&seed, &shapes);
+    check_quantize_dtype::<B, f32>(&seed, &[(1, 4096), (7, 2048), (33, 8192), (3, 2880)]);
+}

@@ -61,6 +61,7 @@ macro_rules! suite {
             $backend;
             paths::operator_every_path_matches_the_reference: read,
             epilogues::every_epilogue_on_every_path_is_exact: read,
+            epilogues::the_separate_quantisation_kernel_is_exact: read,
             graphs::one_captured_graph_replayed_many_times_stays_exact: read,
             graphs::graph_inputs_registered_after_capture_are_read_in_place: read,
             graphs::graph_inputs_registered_after_capture_over_ipc: read,

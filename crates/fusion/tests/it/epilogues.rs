@@ -306,3 +306,100 @@ fn three_processes_quantise_exactly() {
         run_processes_with(&test_path!(three_processes_quantise_exactly), &options).expect("process harness");
     assert_ranks_succeeded(&outcomes);
 }
+
+/// One side of a mismatched pairing: the norm of the rank's operator and the call's epilogue.
+#[derive(Clone, Copy, Debug)]
+struct Side {
+    norm: Norm,
+    epilogue: Epilogue,
+}
+
+/// A rank calling with another epilogue than its peer (FP8 out or not, another format or scaling,
+/// no residual, Gemma's norm) is a `CallMismatch` on both ranks on every path, with nothing
+/// written: the epilogue is in the call header, so also where the cross-rank kernel is the same
+/// one (2-stage's reduce-scatter, the unfused path's all-reduce), and on 1-stage where both ranks
+/// run the epilogue kernel. (A static per-tensor scale's value is not in the header: it is data.)
+#[test]
+fn a_peer_with_another_epilogue_is_a_mismatch_on_every_path_nothing_written() {
+    let seed = TestSeed::new("epilogues::mismatched_epilogue");
+    let problem = Problem::new(2, 5, 1024, DType::Bf16).with_seed(seed.seed());
+    let fixture = quant_fixture::<bf16>(&problem);
+    let fp8 = |format, scaling| Epilogue { quant: Some(Quant { format, scaling }), ..Epilogue::default() };
+    let plain = Side { norm: Norm::Standard, epilogue: Epilogue::default() };
+    let fn_token = Side { norm: Norm::Standard, epilogue: fp8(Fp8Format::E4m3Fn, Scaling::PerToken) };
+    let pairs = [
+        ("plain vs FP8 per token", plain, fn_token),
+        (
+            "plain vs no residual",
+            plain,
+            Side { epilogue: Epilogue { no_residual: true, ..Epilogue::default() }, ..plain },
+        ),
+        ("plain vs Gemma's norm", plain, Side { norm: Norm::GemmaOffset, ..plain }),
+        ("e4m3fn vs e4m3fnuz", fn_token, Side { epilogue: fp8(Fp8Format::E4m3Fnuz, Scaling::PerToken), ..plain }),
+        ("per token vs per group", fn_token, Side { epilogue: fp8(Fp8Format::E4m3Fn, Scaling::PerGroup), ..plain }),
+        (
+            "per token vs per tensor",
+            fn_token,
+            Side { epilogue: fp8(Fp8Format::E4m3Fn, Scaling::PerTensor(0.25)), ..plain },
+        ),
+        (
+            "FP8 with vs without residual",
+            fn_token,
+            Side { epilogue: Epilogue { no_residual: true, ..fn_token.epilogue }, ..plain },
+        ),
+    ];
+    for (what, a, b) in pairs {
+        for path in PATHS {
+            let group = arfuse_ipc::ThreadRendezvous::group(2, Duration::from_secs(30));
+            let results = arfuse_testkit::run_threads_each(group, |rank, mut rendezvous| {
+                let side = if rank == 0 { a } else { b };
+                let device = Cpu::open_device(0, 1).expect("cpu");
+                let stream = Cpu::create_stream(&device).expect("stream");
+                let config = test_config(8 << 20).with_norm(side.norm);
+                let mut op = AllReduceRmsNorm::<Cpu>::new(&device, &mut rendezvous, config).expect("operator");
+                let e = side.epilogue;
+                let (rows, hidden) = (problem.rows, problem.hidden);
+                let elems = rows * hidden;
+                let residual_elems = if e.no_residual { 0 } else { elems };
+                let mut out = vec![bf16::ZERO; elems];
+                let mut residual_out = vec![bf16::ZERO; residual_elems];
+                poison(&mut out);
+                poison(&mut residual_out);
+                let per_row = e.quant.map_or(0, |q| q.scaling.scales_per_row(hidden));
+                let mut codes = vec![0x5au8; if e.quant.is_some() { elems } else { 0 }];
+                let mut scales = vec![f32::NAN; rows * per_row];
+                let quant = e.quant.map(|quant| QuantOut {
+                    quant,
+                    codes: BytesMut::host(&mut codes[..]),
+                    scales: (per_row > 0).then(|| TensorMut::new(&mut scales[..])),
+                });
+                let result = op.forward_on_with(
+                    &stream,
+                    path,
+                    Args {
+                        input: TensorRef::new(&fixture.inputs[rank][..]),
+                        residual: TensorRef::new(&fixture.residual[..residual_elems]),
+                        weight: TensorRef::new(&fixture.weight[..]),
+                        out: TensorMut::new(&mut out[..]),
+                        residual_out: TensorMut::new(&mut residual_out[..]),
+                        eps: problem.eps,
+                    },
+                    Variant { no_residual: e.no_residual, quant },
+                );
+                let untouched = out.iter().chain(&residual_out).all(|&v| arfuse_testkit::is_poison(v))
+                    && codes.iter().all(|&c| c == 0x5a)
+                    && scales.iter().all(|s| s.is_nan());
+                (result, untouched)
+            });
+            for (rank, (result, untouched)) in results.into_iter().enumerate() {
+                match &result {
+                    Err(Error::CallMismatch { detail, .. }) => {
+                        assert!(detail.contains("epilogue"), "{what} {path} rank {rank}: {detail}")
+                    }
+                    other => panic!("{what} {path} rank {rank}: expected a call mismatch, got {other:?}"),
+                }
+                assert!(untouched, "{what} {path} rank {rank}: the mismatched call wrote an output");
+            }
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod load;
 mod matrix;
 mod ordering;
 mod processes;
+mod quantize;
 mod refusals;
 mod snapshots;
 

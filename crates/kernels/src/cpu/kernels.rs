@@ -10,9 +10,11 @@
 //! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements;
 //!   add+RMSNorm may take `input == out` (in place);
 //! - the epilogue ops ([`Op::has_epilogue`]) with no residual: `residual` and `residual_out`
-//!   untouched (any value); with FP8 out: `out_q` `E` bytes, `scales` the scaling's count of f32.
+//!   untouched (any value); with FP8 out: `out_q` `E` bytes, `scales` the scaling's count of f32;
+//! - [`Op::QuantizeFp8`]: `input` `E` elements read, `out_q` `E` bytes and `scales` the scaling's
+//!   count of f32 written (nothing else touched).
 
-use crate::contract::{add_rmsnorm_row, epilogue_row, sum_ranks, Epilogue};
+use crate::contract::{add_rmsnorm_row, epilogue_row, quantise_row, sum_ranks, Epilogue};
 use crate::params::{epilogue_of, LaunchParams};
 use crate::{DType, Element, KernelId, Op, Result};
 
@@ -204,6 +206,22 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
             Op::AllGather => {
                 let sum = view::<T>(p.scratch[rank], elems);
                 view_mut::<T>(p.out, elems).copy_from_slice(sum);
+            }
+            Op::QuantizeFp8 => {
+                // The epilogue's quantisation of `out`, on `input` (the contract's one sequence).
+                let Some(quant) = epilogue_of(p).quant else { return Ok(()) };
+                let per_row = quant.scaling.scales_per_row(hidden);
+                let input = view::<T>(p.input, elems);
+                let codes = view_mut::<u8>(p.out_q, elems);
+                let scales = view_mut::<f32>(p.scales, rows * per_row);
+                for row in 0..rows {
+                    quantise_row(
+                        quant,
+                        &input[row * hidden..(row + 1) * hidden],
+                        &mut codes[row * hidden..(row + 1) * hidden],
+                        &mut scales[row * per_row..(row + 1) * per_row],
+                    );
+                }
             }
         }
     }

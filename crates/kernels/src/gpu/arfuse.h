@@ -283,6 +283,9 @@ __device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits
 #define ARFUSE_EPILOGUE_SCALE_PER_TOKEN 0x8u
 #define ARFUSE_EPILOGUE_SCALE_PER_GROUP 0xcu
 #define ARFUSE_EPILOGUE_FNUZ 0x10u
+// The epilogue bits a call header carries, and where (params.rs EPILOGUE_CALL_*).
+#define ARFUSE_EPILOGUE_CALL_MASK 0x1fu
+#define ARFUSE_EPILOGUE_CALL_SHIFT 16u
 // Largest number of 16-byte packs per row (the tree lives in shared memory) and packs per thread.
 #define ARFUSE_MAX_ROW_PACKS 4096
 #define ARFUSE_MAX_PACKS_PER_THREAD 4

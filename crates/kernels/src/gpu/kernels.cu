@@ -228,15 +228,17 @@ __device__ __forceinline__ bool spin(const Launch& l, u32 peer, Ready ready) {
 }
 
 // The call header `sender` writes for this call (params.rs `CallHeader`): bit 31 clear in every
-// word, so a header is never the sentinel.
+// word, so a header is never the sentinel. It names the call's epilogue selection (bits 16..21:
+// LaunchParams::epilogue under ARFUSE_EPILOGUE_CALL_MASK), which every launch of a call carries,
+// so a peer with another epilogue is a mismatch also where the cross-rank kernel is the same.
 template <class E>
 __device__ __forceinline__ pack16 call_header(const Launch& l, u32 sender) {
   const LaunchParams& p = l.p;
   const bool refused = (p.flags & ARFUSE_FLAG_REFUSED) != 0;
   pack16 h;
   h.x = (u32)(l.epoch & 0x7fffffffull);
-  h.y = (refused ? ARFUSE_OP_CODE_REFUSED : (l.op & 0xfu)) | ((u32)E::kCode << 4) | ((p.world_size & 0xfu) << 8) |
-        (sender << 12);
+  const u32 call = (l.op & 0xfu) | ((p.epilogue & ARFUSE_EPILOGUE_CALL_MASK) << ARFUSE_EPILOGUE_CALL_SHIFT);
+  h.y = (refused ? ARFUSE_OP_CODE_REFUSED : call) | ((u32)E::kCode << 4) | ((p.world_size & 0xfu) << 8) | (sender << 12);
   h.z = refused ? 0u : (p.rows & 0x7fffffffu);
   h.w = refused ? 0u : (p.hidden & 0x7fffffffu);
   return h;
@@ -949,6 +951,117 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
     store_pack<E>(p.out, k, load_pack<E>(p.scratch[p.rank], k));
 }
 
+// ---- The separate FP8 quantisation (Op::QuantizeFp8): a local kernel, no peers. ----
+// Reads `input` [rows, hidden] (the `out` of a plain call, or any tensor) and writes `out_q` and
+// `scales` exactly as the epilogue kernels do for the same `out` (contract.rs `quantise_row`):
+// per element encode(f32(v) / scale), with fp8_encode, fp8_dynamic_scale, amax_step and div_rn,
+// the epilogue's own helpers. Only the scaling and format bits of LaunchParams::epilogue are read
+// (and quant_scale per tensor). The amax is a maximum (exact, independent of the order it is
+// taken in), so this kernel's reduction shape need not be the epilogue's for the same bits.
+
+// max over a pack of |value|, NaN skipped.
+template <class E>
+__device__ __forceinline__ float quant_pack_amax(const Pack<E>& v) {
+  constexpr int N = Pack<E>::N;
+  float f[N];
+  v.widen(f);
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) a = amax_step(a, f[i]);
+  return a;
+}
+
+// The N codes of pack `index` into `out_q` (N bytes in element order, N / 4 32-bit words).
+template <class E>
+__device__ __forceinline__ void quant_pack_store(u64 out_q, u64 index, const Pack<E>& v, float scale, bool fnuz) {
+  constexpr int N = Pack<E>::N;
+  float f[N];
+  v.widen(f);
+  u32 words[N / 4];
+#pragma unroll
+  for (int o = 0; o < N / 4; ++o) words[o] = 0u;
+#pragma unroll
+  for (int e = 0; e < N; ++e) words[e / 4] |= fp8_encode(div_rn(f[e], scale), fnuz) << (8 * (e % 4));
+#pragma unroll
+  for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
+}
+
+// One row: each thread holds its K packs (K as in norm_row), so the row is read once. Per group,
+// the 128 / N lanes of a group (16 for bf16/f16, 32 for f32: inside one 32-lane group, as blocks
+// are whole warps and hidden a multiple of 128) exchange their maxima by a butterfly; per token,
+// the block does (warps' maxima through shared memory).
+template <class E, int K>
+__device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
+  constexpr int N = Pack<E>::N;
+  constexpr u32 kGroupLanes = 128 / N;
+  __shared__ float quant_slots[32];
+  __shared__ float quant_row_scale;
+  const u32 t = tid_x();
+  const u32 n_packs = p.hidden / N;
+  const u64 row_pack = (u64)row * n_packs;
+  const u32 scaling = p.epilogue & ARFUSE_EPILOGUE_SCALE_MASK;
+  const bool fnuz = (p.epilogue & ARFUSE_EPILOGUE_FNUZ) != 0u;
+  Pack<E> v[K];
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
+    const u32 j = t + k * bdim_x();
+    float pack_max = 0.0f;
+    if (j < n_packs) {
+      v[k] = load_pack<E>(p.input, row_pack + j);
+      if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR)
+        quant_pack_store<E>(p.out_q, row_pack + j, v[k], p.quant_scale, fnuz);
+      else
+        pack_max = quant_pack_amax<E>(v[k]);
+    }
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) {
+#pragma unroll
+      for (u32 offset = kGroupLanes / 2; offset >= 1; offset /= 2) {
+        const float other = shfl_xor32(pack_max, (int)offset);
+        pack_max = other > pack_max ? other : pack_max;
+      }
+      if (j < n_packs) {
+        const float scale = fp8_dynamic_scale(pack_max, fnuz);
+        if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
+        quant_pack_store<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
+      }
+    }
+    amax = pack_max > amax ? pack_max : amax;
+  }
+  if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
+#pragma unroll
+  for (int offset = 16; offset >= 1; offset /= 2) {
+    const float other = shfl_xor32(amax, offset);
+    amax = other > amax ? other : amax;
+  }
+  if ((t & 31u) == 0u) quant_slots[t / 32u] = amax;
+  block_sync();
+  if (t == 0) {
+    float a = 0.0f;
+    for (u32 i = 0; i < (bdim_x() + 31u) / 32u; ++i) a = quant_slots[i] > a ? quant_slots[i] : a;
+    quant_row_scale = fp8_dynamic_scale(a, fnuz);
+    ((ARFUSE_GLOBAL float*)p.scales)[row] = quant_row_scale;
+  }
+  block_sync();
+  const float scale = quant_row_scale;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const u32 j = t + k * bdim_x();
+    if (j < n_packs) quant_pack_store<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
+  }
+}
+
+template <class E>
+__device__ __forceinline__ void quantize_fp8(const LaunchParams& p) {
+  for (u32 row = bid_x(); row < p.rows; row += gdim_x()) {
+    if (p.hidden / Pack<E>::N <= bdim_x())
+      quantize_row<E, 1>(p, row);
+    else
+      quantize_row<E, ARFUSE_MAX_PACKS_PER_THREAD>(p, row);
+  }
+}
+
 // One extern "C" entry point per (op, dtype): the symbols of KernelId::symbol(). The parameters
 // are never copied (see `Launch`). The op codes are the indices in Op::ALL.
 #define ARFUSE_KERNEL(name) extern "C" __global__ void ARFUSE_LAUNCH_BOUNDS name(const ARFUSE_GRID_CONSTANT LaunchParams p)
@@ -976,3 +1089,11 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 ARFUSE_INSTANTIATE(bf16, Bf16)
 ARFUSE_INSTANTIATE(f16, F16)
 ARFUSE_INSTANTIATE(f32, F32)
+
+// The separate quantisation kernel (the last op of Op::ALL), apart from the macro above.
+#define ARFUSE_INSTANTIATE_QUANTIZE(dtype, E) \
+  ARFUSE_KERNEL(quantize_fp8_##dtype) { quantize_fp8<E>(p); }
+
+ARFUSE_INSTANTIATE_QUANTIZE(bf16, Bf16)
+ARFUSE_INSTANTIATE_QUANTIZE(f16, F16)
+ARFUSE_INSTANTIATE_QUANTIZE(f32, F32)
