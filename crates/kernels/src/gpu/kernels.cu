@@ -406,6 +406,36 @@ __device__ __forceinline__ float pack_amax(const Pack<E>& v) {
   return a;
 }
 
+// The per-token scale of the block's row from every thread's `amax` (max is exact in any order):
+// a butterfly per warp, the warps' maxima through shared memory, reduced by the first 32 lanes (at
+// most 32 warps); thread 0 writes it to `*out`; every thread gets it. Two block barriers.
+__device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_GLOBAL float* out) {
+  __shared__ float slots[32];
+  __shared__ float scale;
+  const u32 t = tid_x();
+#pragma unroll
+  for (int offset = 16; offset >= 1; offset /= 2) {
+    const float other = shfl_xor32(amax, offset);
+    amax = other > amax ? other : amax;
+  }
+  if ((t & 31u) == 0u) slots[t / 32u] = amax;
+  block_sync();
+  if (t < 32u) {
+    float a = t < (bdim_x() + 31u) / 32u ? slots[t] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) {
+      const float other = shfl_xor32(a, offset);
+      a = other > a ? other : a;
+    }
+    if (t == 0) {
+      scale = fp8_dynamic_scale(a, fnuz);
+      *out = scale;
+    }
+  }
+  block_sync();
+  return scale;
+}
+
 // The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
 // element order, as N / 4 32-bit words. Each quotient by the reciprocal route where that gives the
 // contract's code (fp8_code_of_quotient), else, for the whole pack, by IEEE division: the eight
@@ -453,8 +483,6 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
                                              const Pack<E>& w0, float inv) {
   constexpr int N = Pack<E>::N;
   constexpr u32 kGroupLanes = 128 / N;  // packs per group of 128 elements: 16 (bf16, f16), 32 (f32)
-  __shared__ float amax_slots[32];
-  __shared__ float row_scale;
   const u32 t = tid_x();
   const u64 row_pack = (u64)row * n_packs;
   const u32 bits = p.epilogue;
@@ -505,28 +533,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
     if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TOKEN) amax = pack_max > amax ? pack_max : amax;
   }
   if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
-#pragma unroll
-  for (int offset = 16; offset >= 1; offset /= 2) {
-    const float other = shfl_xor32(amax, offset);
-    amax = other > amax ? other : amax;
-  }
-  if ((t & 31u) == 0u) amax_slots[t / 32u] = amax;
-  block_sync();
-  // The block's max by the first 32 lanes (max is exact in any order; at most 32 warp slots).
-  if (t < 32u) {
-    float a = t < (bdim_x() + 31u) / 32u ? amax_slots[t] : 0.0f;
-#pragma unroll
-    for (int offset = 16; offset >= 1; offset /= 2) {
-      const float other = shfl_xor32(a, offset);
-      a = other > a ? other : a;
-    }
-    if (t == 0) {
-      row_scale = fp8_dynamic_scale(a, fnuz);
-      ((ARFUSE_GLOBAL float*)p.scales)[row] = row_scale;
-    }
-  }
-  block_sync();
-  const float scale = row_scale;
+  const float scale = per_token_scale(amax, fnuz, (ARFUSE_GLOBAL float*)p.scales + row);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
@@ -954,37 +961,10 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 // ---- The separate FP8 quantisation (Op::QuantizeFp8): a local kernel, no peers. ----
 // Reads `input` [rows, hidden] (the `out` of a plain call, or any tensor) and writes `out_q` and
 // `scales` exactly as the epilogue kernels do for the same `out` (contract.rs `quantise_row`):
-// per element encode(f32(v) / scale), with fp8_encode, fp8_dynamic_scale, amax_step and div_rn,
-// the epilogue's own helpers. Only the scaling and format bits of LaunchParams::epilogue are read
+// per element encode(f32(v) / scale), with the epilogue's own store_codes, pack_amax and
+// fp8_dynamic_scale. Only the scaling and format bits of LaunchParams::epilogue are read
 // (and quant_scale per tensor). The amax is a maximum (exact, independent of the order it is
 // taken in), so this kernel's reduction shape need not be the epilogue's for the same bits.
-
-// max over a pack of |value|, NaN skipped.
-template <class E>
-__device__ __forceinline__ float quant_pack_amax(const Pack<E>& v) {
-  constexpr int N = Pack<E>::N;
-  float f[N];
-  v.widen(f);
-  float a = 0.0f;
-#pragma unroll
-  for (int i = 0; i < N; ++i) a = amax_step(a, f[i]);
-  return a;
-}
-
-// The N codes of pack `index` into `out_q` (N bytes in element order, N / 4 32-bit words).
-template <class E>
-__device__ __forceinline__ void quant_pack_store(u64 out_q, u64 index, const Pack<E>& v, float scale, bool fnuz) {
-  constexpr int N = Pack<E>::N;
-  float f[N];
-  v.widen(f);
-  u32 words[N / 4];
-#pragma unroll
-  for (int o = 0; o < N / 4; ++o) words[o] = 0u;
-#pragma unroll
-  for (int e = 0; e < N; ++e) words[e / 4] |= fp8_encode(div_rn(f[e], scale), fnuz) << (8 * (e % 4));
-#pragma unroll
-  for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
-}
 
 // One row: each thread holds its K packs (K as in norm_row), so the row is read once. Per group,
 // the 128 / N lanes of a group (16 for bf16/f16, 32 for f32: inside one 32-lane group, as blocks
@@ -994,8 +974,6 @@ template <class E, int K>
 __device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
   constexpr int N = Pack<E>::N;
   constexpr u32 kGroupLanes = 128 / N;
-  __shared__ float quant_slots[32];
-  __shared__ float quant_row_scale;
   const u32 t = tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
@@ -1011,9 +989,9 @@ __device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
     if (j < n_packs) {
       v[k] = load_pack<E>(p.input, row_pack + j);
       if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR)
-        quant_pack_store<E>(p.out_q, row_pack + j, v[k], p.quant_scale, fnuz);
+        store_codes<E>(p.out_q, row_pack + j, v[k], p.quant_scale, fnuz);
       else
-        pack_max = quant_pack_amax<E>(v[k]);
+        pack_max = pack_amax<E>(v[k]);
     }
     if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) {
 #pragma unroll
@@ -1024,31 +1002,17 @@ __device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
       if (j < n_packs) {
         const float scale = fp8_dynamic_scale(pack_max, fnuz);
         if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
-        quant_pack_store<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
+        store_codes<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
       }
     }
     amax = pack_max > amax ? pack_max : amax;
   }
   if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
-#pragma unroll
-  for (int offset = 16; offset >= 1; offset /= 2) {
-    const float other = shfl_xor32(amax, offset);
-    amax = other > amax ? other : amax;
-  }
-  if ((t & 31u) == 0u) quant_slots[t / 32u] = amax;
-  block_sync();
-  if (t == 0) {
-    float a = 0.0f;
-    for (u32 i = 0; i < (bdim_x() + 31u) / 32u; ++i) a = quant_slots[i] > a ? quant_slots[i] : a;
-    quant_row_scale = fp8_dynamic_scale(a, fnuz);
-    ((ARFUSE_GLOBAL float*)p.scales)[row] = quant_row_scale;
-  }
-  block_sync();
-  const float scale = quant_row_scale;
+  const float scale = per_token_scale(amax, fnuz, (ARFUSE_GLOBAL float*)p.scales + row);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
-    if (j < n_packs) quant_pack_store<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
+    if (j < n_packs) store_codes<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
   }
 }
 
