@@ -473,6 +473,25 @@ __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>&
   for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
 }
 
+// Per group: the codes of pack `j` of `row` (`v`, its max |value| `pack_max`) and, from the
+// group's first lane, its scale. The 128 / N lanes holding a group exchange their maxima by a
+// butterfly; every lane of the warp takes part (a group's lanes are all in the row or all past it:
+// hidden is a multiple of 128, blocks a multiple of 32 threads).
+template <class E>
+__device__ __forceinline__ void per_group_codes(const LaunchParams& p, u32 row, u32 j, u32 n_packs, const Pack<E>& v,
+                                                float pack_max, bool fnuz) {
+  constexpr u32 kGroupLanes = 128 / Pack<E>::N;  // 16 (bf16, f16), 32 (f32)
+#pragma unroll
+  for (u32 offset = kGroupLanes / 2; offset >= 1; offset /= 2) {
+    const float other = shfl_xor32(pack_max, (int)offset);
+    pack_max = other > pack_max ? other : pack_max;
+  }
+  if (j >= n_packs) return;
+  const float scale = fp8_dynamic_scale(pack_max, fnuz);
+  if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
+  store_codes<E>(p.out_q, (u64)row * n_packs + j, v, scale, fnuz);
+}
+
 // The output stage of the row routine with the epilogue: residual_out (unless no residual),
 // out by the selected norm, and the FP8 codes and scales if asked for. `ro` holds the thread's
 // packs of x (the row before normalisation); it is overwritten with `out`'s packs, which the
@@ -482,7 +501,6 @@ template <class E, int K>
 __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32 n_packs, Pack<E> (&ro)[K],
                                              const Pack<E>& w0, float inv) {
   constexpr int N = Pack<E>::N;
-  constexpr u32 kGroupLanes = 128 / N;  // packs per group of 128 elements: 16 (bf16, f16), 32 (f32)
   const u32 t = tid_x();
   const u64 row_pack = (u64)row * n_packs;
   const u32 bits = p.epilogue;
@@ -516,20 +534,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
       if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR) store_codes<E>(p.out_q, row_pack + j, ro[k], p.quant_scale, fnuz);
       if (dynamic) pack_max = pack_amax<E>(ro[k]);
     }
-    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) {
-      // Every lane of the warp takes part; a group's lanes are all in the row or all past it
-      // (hidden is a multiple of 128, blocks a multiple of 32 threads).
-#pragma unroll
-      for (u32 offset = kGroupLanes / 2; offset >= 1; offset /= 2) {
-        const float other = shfl_xor32(pack_max, (int)offset);
-        pack_max = other > pack_max ? other : pack_max;
-      }
-      if (j < n_packs) {
-        const float scale = fp8_dynamic_scale(pack_max, fnuz);
-        if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
-        store_codes<E>(p.out_q, row_pack + j, ro[k], scale, fnuz);
-      }
-    }
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) per_group_codes<E>(p, row, j, n_packs, ro[k], pack_max, fnuz);
     if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TOKEN) amax = pack_max > amax ? pack_max : amax;
   }
   if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
@@ -973,7 +978,6 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 template <class E, int K>
 __device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
   constexpr int N = Pack<E>::N;
-  constexpr u32 kGroupLanes = 128 / N;
   const u32 t = tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
@@ -993,18 +997,7 @@ __device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
       else
         pack_max = pack_amax<E>(v[k]);
     }
-    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) {
-#pragma unroll
-      for (u32 offset = kGroupLanes / 2; offset >= 1; offset /= 2) {
-        const float other = shfl_xor32(pack_max, (int)offset);
-        pack_max = other > pack_max ? other : pack_max;
-      }
-      if (j < n_packs) {
-        const float scale = fp8_dynamic_scale(pack_max, fnuz);
-        if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
-        store_codes<E>(p.out_q, row_pack + j, v[k], scale, fnuz);
-      }
-    }
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) per_group_codes<E>(p, row, j, n_packs, v[k], pack_max, fnuz);
     amax = pack_max > amax ? pack_max : amax;
   }
   if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
