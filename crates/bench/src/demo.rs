@@ -233,9 +233,8 @@ pub fn parse_fp8(spec: &str) -> Result<Quant> {
 /// The `--fp8` text of `quant` (exact: a static scale as the shortest f32 that reads back).
 pub fn fp8_spec(quant: &Quant) -> String {
     let scaling = match quant.scaling {
-        Scaling::PerToken => "per-token".to_string(),
-        Scaling::PerGroup => "per-group".to_string(),
-        Scaling::PerTensor(s) => format!("per-tensor={s:?}"),
+        Scaling::PerTensor(s) => format!("{}={s:?}", quant.scaling.name()),
+        dynamic => dynamic.name().to_string(),
     };
     format!("{}:{scaling}", quant.format.name())
 }

@@ -703,25 +703,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             return Err(Error::Poisoned(why.clone()));
         }
         let hidden = args.weight.len;
-        let pack = T::DTYPE.pack_elems();
-        let max_hidden = arfuse_kernels::max_hidden(T::DTYPE);
-        if hidden == 0 {
-            return Err(Error::HiddenUnsupported { hidden, max: max_hidden });
-        }
-        if hidden % pack != 0 {
-            return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
-        }
-        if hidden > max_hidden {
-            return Err(Error::HiddenUnsupported { hidden, max: max_hidden });
-        }
+        check_hidden::<T>(hidden)?;
         let elems = args.input.len;
-        if elems % hidden != 0 {
-            return Err(Error::ShapeMismatch {
-                what: "input (not a whole number of rows)",
-                expected: elems.next_multiple_of(hidden),
-                got: elems,
-            });
-        }
+        let rows = whole_rows(elems, hidden)?;
         let residual_elems = if variant.no_residual { 0 } else { elems };
         for (what, len, expected) in [
             ("residual", args.residual.len, residual_elems),
@@ -755,7 +739,6 @@ impl<B: Backend> AllReduceRmsNorm<B> {
                 return Err(Error::Misaligned { what, ptr: ptr.0, align: PACK_BYTES });
             }
         }
-        let rows = elems / hidden;
         let row_bytes = hidden * T::DTYPE.size();
         if row_bytes > self.config.policy.max_size / 2 {
             return Err(Error::HiddenUnsupported { hidden, max: self.config.policy.max_size / 2 / T::DTYPE.size() });
@@ -775,56 +758,22 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     ) -> Result<(Epilogue, u64, u64)> {
         let mut epilogue = Epilogue { norm: self.config.norm, no_residual: variant.no_residual, quant: None };
         let Some(q) = &variant.quant else { return Ok((epilogue, 0, 0)) };
-        let elems = rows * hidden;
-        match q.quant.scaling {
-            Scaling::PerTensor(scale) if !scale.is_finite() || scale <= 0.0 => {
-                return Err(Error::BadQuantScale { scale });
-            }
-            Scaling::PerGroup if hidden % QUANT_GROUP != 0 => {
-                return Err(Error::QuantGroupUnsupported { hidden, group: QUANT_GROUP });
-            }
-            _ => {}
-        }
-        if q.codes.len != elems {
-            return Err(Error::ShapeMismatch { what: "codes", expected: elems, got: q.codes.len });
-        }
-        let want_scales = rows * q.quant.scaling.scales_per_row(hidden);
-        let scales = q.scales.as_ref().map_or((0, 0), |t| (t.ptr.0, t.len));
-        if scales.1 != want_scales {
-            return Err(Error::ShapeMismatch { what: "scales", expected: want_scales, got: scales.1 });
-        }
-        if q.codes.ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 {
-            return Err(Error::Misaligned { what: "codes", ptr: q.codes.ptr.0, align: PACK_BYTES });
-        }
-        if scales.0 % 4 != 0 && want_scales > 0 {
-            return Err(Error::Misaligned { what: "scales", ptr: scales.0, align: 4 });
-        }
         // The FP8 outputs overlap nothing: not each other, not any tensor of the call.
         let size = T::DTYPE.size() as u64;
-        let spans = [
-            ("input", args.input.ptr.0, args.input.len as u64 * size),
-            ("residual", args.residual.ptr.0, args.residual.len as u64 * size),
-            ("weight", args.weight.ptr.0, args.weight.len as u64 * size),
-            ("out", args.out.ptr.0, args.out.len as u64 * size),
-            ("residual_out", args.residual_out.ptr.0, args.residual_out.len as u64 * size),
-            ("codes", q.codes.ptr.0, elems as u64),
-            ("scales", scales.0, want_scales as u64 * 4),
-        ];
-        let overlap = |a: (u64, u64), b: (u64, u64)| {
-            a.1 > 0
-                && b.1 > 0
-                && u128::from(a.0) < u128::from(b.0) + u128::from(b.1)
-                && u128::from(b.0) < u128::from(a.0) + u128::from(a.1)
-        };
-        for (i, &(a, pa, la)) in spans.iter().enumerate().skip(5) {
-            for &(b, pb, lb) in &spans[..i] {
-                if overlap((pa, la), (pb, lb)) {
-                    return Err(Error::Aliasing { a: b, b: a, identical: pa == pb && la == lb });
-                }
-            }
-        }
+        let scales = check_quant_out(
+            q,
+            rows,
+            hidden,
+            &[
+                ("input", args.input.ptr.0, args.input.len as u64 * size),
+                ("residual", args.residual.ptr.0, args.residual.len as u64 * size),
+                ("weight", args.weight.ptr.0, args.weight.len as u64 * size),
+                ("out", args.out.ptr.0, args.out.len as u64 * size),
+                ("residual_out", args.residual_out.ptr.0, args.residual_out.len as u64 * size),
+            ],
+        )?;
         epilogue.quant = Some(q.quant);
-        Ok((epilogue, q.codes.ptr.0, scales.0))
+        Ok((epilogue, q.codes.ptr.0, scales))
     }
 
     /// Parameters shared by every launch of a call.
@@ -998,4 +947,86 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         Ok(())
     }
+}
+
+/// The hidden size's checks of a call (and of [`crate::quantize_fp8`]): not zero, whole 16-byte
+/// packs, within the kernels' limit for `T`.
+pub(crate) fn check_hidden<T: Element>(hidden: usize) -> Result<()> {
+    let pack = T::DTYPE.pack_elems();
+    let max = arfuse_kernels::max_hidden(T::DTYPE);
+    if hidden == 0 {
+        return Err(Error::HiddenUnsupported { hidden, max });
+    }
+    if hidden % pack != 0 {
+        return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
+    }
+    if hidden > max {
+        return Err(Error::HiddenUnsupported { hidden, max });
+    }
+    Ok(())
+}
+
+/// The rows of an input of `elems` elements, refused unless it is whole rows of `hidden`.
+pub(crate) fn whole_rows(elems: usize, hidden: usize) -> Result<usize> {
+    if elems % hidden != 0 {
+        return Err(Error::ShapeMismatch {
+            what: "input (not a whole number of rows)",
+            expected: elems.next_multiple_of(hidden),
+            got: elems,
+        });
+    }
+    Ok(elems / hidden)
+}
+
+/// The checks of an FP8 output for `rows x hidden` elements (the scaling's static scale and
+/// group, the lengths of codes and scales, their alignment), and that codes and scales overlap
+/// neither each other nor any of `others` (`(name, address, bytes)`). Returns the scales'
+/// address (0 without scales).
+pub(crate) fn check_quant_out<B: Backend>(
+    q: &QuantOut<'_, B>,
+    rows: usize,
+    hidden: usize,
+    others: &[(&'static str, u64, u64)],
+) -> Result<u64> {
+    let elems = rows * hidden;
+    match q.quant.scaling {
+        Scaling::PerTensor(scale) if !scale.is_finite() || scale <= 0.0 => {
+            return Err(Error::BadQuantScale { scale });
+        }
+        Scaling::PerGroup if hidden % QUANT_GROUP != 0 => {
+            return Err(Error::QuantGroupUnsupported { hidden, group: QUANT_GROUP });
+        }
+        _ => {}
+    }
+    if q.codes.len != elems {
+        return Err(Error::ShapeMismatch { what: "codes", expected: elems, got: q.codes.len });
+    }
+    let want_scales = rows * q.quant.scaling.scales_per_row(hidden);
+    let scales = q.scales.as_ref().map_or((0, 0), |t| (t.ptr.0, t.len));
+    if scales.1 != want_scales {
+        return Err(Error::ShapeMismatch { what: "scales", expected: want_scales, got: scales.1 });
+    }
+    if q.codes.ptr.0 % PACK_BYTES as u64 != 0 && elems > 0 {
+        return Err(Error::Misaligned { what: "codes", ptr: q.codes.ptr.0, align: PACK_BYTES });
+    }
+    if scales.0 % 4 != 0 && want_scales > 0 {
+        return Err(Error::Misaligned { what: "scales", ptr: scales.0, align: 4 });
+    }
+    let mut spans = others.to_vec();
+    spans.push(("codes", q.codes.ptr.0, elems as u64));
+    spans.push(("scales", scales.0, want_scales as u64 * 4));
+    let overlap = |a: (u64, u64), b: (u64, u64)| {
+        a.1 > 0
+            && b.1 > 0
+            && u128::from(a.0) < u128::from(b.0) + u128::from(b.1)
+            && u128::from(b.0) < u128::from(a.0) + u128::from(a.1)
+    };
+    for (i, &(a, pa, la)) in spans.iter().enumerate().skip(others.len()) {
+        for &(b, pb, lb) in &spans[..i] {
+            if overlap((pa, la), (pb, lb)) {
+                return Err(Error::Aliasing { a: b, b: a, identical: pa == pb && la == lb });
+            }
+        }
+    }
+    Ok(scales.0)
 }

@@ -8,9 +8,9 @@
 //! `contract::quantise_row`), so quantising the plain call's `out` gives the fused call's codes and
 //! scales. The bench's `<path>+quant` rows time exactly this pairing.
 
-use crate::operator::{QuantOut, TensorRef};
+use crate::operator::{check_hidden, check_quant_out, whole_rows, QuantOut, TensorRef};
 use crate::{Error, Result};
-use arfuse_kernels::contract::{Epilogue, Scaling, QUANT_GROUP};
+use arfuse_kernels::contract::Epilogue;
 use arfuse_kernels::params::epilogue_bits;
 use arfuse_kernels::{Backend, Element, KernelId, LaunchParams, Op, PACK_BYTES};
 
@@ -69,75 +69,25 @@ fn validate<B: Backend, T: Element>(
     hidden: usize,
     out: &QuantOut<'_, B>,
 ) -> Result<LaunchParams> {
-    let pack = T::DTYPE.pack_elems();
-    let max = arfuse_kernels::max_hidden(T::DTYPE);
-    if hidden == 0 || hidden > max {
-        return Err(Error::HiddenUnsupported { hidden, max });
-    }
-    if hidden % pack != 0 {
-        return Err(Error::HiddenNotMultipleOfPack { hidden, pack, dtype: T::DTYPE });
-    }
+    check_hidden::<T>(hidden)?;
     let elems = input.len;
-    if elems % hidden != 0 {
-        return Err(Error::ShapeMismatch {
-            what: "input (not a whole number of rows)",
-            expected: elems.next_multiple_of(hidden),
-            got: elems,
-        });
-    }
-    let rows = elems / hidden;
+    let rows = whole_rows(elems, hidden)?;
     let u32_rows = u32::try_from(rows).map_err(|_| Error::ShapeMismatch {
         what: "input (rows beyond u32)",
         expected: u32::MAX as usize * hidden,
         got: elems,
     })?;
-    match out.quant.scaling {
-        Scaling::PerTensor(scale) if !scale.is_finite() || scale <= 0.0 => return Err(Error::BadQuantScale { scale }),
-        Scaling::PerGroup if hidden % QUANT_GROUP != 0 => {
-            return Err(Error::QuantGroupUnsupported { hidden, group: QUANT_GROUP })
-        }
-        _ => {}
-    }
-    if out.codes.len != elems {
-        return Err(Error::ShapeMismatch { what: "codes", expected: elems, got: out.codes.len });
-    }
-    let want_scales = rows * out.quant.scaling.scales_per_row(hidden);
-    let scales = out.scales.as_ref().map_or((0, 0), |t| (t.ptr.0, t.len));
-    if scales.1 != want_scales {
-        return Err(Error::ShapeMismatch { what: "scales", expected: want_scales, got: scales.1 });
-    }
-    if elems > 0 {
-        for (what, ptr) in [("input", input.ptr.0), ("codes", out.codes.ptr.0)] {
-            if ptr % PACK_BYTES as u64 != 0 {
-                return Err(Error::Misaligned { what, ptr, align: PACK_BYTES });
-            }
-        }
-    }
-    if want_scales > 0 && scales.0 % 4 != 0 {
-        return Err(Error::Misaligned { what: "scales", ptr: scales.0, align: 4 });
-    }
-    let spans = [
-        ("input", input.ptr.0, elems as u64 * T::DTYPE.size() as u64),
-        ("codes", out.codes.ptr.0, elems as u64),
-        ("scales", scales.0, want_scales as u64 * 4),
-    ];
-    for (i, &(a, pa, la)) in spans.iter().enumerate() {
-        for &(b, pb, lb) in &spans[i + 1..] {
-            let overlap = la > 0
-                && lb > 0
-                && u128::from(pa) < u128::from(pb) + u128::from(lb)
-                && u128::from(pb) < u128::from(pa) + u128::from(la);
-            if overlap {
-                return Err(Error::Aliasing { a, b, identical: pa == pb && la == lb });
-            }
-        }
+    let input_bytes = elems as u64 * T::DTYPE.size() as u64;
+    let scales = check_quant_out(out, rows, hidden, &[("input", input.ptr.0, input_bytes)])?;
+    if elems > 0 && input.ptr.0 % PACK_BYTES as u64 != 0 {
+        return Err(Error::Misaligned { what: "input", ptr: input.ptr.0, align: PACK_BYTES });
     }
     // Only the scaling and format bits: the kernel reads nothing else of the epilogue.
     let (epilogue, quant_scale) = epilogue_bits(&Epilogue { quant: Some(out.quant), ..Epilogue::default() });
     Ok(LaunchParams {
         input: input.ptr.0,
         out_q: out.codes.ptr.0,
-        scales: scales.0,
+        scales,
         quant_scale,
         epilogue,
         rows: u32_rows,

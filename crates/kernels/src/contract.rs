@@ -333,6 +333,15 @@ pub enum Scaling {
 }
 
 impl Scaling {
+    /// Name as in `arfuse-demo --fp8` (`per-tensor` without its scale).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scaling::PerTensor(_) => "per-tensor",
+            Scaling::PerToken => "per-token",
+            Scaling::PerGroup => "per-group",
+        }
+    }
+
     /// Scales written per row of `hidden` elements.
     pub const fn scales_per_row(self, hidden: usize) -> usize {
         match self {

@@ -281,12 +281,7 @@ impl std::fmt::Display for CallHeader {
                 write!(f, " no-residual")?;
             }
             if let Some(q) = e.quant {
-                let scaling = match q.scaling {
-                    Scaling::PerTensor(_) => "per-tensor",
-                    Scaling::PerToken => "per-token",
-                    Scaling::PerGroup => "per-group",
-                };
-                write!(f, " fp8 {} {scaling}", q.format.name())?;
+                write!(f, " fp8 {} {}", q.format.name(), q.scaling.name())?;
             }
         }
         Ok(())

@@ -224,12 +224,7 @@ pub fn all_quants(static_scale: f32) -> Vec<Quant> {
 /// Every epilogue the contract defines: both norms, with and without residual, unquantised and
 /// each format × scaling (`static_scale` for per tensor).
 pub fn all_epilogues(static_scale: f32) -> Vec<Epilogue> {
-    let mut quants = vec![None];
-    for format in Fp8Format::ALL {
-        for scaling in [Scaling::PerTensor(static_scale), Scaling::PerToken, Scaling::PerGroup] {
-            quants.push(Some(Quant { format, scaling }));
-        }
-    }
+    let quants = std::iter::once(None).chain(all_quants(static_scale).into_iter().map(Some));
     let mut all = Vec::new();
     for quant in quants {
         for norm in [Norm::Standard, Norm::GemmaOffset] {
