@@ -52,10 +52,6 @@ pub struct BenchArgs {
     /// Timed batches (the samples of p10/p50/p90).
     #[arg(long, default_value_t = 20)]
     pub repeats: usize,
-    /// Captured decode graphs copy their inputs into the staging buffer (as eager calls do)
-    /// instead of reading them in place (registered after capture, the default).
-    #[arg(long)]
-    pub staged_graph_inputs: bool,
     /// Skip checking outputs against the reference.
     #[arg(long)]
     pub no_check: bool,
@@ -219,7 +215,6 @@ fn run_backend(args: &BenchArgs, cases: Vec<(Mode, Shape)>, command: String) -> 
         warmup: args.warmup,
         repeats: args.repeats,
         check: !args.no_check,
-        graph_inputs_in_place: !args.staged_graph_inputs,
         input_sets: args.input_sets.map(usize::from),
         seed: args.seed,
         command,

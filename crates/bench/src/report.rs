@@ -178,9 +178,9 @@ pub struct Report {
     pub prefill_iters: usize,
     /// Timed batches per path (the samples of each statistic).
     pub repeats: usize,
-    /// How the captured decode graphs get their inputs: `in place` (registered after capture, no
-    /// copy) or `staged` (copied into the staging buffer, as eager calls are). Empty in reports
-    /// written before it was recorded (they were staged).
+    /// How the captured decode graphs get their inputs: `pushed, nothing registered` since every
+    /// path pushes; reports of earlier versions say `in place` (2-stage inputs registered after
+    /// capture) or `staged` (copied into a staging buffer), or nothing (staged).
     #[serde(default)]
     pub graph_inputs: String,
     /// Input sets the calls rotate through, per shape: (shape, sets).

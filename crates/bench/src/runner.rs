@@ -46,9 +46,6 @@ pub struct Plan {
     pub repeats: usize,
     /// Check every path's output against the reference.
     pub check: bool,
-    /// Decode graphs read their inputs in place (registered after capture) instead of copying
-    /// them into the staging buffer.
-    pub graph_inputs_in_place: bool,
     /// Input sets per shape, where the command line fixed them (else [`default_input_sets`]).
     pub input_sets: Option<usize>,
     /// Seed of the inputs.
@@ -236,10 +233,6 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
                     if std::env::var_os("ARFUSE_DEADLINE_MS").is_none() {
                         config = config.with_deadline(Duration::from_secs(20));
                     }
-                    // One graph-input slot per captured call of every decode case and path.
-                    let decode_cases = plan.cases.iter().filter(|(mode, _)| *mode == Mode::Decode).count();
-                    config.graph_slots =
-                        config.graph_slots.max(decode_cases * paths_per_case * plan.decode_iters.max(1));
                     // Push slots that let every fused case be timed on the 1-stage path too (the
                     // dispatcher still picks by its threshold); ARFUSE_PUSH_SLOT_BYTES wins.
                     if config.policy.push_slot_bytes == 0 {
@@ -254,7 +247,7 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
                         *floors.lock() = Some((measured, B::describe(&device)));
                     }
                     for (index, case) in cases.iter().enumerate() {
-                        let timings = run_case::<B, T>(plan, rank, &stream, &mut op, &mut rdv, phase, &case, progress)?;
+                        let timings = run_case::<B, T>(plan, rank, &stream, &mut op, phase, &case, progress)?;
                         let dispatched = op.plan::<T>(case.shape.rows, case.shape.hidden);
                         if result_tx.send(RankResult { case: index, rank, dispatched, timings }).is_err() {
                             bail!("the collector stopped");
@@ -326,11 +319,7 @@ pub fn run<B: GpuBackend, T: Element>(plan: &Plan, progress: &indicatif::Progres
         iters: plan.decode_iters,
         prefill_iters: plan.prefill_iters,
         repeats: plan.repeats,
-        graph_inputs: if plan.graph_inputs_in_place {
-            "1-stage pushed, 2-stage read in place".to_string()
-        } else {
-            "1-stage pushed, 2-stage staged".to_string()
-        },
+        graph_inputs: "pushed, nothing registered".to_string(),
         input_sets: plan.cases.iter().map(|(_, s)| (*s, input_sets(plan, *s, T::DTYPE.size()))).collect(),
         fp8: plan.fp8.as_ref().map(crate::demo::fp8_spec).unwrap_or_default(),
         floors,
@@ -359,7 +348,6 @@ fn run_case<B: GpuBackend, T: Element>(
     rank: usize,
     stream: &B::Stream,
     op: &mut AllReduceRmsNorm<B>,
-    rendezvous: &mut ThreadRendezvous,
     phase: &Phase,
     case: &Case<T>,
     progress: &indicatif::ProgressBar,
@@ -441,17 +429,11 @@ fn run_case<B: GpuBackend, T: Element>(
         match case.mode {
             Mode::Decode => {
                 phase.wait()?;
-                if plan.graph_inputs_in_place {
-                    op.begin_graph_capture().with_context(|| format!("{what} {path}"))?;
-                }
                 B::begin_capture(stream)?;
                 for k in 0..iters {
                     call(op, &mut sets, k)?;
                 }
                 let graph = B::end_capture(stream)?;
-                if plan.graph_inputs_in_place {
-                    op.register_graph_inputs(stream, rendezvous).with_context(|| format!("{what} {path}"))?;
-                }
                 B::synchronize(stream)?;
                 phase.wait()?;
                 for _ in 0..plan.warmup {

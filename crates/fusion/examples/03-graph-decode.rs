@@ -10,7 +10,7 @@
 //!   `CudaStream::from_cudarc`; its tensors are cudarc `CudaSlice`s, passed with `TensorRef::new`
 //!   and `TensorMut::new`. cudarc captures one `forward` on that stream into a graph, and the loop
 //!   replays the graph (`CudaGraph::launch`). No `unsafe`. A decode step is a 1-stage call, which
-//!   pushes its input to the peers: its graph needs no `begin_graph_capture`/`register_graph_inputs`.
+//!   pushes its input to the peers: its graph needs nothing registered (no call of any path does).
 //! - **cpu**: the cpu backend has no graphs to capture (a call there runs before `forward`
 //!   returns), so the same loop calls `forward` eagerly every step. That is what CI runs; the
 //!   example says which of the two it did.

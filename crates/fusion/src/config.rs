@@ -4,26 +4,21 @@
 //! |---|---|---|
 //! | `ARFUSE_USE_1STAGE` | `1`: always 1-stage (where the kernel can), `0`: always 2-stage | by size |
 //! | `ARFUSE_ONE_STAGE_MAX_BYTES` | 1-stage iff bytes <= this | 0: by world size, `dispatch::default_one_stage_max_bytes` (2 MiB up to 2 ranks, 1 MiB up to 4, 512 KiB up to 8) |
-//! | `ARFUSE_MAX_SIZE` | staging bytes per rank; fused iff bytes <= half of it | 134217728 |
+//! | `ARFUSE_MAX_SIZE` | twice the largest call our kernels take (fused iff bytes <= half of it): each rank allocates a receive area and a scratch of half of it | 134217728 |
 //! | `ARFUSE_DISABLE_FUSION` | `1`: always the unfused path | `0` |
 //! | `ARFUSE_DEADLINE_MS` | how long a rank waits for a peer before failing | 5000 |
-//! | `ARFUSE_GRAPH_SLOTS` | cross-rank launches that graphs may capture with in-place inputs | 32768 |
 //! | `ARFUSE_TUNE_FILE` | a measured table of 1-stage thresholds per world size ([`crate::tune`]) | none |
 //! | `ARFUSE_NORM` | `standard`: `w · x̂`; `gemma`: `(1 + w) · x̂`, weights stored as offsets ([`Norm`]) | `standard` |
 //! | `ARFUSE_PUSH_SLOT_BYTES` | bytes of each push receive slot (the largest 1-stage call); 0: the 1-stage threshold | 0 |
 //! | `ARFUSE_PROGRAMMATIC_MAX_WORLD` | the most ranks at which the fused kernel starts early on NVIDIA sm_90+ (programmatic dependent launch); 0: never. Read by arfuse-kernels once per process, at the first launch | 8 (every world size) |
 
 use crate::dispatch::Policy;
-use crate::graph::DEFAULT_GRAPH_SLOTS;
 use crate::{Error, Result};
 pub use arfuse_kernels::contract::Norm;
 use std::time::Duration;
 
 /// Default time a rank waits for its peers before it reports [`Error::PeerTimeout`].
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
-
-/// The most graph-input slots an operator may ask for (64 MiB of table).
-pub const MAX_GRAPH_SLOTS: usize = 1 << 20;
 
 /// How an operator is built and dispatches.
 ///
@@ -55,11 +50,6 @@ pub struct Config {
     /// between the ranks.
     #[cfg(feature = "test-hooks")]
     pub fault: Option<Fault>,
-    /// Slots of the graph-input table: how many cross-rank launches this operator's graphs may
-    /// capture with their inputs read in place (see [`crate::graph`]); 64 bytes of device memory
-    /// each, allocated with the operator in whole 2 MiB (none on the cpu backend). 0 disables
-    /// the feature.
-    pub graph_slots: usize,
     /// How RMSNorm applies its weight: [`Norm::Standard`] (`w · x̂`) or Gemma's
     /// [`Norm::GemmaOffset`] (`(1 + w) · x̂`, the checkpoint's weights used as they are). Every
     /// call and path of the operator uses it (`arfuse_kernels::contract`, "Epilogues").
@@ -88,7 +78,6 @@ impl Default for Config {
             deadline: DEFAULT_DEADLINE,
             #[cfg(feature = "test-hooks")]
             fault: None,
-            graph_slots: DEFAULT_GRAPH_SLOTS,
             norm: Norm::Standard,
         }
     }
@@ -106,13 +95,6 @@ impl Config {
     #[must_use]
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
-        self
-    }
-
-    /// `self` with `graph_slots` slots of the graph-input table (see [`Config::graph_slots`]).
-    #[must_use]
-    pub fn with_graph_slots(mut self, graph_slots: usize) -> Self {
-        self.graph_slots = graph_slots;
         self
     }
 
@@ -168,9 +150,6 @@ impl Config {
         if let Some(path) = lookup("ARFUSE_TUNE_FILE").filter(|p| !p.trim().is_empty()) {
             self.policy.apply(&crate::TuneTable::load(std::path::Path::new(path.trim()))?);
         }
-        if let Some(v) = parse("ARFUSE_GRAPH_SLOTS")? {
-            self.graph_slots = v as usize;
-        }
         if let Some(v) = parse("ARFUSE_PUSH_SLOT_BYTES")? {
             self.policy.push_slot_bytes = v as usize;
         }
@@ -202,9 +181,6 @@ impl Config {
                 max / 2
             )));
         }
-        if self.graph_slots > MAX_GRAPH_SLOTS {
-            return Err(Error::Config(format!("graph_slots {} above {MAX_GRAPH_SLOTS}", self.graph_slots)));
-        }
         Ok(())
     }
 }
@@ -227,9 +203,6 @@ mod tests {
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "abc")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_MAX_SIZE", "100")])).is_err());
         assert!(Config::default().with_env(env(&[("ARFUSE_TUNE_FILE", "/nonexistent/arfuse-tune")])).is_err());
-        let c = Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "16")])).expect("valid");
-        assert_eq!(c.graph_slots, 16);
-        assert!(Config::default().with_env(env(&[("ARFUSE_GRAPH_SLOTS", "99999999")])).is_err());
         let c = Config::default().with_env(env(&[])).expect("defaults");
         assert_eq!(c, Config::default());
     }
@@ -237,12 +210,11 @@ mod tests {
     #[test]
     fn builder_methods_set_their_field_and_nothing_else() {
         let policy = Policy::default().with_max_size(1 << 20).with_force_one_stage(Some(false));
-        let c = Config::default().with_policy(policy).with_deadline(Duration::from_millis(7)).with_graph_slots(3);
+        let c = Config::default().with_policy(policy).with_deadline(Duration::from_millis(7));
         let mut expected = Config::default();
         expected.policy.max_size = 1 << 20;
         expected.policy.force_one_stage = Some(false);
         expected.deadline = Duration::from_millis(7);
-        expected.graph_slots = 3;
         assert_eq!(c, expected);
         c.validate().expect("valid");
     }

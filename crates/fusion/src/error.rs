@@ -120,32 +120,6 @@ pub enum Error {
         /// Both calls, as the kernels described them.
         detail: String,
     },
-    /// Graph capture with in-place inputs was misused (begun twice, registered without a
-    /// capture, ranks that recorded different launches, a backend without graphs, inputs that
-    /// cannot be exported).
-    #[error("graph inputs: {0}")]
-    GraphCapture(String),
-    /// The graph-input table is full: the call was refused and nothing was launched.
-    #[error(
-        "graph-input table full: the call needs {needed} slots, {free} of {capacity} are free (Config::graph_slots)"
-    )]
-    GraphSlotsExhausted {
-        /// Slots the call needs (one per cross-rank launch).
-        needed: usize,
-        /// Slots left.
-        free: usize,
-        /// The table's size.
-        capacity: usize,
-    },
-    /// A captured graph was replayed before its inputs were registered; the kernels read and wrote
-    /// nothing, and the operator is unusable afterwards.
-    #[error("rank {rank}: a captured graph ran before register_graph_inputs (barrier {barrier})")]
-    NotRegistered {
-        /// This rank.
-        rank: u32,
-        /// The epoch's barrier value.
-        barrier: u64,
-    },
     /// An earlier call failed in a way that leaves the shared buffers in an unknown state.
     #[error("operator unusable after an earlier failure ({0}); drop it and create a new group")]
     Poisoned(String),
@@ -187,7 +161,7 @@ fn free(available: Option<u64>) -> String {
 impl From<arfuse_kernels::Error> for Error {
     /// The cross-rank failures a kernel reports (the CPU backend's launch errors, or the error word
     /// of a GPU kernel decoded by `arfuse_kernels::ErrorWord::to_error`) become the operator's own
-    /// [`Error::PeerTimeout`], [`Error::CallMismatch`] and [`Error::NotRegistered`];
+    /// [`Error::PeerTimeout`] and [`Error::CallMismatch`];
     /// [`Error::SharedMemoryTooSmall`] for a short `/dev/shm` (so that the message names the
     /// operator's knob); [`Error::Kernels`] for everything else.
     fn from(e: arfuse_kernels::Error) -> Self {
@@ -199,7 +173,6 @@ impl From<arfuse_kernels::Error> for Error {
             K::CallMismatch { rank, peer, ours, theirs } => {
                 Error::CallMismatch { rank, peer, detail: format!("ours: {ours}; theirs: {theirs}") }
             }
-            K::NotRegistered { rank, barrier } => Error::NotRegistered { rank, barrier },
             K::ShmTooSmall { requested, available, path, .. } => {
                 Error::SharedMemoryTooSmall { requested, available, path, source: e }
             }
@@ -283,18 +256,19 @@ mod tests {
         if std::env::var_os(CHILD).is_some() {
             let device = Cpu::open_device(0, 1).expect("cpu device");
             let mut group = arfuse_ipc::ThreadRendezvous::group(1, std::time::Duration::from_secs(5));
-            // Default max_size 128 MiB: 64 KiB + 192 MiB per rank, and the push region.
+            // Default max_size 128 MiB: 64 KiB + 128 MiB per rank (receive area and scratch of
+            // 64 MiB each; one rank, so the receive area has no rounding slack), and the push region.
             let config = Config::default();
             let push = arfuse_kernels::params::push_region_bytes(1, config.policy.push_slot_bytes_for(1));
-            let err = AllReduceRmsNorm::<Cpu>::new(&device, &mut group[0], config).expect_err("192 MiB in 64 MiB");
-            let expected = (65_536 + 3 * (64 << 20) + push) as u64;
+            let err = AllReduceRmsNorm::<Cpu>::new(&device, &mut group[0], config).expect_err("128 MiB in 64 MiB");
+            let expected = (65_536 + 2 * (64 << 20) + push) as u64;
             assert!(
                 matches!(err, Error::SharedMemoryTooSmall { requested, .. } if requested == expected),
                 "{err:?}, expected {expected} bytes"
             );
             assert!(err.to_string().contains("ARFUSE_MAX_SIZE"), "{err}");
             assert_eq!(std::fs::read_dir("/dev/shm").expect("read /dev/shm").count(), 0, "a segment was left behind");
-            // The knob the message names: 32 MiB (48 MiB + 64 KiB) fits.
+            // The knob the message names: 32 MiB (32 MiB + 64 KiB + the push region) fits.
             let mut config = Config::default();
             config.policy.max_size = 32 << 20;
             let mut group = arfuse_ipc::ThreadRendezvous::group(1, std::time::Duration::from_secs(5));

@@ -30,7 +30,6 @@ pub(crate) mod alias;
 pub mod config;
 pub mod dispatch;
 pub mod error;
-pub mod graph;
 pub mod operator;
 pub mod quantize;
 pub mod tune;

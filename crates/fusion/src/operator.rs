@@ -5,17 +5,16 @@ use crate::config::Config;
 #[cfg(feature = "test-hooks")]
 use crate::config::Fault;
 use crate::dispatch::{choose_path, AllReduce, Path, Request};
-use crate::graph::GraphInputs;
 use crate::vendor::{self, VendorFallback};
 use crate::{Error, Result};
 use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::contract::{Epilogue, Quant, Scaling, QUANT_GROUP};
 use arfuse_kernels::params::epilogue_bits;
-use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET};
+use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET, SIGNAL_MISMATCH_OFFSET, SIGNAL_REPORT_BYTES};
 use arfuse_kernels::{
-    Backend, BackendKind, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op,
-    StreamOrder, StreamOrderMut, MAX_RANKS, PACK_BYTES,
+    Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, StreamOrder,
+    StreamOrderMut, MAX_RANKS, PACK_BYTES,
 };
 use std::marker::PhantomData;
 
@@ -247,7 +246,7 @@ struct Call {
 /// [`check`](Self::check).
 ///
 /// The vendor collective library (NCCL/RCCL) is the fallback for what our kernels cannot take
-/// (sizes beyond the staging area, no peer access, several hosts): an operator made with
+/// (calls above `max_size / 2`, no peer access, several hosts): an operator made with
 /// [`with_collective`](Self::with_collective) or [`with_communicator`](Self::with_communicator)
 /// holds a [`Communicator`] and dispatches there; one made with [`new`](Self::new) has none, and
 /// refuses the vendor path with [`Error::VendorUnavailable`] (see [`crate::vendor`]).
@@ -268,9 +267,12 @@ struct Call {
 /// - **Aliasing**: `out` may be the input and `residual_out` the residual (the in-place forms,
 ///   bit-identical to out of place; [`Args::in_place`] builds them without `unsafe`); any other
 ///   overlap is refused (`Aliasing`).
-/// - **Memory**: each rank allocates `64 KiB + 1.5 x max_size` of shared memory (staging and
-///   scratch of the 2-stage path; 192 MiB by default) plus the push region, `3 x world x push
-///   slot` (the 1-stage threshold of the world size: 12 MiB at 2 ranks), all at creation.
+/// - **Memory**: each rank allocates `64 KiB + max_size` of shared memory (the 2-stage path's
+///   receive area and scratch, `max_size / 2` each; 128 MiB by default) plus the push region,
+///   `3 x world x push slot` (the 1-stage threshold of the world size: 12 MiB at 2 ranks), all at
+///   creation.
+/// - **Graphs**: calls captured into a CUDA/HIP graph replay correctly with nothing registered
+///   (no path reads a peer's tensor: every rank pushes its data into its peers' buffers).
 /// - **Configuration**: [`Config::default`] is the library's defaults; [`Config::from_env`] applies
 ///   the `ARFUSE_*` variables on top ([`crate::config`] lists them).
 /// - **Numerics**: `residual_out = round(round(Σ x_r) + residual)`, ranks summed in f32 in rank
@@ -319,8 +321,6 @@ pub struct AllReduceRmsNorm<B: Backend> {
     poisoned: Option<String>,
     vendor: Option<VendorFallback<B>>,
     last_path: Option<Path>,
-    /// The graph-input table (none on the cpu backend, or with `graph_slots` 0).
-    graph: Option<GraphInputs<B>>,
 }
 
 impl<B: Backend> std::fmt::Debug for AllReduceRmsNorm<B> {
@@ -359,30 +359,15 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
         // Load the kernels before the last meeting of the ranks: no rank launches before all have.
         B::prepare(device)?;
-        // Allocated before the rendezvous, like the shared buffers: never while a peer's kernel spins.
-        let graph = match B::KIND {
-            BackendKind::Cpu => None,
-            _ if config.graph_slots == 0 => None,
-            _ => Some(GraphInputs::new(device, config.graph_slots)?),
-        };
         let push_slot_bytes = config.policy.push_slot_bytes_for(world_size);
         let buffers = SharedBuffers::<B>::create(device, rendezvous, config.policy.max_size, push_slot_bytes)?;
         tracing::debug!(
             max_size = config.policy.max_size,
             push_slot_bytes,
-            graph_slots = graph.as_ref().map_or(0, |g| g.capacity()),
             elapsed = ?started.elapsed(),
             "operator created"
         );
-        Ok(AllReduceRmsNorm {
-            device: device.clone(),
-            buffers,
-            config,
-            poisoned: None,
-            vendor: None,
-            last_path: None,
-            graph,
-        })
+        Ok(AllReduceRmsNorm { device: device.clone(), buffers, config, poisoned: None, vendor: None, last_path: None })
     }
 
     /// As [`new`](Self::new), plus a communicator of the vendor collective library (NCCL/RCCL,
@@ -495,9 +480,9 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         mut args: Args<'_, B, T>,
         variant: Variant<'_, B>,
     ) -> Result<Path> {
-        let admitted = self.validate(&args, &variant).and_then(|call| {
+        let admitted = self.validate(&args, &variant).map(|call| {
             let path = choose_path(&call.request, &self.config.policy);
-            self.check_graph_slots::<T>(path, &call).map(|()| (call, path))
+            (call, path)
         });
         let admitted = admitted.and_then(|admitted| args.order_before(stream).map(|()| admitted));
         let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
@@ -581,45 +566,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
     }
 
-    /// Starts recording for a graph capture whose inputs are read in place (see [`crate::graph`]).
-    ///
-    /// Call it on every rank just before capturing calls of this operator into a CUDA/HIP graph;
-    /// the calls made until [`register_graph_inputs`](Self::register_graph_inputs) must be captured,
-    /// not run (one that runs fails with [`Error::NotRegistered`] at [`check`](Self::check)). Their
-    /// inputs must stay allocated, at the same addresses, for as long as the graph is replayed
-    /// (true of a framework's graph memory pool); the other tensors are captured by address as
-    /// usual. Only the reduce-scatters of 2-stage calls read in place (the 1-stage kernels push
-    /// their input, so a graph of 1-stage calls needs no registration at all); eager calls and
-    /// graphs captured without this copy a 2-stage input into the staging buffer.
-    pub fn begin_graph_capture(&mut self) -> Result<()> {
-        match &mut self.graph {
-            Some(graph) => graph.begin(),
-            None if B::KIND == BackendKind::Cpu => {
-                Err(Error::GraphCapture("the cpu backend has no graphs to capture".into()))
-            }
-            None => Err(Error::GraphCapture("Config::graph_slots is 0".into())),
-        }
-    }
-
-    /// Ends the recording begun by [`begin_graph_capture`](Self::begin_graph_capture): every rank
-    /// (collectively, through `rendezvous`) shares where the inputs of its recorded calls live,
-    /// maps its peers' (CUDA/HIP IPC for a peer process; the pointer itself for a peer thread), and
-    /// fills its graph-input table through `stream` (finished on return). Call it after the capture
-    /// has ended and before the first replay. Returns the number of launches registered.
-    ///
-    /// Ranks must have recorded the same calls; otherwise every rank gets [`Error::GraphCapture`].
-    /// The peers' allocations stay mapped until the operator is dropped.
-    pub fn register_graph_inputs(&mut self, stream: &B::Stream, rendezvous: &mut dyn Rendezvous) -> Result<usize> {
-        let (rank, world) = (self.rank(), self.world_size());
-        let Some(graph) = &mut self.graph else {
-            return Err(Error::GraphCapture("register_graph_inputs without begin_graph_capture".into()));
-        };
-        let _span = tracing::debug_span!("AllReduceRmsNorm::register_graph_inputs", rank, world).entered();
-        graph.register(&self.device, stream, rendezvous, rank, world)
-    }
-
-    /// Refuses a forced fused path the call does not fit: more than a staging half, or for 1-stage
-    /// more than the push protocol's receive slot.
+    /// Refuses a forced fused path the call does not fit: more than `max_size / 2` (the 2-stage
+    /// receive area), or for 1-stage more than the push protocol's receive slot.
     #[cfg(feature = "test-hooks")]
     fn check_forced(&self, path: Path, call: &Call) -> Result<()> {
         let bytes = call.request.bytes();
@@ -637,32 +585,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         Ok(())
     }
 
-    /// Refuses a call that would overflow the graph-input table while recording.
-    fn check_graph_slots<T: Element>(&self, path: Path, call: &Call) -> Result<()> {
-        let Some(graph) = self.graph.as_ref().filter(|g| g.is_recording()) else { return Ok(()) };
-        let row_bytes = call.hidden * T::DTYPE.size();
-        let needed = match path {
-            Path::OneStage => usize::from(self.reads_in_place(Op::FusedOneStage)),
-            Path::TwoStage => usize::from(self.reads_in_place(Op::ReduceScatter)),
-            Path::Unfused { all_reduce: AllReduce::Custom, .. } => {
-                self.chunks(call.rows, row_bytes).filter(|&(_, _, op)| self.reads_in_place(op)).count()
-            }
-            Path::Noop | Path::Unfused { all_reduce: AllReduce::Vendor, .. } => 0,
-        };
-        if needed > graph.free_slots() {
-            return Err(Error::GraphSlotsExhausted { needed, free: graph.free_slots(), capacity: graph.capacity() });
-        }
-        Ok(())
-    }
-
-    /// Whether a launch of `op` recorded for a graph reads its input in place (see [`crate::graph`]).
-    fn reads_in_place(&self, op: Op) -> bool {
-        // The 1-stage kernels push their input: peers never read it, so nothing to register.
-        op == Op::ReduceScatter
-    }
-
     /// The launches of the unfused path's custom all-reduce over `rows` rows of `row_bytes`: in
-    /// chunks that fit a staging half, each `(first row, rows, all-reduce kernel)` — 1-stage up to
+    /// chunks of at most `max_size / 2` bytes (what the 2-stage receive area takes), each `(first row, rows, all-reduce kernel)` — 1-stage up to
     /// the policy's threshold, else reduce-scatter (then all-gather).
     fn chunks(&self, rows: usize, row_bytes: usize) -> impl Iterator<Item = (usize, usize, Op)> {
         let chunk_rows = (self.config.policy.max_size / 2 / row_bytes.max(1)).max(1);
@@ -681,12 +605,14 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             return Err(Error::Poisoned(why.clone()));
         }
         B::synchronize(stream)?;
-        let mut word = [0u8; 8];
+        let mut report = [0u8; SIGNAL_REPORT_BYTES];
         let at = DevicePtr(self.buffers.own_signal_ptr()).add(SIGNAL_ERROR_OFFSET);
-        // SAFETY: the error word lies inside this rank's live signal area.
-        unsafe { B::read_back(stream, at, &mut word)? };
-        let word = ErrorWord(u64::from_le_bytes(word));
-        if let Some(err) = word.to_error(self.rank() as u32, self.config.deadline) {
+        // SAFETY: the error word and the mismatch record lie inside this rank's live signal area.
+        unsafe { B::read_back(stream, at, &mut report)? };
+        let word = |i: usize| u32::from_le_bytes([report[i], report[i + 1], report[i + 2], report[i + 3]]);
+        let error = ErrorWord(u64::from(word(0)) | u64::from(word(4)) << 32);
+        let mismatch = std::array::from_fn(|w| word(SIGNAL_MISMATCH_OFFSET - SIGNAL_ERROR_OFFSET + 4 * w));
+        if let Some(err) = error.to_error_with(self.rank() as u32, self.config.deadline, Some(mismatch)) {
             return Err(self.poison(err.into()));
         }
         if let Some(vendor) = &mut self.vendor {
@@ -804,6 +730,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     fn group_params(&self) -> LaunchParams {
         LaunchParams {
             signals: self.buffers.signal_ptrs(),
+            receive: self.buffers.receive_ptrs(),
             scratch: self.buffers.scratch_ptrs(),
             push: self.buffers.push_ptrs(),
             push_slot_bytes: self.buffers.push_slot_bytes() as u32,
@@ -814,24 +741,18 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         }
     }
 
-    /// Launches a kernel that crosses ranks. Its epoch (barrier values, call-descriptor slot,
-    /// staging half) comes from the rank's epoch word in device memory (`barrier_base` 0), so the
-    /// same launch captured in a graph takes a fresh epoch on every replay. While recording for a
-    /// graph with in-place inputs, the launch claims a slot of the graph-input table.
+    /// Launches a kernel that crosses ranks. Its epoch (barrier values, push rotation) comes from
+    /// the rank's epoch word in device memory (`barrier_base` 0), so the same launch captured in a
+    /// graph takes a fresh epoch on every replay.
     fn launch_cross(&mut self, stream: &B::Stream, kernel: KernelId, mut params: LaunchParams) -> Result<()> {
         params.barrier_base = 0;
-        params.staging = self.buffers.staging_ptrs(0);
-        params.staging_half_bytes = (self.config.policy.max_size / 2) as u32;
-        let in_place = self.reads_in_place(kernel.op);
-        if let Some(graph) = self.graph.as_mut().filter(|g| g.is_recording() && in_place) {
-            params.inputs = graph.claim(params.input);
-        }
         self.launch(stream, kernel, &params)
     }
 
     fn launch(&mut self, stream: &B::Stream, kernel: KernelId, params: &LaunchParams) -> Result<()> {
         // SAFETY: `validate` checked every user tensor's extent against the call's shape and the
-        // shared buffers are sized for `max_size / 2` bytes per half, which `run` never exceeds.
+        // shared buffers' receive area and scratch are sized for calls of `max_size / 2` bytes,
+        // which `run` never exceeds.
         let res = unsafe { B::launch(&self.device, stream, kernel, params) };
         res.map_err(|e| self.poison(e.into()))
     }
@@ -856,7 +777,7 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             Path::Noop => self.launch_cross(stream, kernel(Op::FusedOneStage), LaunchParams { rows: 0, ..params }),
             Path::OneStage => self.launch_cross(stream, kernel(Op::FusedOneStage), params),
             Path::TwoStage => {
-                self.launch_cross(stream, kernel(Op::ReduceScatter), params)?;
+                self.launch_cross(stream, kernel(Op::FusedTwoStage), params)?;
                 self.inject_between_stages();
                 self.launch(stream, kernel(Op::ScratchAddRmsNorm), &params)
             }
@@ -928,7 +849,8 @@ impl<B: Backend> AllReduceRmsNorm<B> {
     #[inline(always)]
     fn inject_between_stages(&mut self) {}
 
-    /// The custom all-reduce of the unfused path into `sum`, in row chunks that fit a staging half.
+    /// The custom all-reduce of the unfused path into `sum`, in row chunks of at most `max_size / 2`
+    /// bytes.
     fn all_reduce_chunks<T: Element>(
         &mut self,
         stream: &B::Stream,

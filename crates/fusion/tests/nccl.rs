@@ -61,7 +61,7 @@ fn without_negative_zero_inputs<T: Element>(mut fixture: Fixture<T>) -> Fixture<
 }
 
 /// One rank's calls over every shape: the vendor path forced, then the dispatcher's own choice
-/// (with a 1 MiB staging area, 128x5120 bf16 = 1.25 MiB is too large and goes to the vendor).
+/// (with a max_size of 1 MiB, fused up to 512 KiB, 128x5120 bf16 = 1.25 MiB is too large and goes to the vendor).
 fn rank_calls(
     op: &mut AllReduceRmsNorm<Cuda>,
     stream: &<Cuda as Backend>::Stream,
@@ -97,7 +97,7 @@ fn rank_calls(
                 assert_eq!(ran.to_string(), "vendor");
             }
             if fixture.problem.bytes() > op.config().policy.max_size / 2 {
-                assert_eq!(ran, VENDOR, "{}: too large for the staging area", fixture.problem);
+                assert_eq!(ran, VENDOR, "{}: too large for our kernels (max_size / 2)", fixture.problem);
             }
             let what = format!("nccl rank {rank} {} {ran}", fixture.problem);
             let got_out = out.download(stream).expect("download");

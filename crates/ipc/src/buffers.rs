@@ -4,11 +4,13 @@
 //!
 //! | offset | size | what |
 //! |---|---|---|
-//! | 0 | `SIGNAL_BYTES` | signal area: barrier flags, error word, call descriptors |
-//! | `SIGNAL_BYTES` | `max_size / 2` | staging half 0 (inputs of even epochs) |
-//! | `SIGNAL_BYTES + max_size / 2` | `max_size / 2` | staging half 1 (odd epochs) |
-//! | `SIGNAL_BYTES + max_size` | `max_size / 2` | scratch of the 2-stage paths |
-//! | `SIGNAL_BYTES + 3 * max_size / 2` | `push_region_bytes(world, push_slot_bytes)` | push region: call headers of every cross-rank launch, the 1-stage kernels' receive slots |
+//! | 0 | `SIGNAL_BYTES` | signal area: barrier flags, error word, epoch word |
+//! | `SIGNAL_BYTES` | `receive_area_bytes(max_size / 2, world)` (`max_size / 2` plus at most `world - 1` packs) | receive area of the 2-stage paths: each peer pushes its part of our chunk into its slot |
+//! | [`scratch_offset`] | `max_size / 2` | scratch of the 2-stage paths: every rank pushes its reduced chunk here |
+//! | [`push_offset`] | `push_region_bytes(world, push_slot_bytes)` | push region: call headers of every cross-rank launch, the 1-stage kernels' receive slots |
+//!
+//! A 2-stage call carries at most `max_size / 2` bytes (larger ones are split by the unfused path
+//! or go to the vendor library).
 //!
 //! The push region (`arfuse_kernels::params::push_region_bytes`) holds three rotations, each a
 //! header per sender and a data slot of `push_slot_bytes` per sender. Every 32-bit word of it is
@@ -16,27 +18,27 @@
 
 use crate::rendezvous::{checked_all_gather, Rendezvous};
 use crate::{Error, Result};
-use arfuse_kernels::params::{push_region_bytes, PUSH_SENTINEL};
+use arfuse_kernels::params::{push_region_bytes, receive_area_bytes, PUSH_SENTINEL};
 use arfuse_kernels::{Backend, BackendKind, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 
-/// Offset of staging half `parity`.
-pub fn staging_offset(max_size: usize, parity: usize) -> usize {
-    SIGNAL_BYTES + (parity % 2) * (max_size / 2)
+/// Offset of the receive area.
+pub fn receive_offset() -> usize {
+    SIGNAL_BYTES
 }
 
-/// Offset of the scratch area.
-pub fn scratch_offset(max_size: usize) -> usize {
-    SIGNAL_BYTES + max_size
+/// Offset of the scratch area in a group of `world` ranks.
+pub fn scratch_offset(max_size: usize, world: usize) -> usize {
+    receive_offset() + receive_area_bytes(max_size / 2, world)
 }
 
-/// Offset of the push region.
-pub fn push_offset(max_size: usize) -> usize {
-    SIGNAL_BYTES + max_size + max_size / 2
+/// Offset of the push region in a group of `world` ranks.
+pub fn push_offset(max_size: usize, world: usize) -> usize {
+    scratch_offset(max_size, world) + max_size / 2
 }
 
 /// Total bytes of one rank's buffer in a group of `world` ranks with push slots of `push_slot_bytes`.
 pub fn buffer_bytes(max_size: usize, world: usize, push_slot_bytes: usize) -> usize {
-    push_offset(max_size) + push_region_bytes(world, push_slot_bytes)
+    push_offset(max_size, world) + push_region_bytes(world, push_slot_bytes)
 }
 
 /// What every rank announces about itself (the handle follows it).
@@ -114,7 +116,13 @@ impl<B: Backend> SharedBuffers<B> {
         let own = B::alloc_shared(device, bytes)?;
         tracing::debug!(backend = %B::KIND, rank, world, bytes, max_size, push_slot_bytes, "shared buffer allocated");
         // Armed before any peer can map it (its handle is not sent yet).
-        B::fill_shared(device, &own, push_offset(max_size), push_region_bytes(world, push_slot_bytes), PUSH_SENTINEL)?;
+        B::fill_shared(
+            device,
+            &own,
+            push_offset(max_size, world),
+            push_region_bytes(world, push_slot_bytes),
+            PUSH_SENTINEL,
+        )?;
         let handle = B::export_handle(&own)?;
         let ours = Announce {
             rank: rank as u64,
@@ -177,7 +185,7 @@ impl<B: Backend> SharedBuffers<B> {
     pub fn world_size(&self) -> usize {
         self.world
     }
-    /// The staging size (each half is `max_size / 2`).
+    /// The configured `max_size`: 2-stage calls carry at most `max_size / 2` bytes.
     pub fn max_size(&self) -> usize {
         self.max_size
     }
@@ -198,17 +206,17 @@ impl<B: Backend> SharedBuffers<B> {
     pub fn signal_ptrs(&self) -> [u64; MAX_RANKS] {
         self.ptrs(0)
     }
-    /// Every rank's staging half `parity`.
-    pub fn staging_ptrs(&self, parity: usize) -> [u64; MAX_RANKS] {
-        self.ptrs(staging_offset(self.max_size, parity))
+    /// Every rank's receive area.
+    pub fn receive_ptrs(&self) -> [u64; MAX_RANKS] {
+        self.ptrs(receive_offset())
     }
     /// Every rank's scratch area.
     pub fn scratch_ptrs(&self) -> [u64; MAX_RANKS] {
-        self.ptrs(scratch_offset(self.max_size))
+        self.ptrs(scratch_offset(self.max_size, self.world))
     }
     /// Every rank's push region.
     pub fn push_ptrs(&self) -> [u64; MAX_RANKS] {
-        self.ptrs(push_offset(self.max_size))
+        self.ptrs(push_offset(self.max_size, self.world))
     }
     /// Bytes of one data slot of the push region: the largest input of a 1-stage call.
     pub fn push_slot_bytes(&self) -> usize {

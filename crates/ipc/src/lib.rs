@@ -8,7 +8,7 @@
 //! | what any `Rendezvous` returned, checked | [`checked_all_gather`] (typed error, never a short table of peers) |
 //! | who may join a [`UnixRendezvous`] | [`unix`]: a private directory opened without following links, same uid (`SO_PEERCRED`), the group token |
 //! | the messages on the socket | [`wire`] (versioned, length-checked) |
-//! | every rank's buffer, mapped here | [`SharedBuffers`] (signal area, two staging halves, scratch) |
+//! | every rank's buffer, mapped here | [`SharedBuffers`] (signal area, 2-stage receive area and scratch, push region) |
 
 pub mod buffers;
 pub mod error;

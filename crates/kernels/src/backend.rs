@@ -125,14 +125,6 @@ pub trait Backend: Sized + Send + Sync + 'static {
     }
     /// The handle peers use to map `buffer`.
     fn export_handle(buffer: &Self::SharedBuffer) -> Result<Self::IpcHandle>;
-    /// The handle peers use to map the allocation that holds `ptr` (memory this rank's user
-    /// allocated, such as the input tensor of a captured graph), and `ptr`'s byte offset in it.
-    /// [`open_handle`](Self::open_handle) maps it like a shared buffer. Backends that cannot share
-    /// such memory return [`crate::Error::Unsupported`] (the default).
-    fn export_allocation(device: &Self::Device, ptr: DevicePtr) -> Result<(Self::IpcHandle, u64)> {
-        let _ = (device, ptr);
-        Err(crate::Error::Unsupported { backend: Self::KIND, what: "exporting memory the backend did not allocate" })
-    }
     /// Maps a peer's buffer from its handle (a peer in this process gets its pointer directly).
     fn open_handle(device: &Self::Device, handle: &Self::IpcHandle) -> Result<Self::PeerMapping>;
     /// The address of a peer's buffer in this rank's address space.

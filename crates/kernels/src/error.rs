@@ -111,15 +111,6 @@ pub enum Error {
     /// A handle received from a peer is not valid for this backend.
     #[error("invalid IPC handle: {0}")]
     InvalidHandle(String),
-    /// A launch read an empty graph-input table (a captured graph replayed before its inputs were
-    /// registered); nothing was read or written.
-    #[error("rank {rank}: launch with barrier {barrier} found its graph-input table empty (graph replayed before its inputs were registered)")]
-    NotRegistered {
-        /// The launching rank.
-        rank: u32,
-        /// The epoch's barrier value.
-        barrier: u64,
-    },
     /// A byte range outside a buffer (or not in whole 32-bit words) was asked for.
     #[error("{what}: {bytes} bytes at offset {offset} do not fit a buffer of {len} bytes in whole 32-bit words")]
     OutOfRange {

@@ -6,11 +6,15 @@ use std::fmt;
 /// The operations the kernel source provides (the same list on every backend).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// Fused all-reduce + residual + RMSNorm, one stage: every rank reads every peer's staged input.
+    /// Fused all-reduce + residual + RMSNorm, one stage: every rank pushes its input into every
+    /// peer's push region and reduces every row.
     FusedOneStage,
-    /// Fused, stage 1: reduce-scatter, storing each reduced chunk into every peer's scratch.
+    /// The unfused path's 2-stage all-reduce, stage 1: reduce-scatter by packs (each rank pushes
+    /// its part of every chunk into the chunk owner's receive area), storing each reduced chunk
+    /// into every rank's scratch.
     ReduceScatter,
-    /// Fused, stage 2: local residual add + RMSNorm from the scratch (after stage 1's barrier).
+    /// Fused 2-stage, stage 2: residual add + RMSNorm of the rows the other ranks own, from the
+    /// sums they pushed into this rank's scratch (after stage 1's closing barrier; local).
     ScratchAddRmsNorm,
     /// Custom all-reduce, one stage (`out` = rounded sum).
     AllReduceOneStage,
@@ -32,11 +36,18 @@ pub enum Op {
     /// `quant_scale`): the separate quantisation kernel an unfused FP8 pipeline runs after the
     /// plain call. Crosses no ranks.
     QuantizeFp8,
+    /// Fused 2-stage, stage 1: reduce-scatter by rows (each rank pushes its rows of every chunk
+    /// into the chunk owner's receive area), then each rank sums its own rows, pushes the sums
+    /// into every peer's scratch and runs the row routine on them (its outputs of its rows);
+    /// [`Op::ScratchAddRmsNorm`] does the other rows.
+    FusedTwoStage,
+    /// [`Op::FusedTwoStage`] with the epilogue.
+    FusedTwoStageEpilogue,
 }
 
 impl Op {
     /// Every op, in a fixed order.
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 12] = [
         Op::FusedOneStage,
         Op::ReduceScatter,
         Op::ScratchAddRmsNorm,
@@ -47,6 +58,8 @@ impl Op {
         Op::ScratchAddRmsNormEpilogue,
         Op::AddRmsNormEpilogue,
         Op::QuantizeFp8,
+        Op::FusedTwoStage,
+        Op::FusedTwoStageEpilogue,
     ];
 
     /// The symbol stem in the kernel source.
@@ -62,6 +75,8 @@ impl Op {
             Op::ScratchAddRmsNormEpilogue => "scratch_add_rmsnorm_epi",
             Op::AddRmsNormEpilogue => "add_rmsnorm_epi",
             Op::QuantizeFp8 => "quantize_fp8",
+            Op::FusedTwoStage => "fused_ar_rmsnorm_2stage",
+            Op::FusedTwoStageEpilogue => "fused_ar_rmsnorm_2stage_epi",
         }
     }
 
@@ -71,24 +86,32 @@ impl Op {
             Op::FusedOneStageEpilogue => Op::FusedOneStage,
             Op::ScratchAddRmsNormEpilogue => Op::ScratchAddRmsNorm,
             Op::AddRmsNormEpilogue => Op::AddRmsNorm,
+            Op::FusedTwoStageEpilogue => Op::FusedTwoStage,
             op => op,
         }
     }
 
-    /// The op with the epilogue, for the three ops that normalise (the others are returned as
+    /// The op with the epilogue, for the four ops that normalise (the others are returned as
     /// they are: their output is the sum).
     pub const fn with_epilogue(self) -> Op {
         match self {
             Op::FusedOneStage => Op::FusedOneStageEpilogue,
             Op::ScratchAddRmsNorm => Op::ScratchAddRmsNormEpilogue,
             Op::AddRmsNorm => Op::AddRmsNormEpilogue,
+            Op::FusedTwoStage => Op::FusedTwoStageEpilogue,
             op => op,
         }
     }
 
     /// Whether this is one of the epilogue kernels.
     pub const fn has_epilogue(self) -> bool {
-        matches!(self, Op::FusedOneStageEpilogue | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue)
+        matches!(
+            self,
+            Op::FusedOneStageEpilogue
+                | Op::ScratchAddRmsNormEpilogue
+                | Op::AddRmsNormEpilogue
+                | Op::FusedTwoStageEpilogue
+        )
     }
 
     /// The op's index in [`Op::ALL`] (its code in call descriptors and the kernel source).

@@ -55,7 +55,7 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use gpu::{DeviceBuffer, GpuBackend};
 pub use kernel_id::{KernelId, Op};
-pub use params::{ErrorWord, LaunchParams, GRAPH_SLOT_BYTES, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
+pub use params::{ErrorWord, LaunchParams, MAX_BLOCKS, MAX_RANKS, PACK_BYTES, SIGNAL_BYTES};
 pub use source::{max_hidden, MAX_ROW_PACKS};
 
 /// Backends by name: `api::{Cpu, Cuda, Hip}`.

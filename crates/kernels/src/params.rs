@@ -25,9 +25,18 @@ pub const SIGNAL_DONE_OFFSET: usize = SIGNAL_ERROR_OFFSET + 16;
 /// Byte offset of the CPU backend's doorbell (`u32`): a sender bumps a rank's doorbell after its
 /// stores into that rank's buffers and wakes the futex waiters on it (GPU kernels never touch it).
 pub const SIGNAL_DOORBELL_OFFSET: usize = SIGNAL_ERROR_OFFSET + 24;
+/// Byte offset of the mismatch record (GPU kernels): the [`CallHeader`] a kernel that reported
+/// [`ErrorWord::KIND_CALL_MISMATCH`] read from the peer (16 bytes), then the one it expected the
+/// peer to have sent (16 bytes); what [`ErrorWord::to_error_with`] describes. Unset (zeros) until
+/// a mismatch.
+pub const SIGNAL_MISMATCH_OFFSET: usize = SIGNAL_ERROR_OFFSET + 32;
+/// Bytes from [`SIGNAL_ERROR_OFFSET`] to the end of the mismatch record: what a host reads back to
+/// report a kernel's failure.
+pub const SIGNAL_REPORT_BYTES: usize = SIGNAL_MISMATCH_OFFSET + 32 - SIGNAL_ERROR_OFFSET;
 /// Total size of a signal area, rounded up to 64 KiB.
 pub const SIGNAL_BYTES: usize = 64 * 1024;
-const _: () = assert!(SIGNAL_DOORBELL_OFFSET + 8 <= SIGNAL_BYTES);
+const _: () = assert!(SIGNAL_DOORBELL_OFFSET + 8 <= SIGNAL_MISMATCH_OFFSET);
+const _: () = assert!(SIGNAL_ERROR_OFFSET + SIGNAL_REPORT_BYTES <= SIGNAL_BYTES);
 
 /// Rotations of the push region: call `e` uses rotation `e % PUSH_ROTATIONS`.
 pub const PUSH_ROTATIONS: usize = 3;
@@ -72,17 +81,18 @@ pub const fn push_slot_offset(world: usize, slot_bytes: usize, rotation: usize, 
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 pub struct LaunchParams {
-    /// Each rank's input staging area for this call (peer pointers; `[rank]` is ours): read by
-    /// the reduce-scatter only (the 1-stage kernels push into `push` instead).
-    pub staging: [u64; MAX_RANKS],
+    /// Each rank's 2-stage receive area (peer pointers; `[rank]` is ours): the reduce-scatter
+    /// pushes the part of its input that rank `o` reduces into `receive[o]`, at
+    /// [`receive_slot_offset`] of its own slot (the 1-stage kernels push into `push` instead).
+    pub receive: [u64; MAX_RANKS],
     /// Each rank's 2-stage scratch area (reduced chunks are stored here).
     pub scratch: [u64; MAX_RANKS],
     /// Each rank's signal area.
     pub signals: [u64; MAX_RANKS],
     /// This rank's input. The 1-stage kernels push it into every peer's push region; the
-    /// reduce-scatter first copies it into `staging[rank]` (each block the part its peers'
-    /// same-numbered blocks will read), unless it already *is* `staging[rank]` (a registered
-    /// buffer); add+RMSNorm reads the all-reduced sum from it.
+    /// reduce-scatter pushes each peer's chunk of it into that peer's `receive` area (each block
+    /// the part its peers' same-numbered blocks reduce) and reads its own chunk where it is;
+    /// add+RMSNorm reads the all-reduced sum from it. Peers never read it.
     pub input: u64,
     /// The residual, `[rows, hidden]`.
     pub residual: u64,
@@ -94,8 +104,8 @@ pub struct LaunchParams {
     pub residual_out: u64,
     /// The barrier value of this call's first barrier (later barriers add 1), and with it the
     /// call-descriptor slot. 0: the kernel takes the next epoch `e` from its rank's epoch word
-    /// (barrier value `2e`, staging half `e % 2` at `staging[r] + (e % 2) * staging_half_bytes`)
-    /// and advances the word when it ends — what makes a captured graph safe to replay.
+    /// (barrier value `2e`, push rotation `e % PUSH_ROTATIONS`) and advances the word when it
+    /// ends — what makes a captured graph safe to replay.
     pub barrier_base: u64,
     /// How long a spin on a peer's flag may last before the kernel gives up, in nanoseconds.
     pub deadline_ns: u64,
@@ -109,17 +119,11 @@ pub struct LaunchParams {
     pub world_size: u32,
     /// RMSNorm epsilon.
     pub eps: f32,
-    /// Bytes between the two staging halves (used when `barrier_base` is 0).
-    pub staging_half_bytes: u32,
-    /// 0, or (with `barrier_base` 0) the device address of `u64[MAX_RANKS]`: every rank's input
-    /// for this call in this rank's address space, registered after a graph capture
-    /// ([`GRAPH_SLOT_BYTES`] per captured launch). The reduce-scatter then reads peers' inputs in
-    /// place instead of through the staging halves (nothing is copied); its closing barrier keeps
-    /// every rank from returning, and letting its user overwrite its input, while a peer still
-    /// reads it. A table with a zero entry (not registered yet) makes the kernel leave
-    /// [`ErrorWord::KIND_NOT_REGISTERED`] and return before any barrier. The 1-stage kernels
-    /// ignore it.
-    pub inputs: u64,
+    /// Zero (was the staging halves' distance; kept so that the fields after it stay where
+    /// `gpu/arfuse.h` has them).
+    pub reserved0: u32,
+    /// Zero (was the graph-input table, which the push protocol made unnecessary).
+    pub reserved1: u64,
     /// Each rank's push region (see [`push_region_bytes`]): every cross-rank launch writes its
     /// [`CallHeader`] there, and the 1-stage kernels push their input into it.
     pub push: [u64; MAX_RANKS],
@@ -211,8 +215,42 @@ pub fn epilogue_of(p: &LaunchParams) -> Epilogue {
     }
 }
 
-/// Bytes of one entry of a graph-input table (see [`LaunchParams::inputs`]).
-pub const GRAPH_SLOT_BYTES: usize = MAX_RANKS * 8;
+/// Packs of the chunk each rank reduces in the unfused path's 2-stage all-reduce of `packs`
+/// 16-byte packs over `world` ranks (the last chunks may be shorter or empty): `ceil(packs / world)`.
+pub const fn chunk_packs(packs: usize, world: usize) -> usize {
+    packs.div_ceil(world)
+}
+
+/// Byte offset, in the owner's receive area, of the slot `sender` pushes its part of the owner's
+/// chunk into, for the unfused path's 2-stage all-reduce of `packs` packs over `world` ranks:
+/// `sender x chunk_packs x PACK_BYTES` (pack `k` of the chunk at `+ 16 k`).
+pub const fn receive_slot_offset(packs: usize, world: usize, sender: usize) -> usize {
+    sender * chunk_packs(packs, world) * PACK_BYTES
+}
+
+/// Rows of the chunk each rank reduces and normalises in a fused 2-stage call of `rows` rows over
+/// `world` ranks (the last chunks may be shorter or empty): `ceil(rows / world)`.
+pub const fn chunk_rows(rows: usize, world: usize) -> usize {
+    rows.div_ceil(world)
+}
+
+/// Byte offset, in the owner's receive area, of the slot `sender` pushes its rows of the owner's
+/// chunk into, for a fused 2-stage call of `rows` rows of `row_bytes` over `world` ranks:
+/// `sender x chunk_rows x row_bytes` (row `i` of the chunk at `+ i row_bytes`).
+pub const fn receive_rows_offset(rows: usize, row_bytes: usize, world: usize, sender: usize) -> usize {
+    sender * chunk_rows(rows, world) * row_bytes
+}
+
+/// The largest row the kernels take, in bytes (`source::MAX_ROW_PACKS` packs).
+pub const MAX_ROW_BYTES: usize = crate::source::MAX_ROW_PACKS * PACK_BYTES;
+
+/// Bytes a receive area needs for 2-stage calls of up to `max_call_bytes` (a multiple of
+/// `PACK_BYTES`) over `world` ranks: a slot of one chunk per rank, which rounding the chunk up to
+/// whole packs (unfused all-reduce) or whole rows (fused) makes at most `world - 1` packs or rows
+/// longer than the call.
+pub const fn receive_area_bytes(max_call_bytes: usize, world: usize) -> usize {
+    max_call_bytes + world.saturating_sub(1) * MAX_ROW_BYTES
+}
 
 /// What every cross-rank launch of epoch `e` writes into header slot `rank` of rotation
 /// `e % PUSH_ROTATIONS` of every peer's push region, and checks against what each peer wrote into
@@ -298,18 +336,10 @@ impl ErrorWord {
     pub const KIND_PEER_TIMEOUT: u64 = 1;
     /// `peer`'s [`CallHeader`] for the call at barrier value `barrier` differs from ours.
     pub const KIND_CALL_MISMATCH: u64 = 2;
-    /// A launch with a graph-input table ran before the table was filled (a captured graph
-    /// replayed before its inputs were registered); `barrier` is the epoch's barrier value.
-    pub const KIND_NOT_REGISTERED: u64 = 3;
 
     /// Encodes a call mismatch.
     pub fn call_mismatch(peer: u32, barrier: u64) -> Self {
         ErrorWord(Self::KIND_CALL_MISMATCH | (u64::from(peer & 0xff) << 8) | (barrier << 16))
-    }
-
-    /// Encodes an empty graph-input table met at barrier value `barrier`.
-    pub fn not_registered(barrier: u64) -> Self {
-        ErrorWord(Self::KIND_NOT_REGISTERED | (barrier << 16))
     }
 
     /// Encodes a peer timeout.
@@ -333,18 +363,41 @@ impl ErrorWord {
     /// for no error (kind 0) and kinds this build does not know. The one decoder of the word: the
     /// GPU backends' callers read it back from the signal area and ask here.
     pub fn to_error(self, rank: u32, deadline: std::time::Duration) -> Option<crate::Error> {
+        self.to_error_with(rank, deadline, None)
+    }
+
+    /// [`to_error`](Self::to_error) with the mismatch record of the signal area
+    /// ([`SIGNAL_MISMATCH_OFFSET`]: the header read, then the one expected), which a call mismatch
+    /// then describes on both sides ("ours" is the header the peer should have sent).
+    pub fn to_error_with(
+        self,
+        rank: u32,
+        deadline: std::time::Duration,
+        mismatch: Option<[u32; 8]>,
+    ) -> Option<crate::Error> {
         let (peer, barrier) = (self.peer(), self.barrier());
+        let record = mismatch.filter(|r| r.iter().any(|&w| w != 0)).map(|r| {
+            let header = |i: usize| CallHeader([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+            (header(4), header(0))
+        });
         match self.kind() {
             Self::KIND_PEER_TIMEOUT => {
                 Some(crate::Error::PeerTimeout { rank, peer, barrier, deadline_ms: deadline.as_millis() as u64 })
             }
-            Self::KIND_CALL_MISMATCH => Some(crate::Error::CallMismatch {
-                rank,
-                peer,
-                ours: format!("the call at barrier {barrier}"),
-                theirs: "a different call descriptor (epoch, op, dtype, world size, shape, epilogue)".into(),
+            Self::KIND_CALL_MISMATCH => Some(match record {
+                Some((expected, seen)) => crate::Error::CallMismatch {
+                    rank,
+                    peer,
+                    ours: format!("{expected} (barrier {barrier})"),
+                    theirs: seen.to_string(),
+                },
+                None => crate::Error::CallMismatch {
+                    rank,
+                    peer,
+                    ours: format!("the call at barrier {barrier}"),
+                    theirs: "a different call descriptor (epoch, op, dtype, world size, shape, epilogue)".into(),
+                },
             }),
-            Self::KIND_NOT_REGISTERED => Some(crate::Error::NotRegistered { rank, barrier }),
             _ => None,
         }
     }
@@ -358,7 +411,7 @@ mod tests {
     /// These numbers are repeated in `gpu/arfuse.h` (`static_assert`s there check the same).
     #[test]
     fn layout_matches_the_kernel_header() {
-        assert_eq!(offset_of!(LaunchParams, staging), 0);
+        assert_eq!(offset_of!(LaunchParams, receive), 0);
         assert_eq!(offset_of!(LaunchParams, scratch), 64);
         assert_eq!(offset_of!(LaunchParams, signals), 128);
         assert_eq!(offset_of!(LaunchParams, input), 192);
@@ -366,7 +419,7 @@ mod tests {
         assert_eq!(offset_of!(LaunchParams, deadline_ns), 240);
         assert_eq!(offset_of!(LaunchParams, rows), 248);
         assert_eq!(offset_of!(LaunchParams, eps), 264);
-        assert_eq!(offset_of!(LaunchParams, inputs), 272);
+        assert_eq!(offset_of!(LaunchParams, reserved1), 272);
         assert_eq!(offset_of!(LaunchParams, push), 280);
         assert_eq!(offset_of!(LaunchParams, push_slot_bytes), 344);
         assert_eq!(offset_of!(LaunchParams, flags), 348);
@@ -461,9 +514,23 @@ mod tests {
             ErrorWord::call_mismatch(3, 8).to_error(1, deadline),
             Some(Error::CallMismatch { rank: 1, peer: 3, ref ours, .. }) if ours.contains("barrier 8")
         ));
+        // With the mismatch record: both headers described.
+        let p = LaunchParams { rows: 32, hidden: 8192, world_size: 4, ..LaunchParams::default() };
+        let seen = CallHeader::from_sender(3, 10, crate::DType::Bf16, &p, 0);
+        let expected = CallHeader::from_sender(6, 10, crate::DType::Bf16, &p, 0);
+        let mut record = [0u32; 8];
+        record[..4].copy_from_slice(&seen.0);
+        record[4..].copy_from_slice(&expected.0);
+        match ErrorWord::call_mismatch(0, 12).to_error_with(1, deadline, Some(record)) {
+            Some(Error::CallMismatch { rank: 1, peer: 0, ours, theirs }) => {
+                assert!(ours.starts_with("call #6 fused_ar_rmsnorm_2stage 32x8192 bf16 world 4"), "{ours}");
+                assert!(theirs.starts_with("call #3 "), "{theirs}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
-            ErrorWord::not_registered(6).to_error(0, deadline),
-            Some(Error::NotRegistered { rank: 0, barrier: 6 })
+            ErrorWord::call_mismatch(0, 12).to_error_with(1, deadline, Some([0; 8])),
+            Some(Error::CallMismatch { ref ours, .. }) if ours.contains("barrier 12")
         ));
         assert!(ErrorWord(0).to_error(0, deadline).is_none());
         assert!(ErrorWord(0x7f).to_error(0, deadline).is_none(), "a kind this build does not know");

@@ -182,6 +182,14 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
     let row_packs = params.hidden / kernel.dtype.pack_elems() as u32;
     let row_threads = row_packs.next_multiple_of(warp).clamp(warp, 1024);
     debug_assert!(row_packs as usize <= MAX_ROW_PACKS && row_packs <= row_threads * MAX_PACKS_PER_THREAD as u32);
+    // The local row kernels (the unfused path's and 2-stage's second kernels, the separate
+    // quantisation) run their rows at four packs a thread, in the fewest threads that hold a row:
+    // such a kernel can start on a rank while its peers' next cross-rank kernels already spin,
+    // spread over the multiprocessors by the scheduler, and a block that needs a whole
+    // multiprocessor (1024 threads at 64 registers) may then find none free; a small one always
+    // finds room (measured: 4 ranks on one H200, a 1024-thread second kernel waited until its
+    // peers' deadline). The row routine's tree is the same at any width (kernels.cu `norm_row`).
+    let local_row_threads = row_packs.div_ceil(MAX_PACKS_PER_THREAD as u32).next_multiple_of(warp).clamp(warp, 1024);
     let elementwise = |work: u64, cap: u32| -> u32 {
         work.div_ceil(u64::from(ELEMENTWISE_THREADS)).min(u64::from(cap)).max(1) as u32
     };
@@ -196,8 +204,21 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
             let block = if spare { with_checkers } else { row_threads };
             (rows.min(resident_blocks(sm_count, block)), block)
         }
-        Op::ScratchAddRmsNorm | Op::AddRmsNorm | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue => {
-            (rows.min(65_535), row_threads)
+        Op::AddRmsNorm | Op::AddRmsNormEpilogue => (rows.min(65_535), local_row_threads),
+        Op::ScratchAddRmsNorm | Op::ScratchAddRmsNormEpilogue => {
+            // The rows the other ranks own (kernels.cu `row_chunk_of`); none: nothing to launch.
+            // Where rows have more than 1024 packs, the first kernel normalised none (kernels.cu
+            // `owner_normalises`): every row.
+            let (world, rank) = (params.world_size.max(1) as usize, params.rank as usize);
+            let per_rank = crate::params::chunk_rows(rows as usize, world);
+            let owned = (rows as usize).min((rank + 1) * per_rank).saturating_sub(rank * per_rank);
+            let ours = if row_packs <= 1024 { owned } else { 0 };
+            ((rows as usize - ours).min(65_535) as u32, local_row_threads)
+        }
+        Op::FusedTwoStage | Op::FusedTwoStageEpilogue => {
+            // A block per row of the largest chunk, at most as many as stay resident.
+            let chunk = crate::params::chunk_rows(rows as usize, params.world_size.max(1) as usize) as u32;
+            (chunk.min(resident_blocks(sm_count, row_threads)).max(1), row_threads)
         }
         Op::AllReduceOneStage => {
             (elementwise(packs, resident_blocks(sm_count, ELEMENTWISE_THREADS)), ELEMENTWISE_THREADS)
@@ -208,7 +229,7 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         }
         Op::AllGather => (elementwise(packs, 65_535), ELEMENTWISE_THREADS),
         // A block per row, like the row routine's local kernels (per-token scales are a block's).
-        Op::QuantizeFp8 => (rows.min(65_535), row_threads),
+        Op::QuantizeFp8 => (rows.min(65_535), local_row_threads),
     };
     LaunchConfig { grid, block, shared_bytes: 0, programmatic: programmatic_launch(kernel.op, params.world_size) }
 }
@@ -242,7 +263,10 @@ mod tests {
                 for (rows, hidden) in [(1, 2880), (81, 8192), (8192, 4096), (1, 32768), (3, 16384)] {
                     let kernel = KernelId { op, dtype };
                     let c = launch_config(kernel, &params(rows, hidden, 4), 132 / 4, 32);
-                    assert!(c.grid >= 1 && c.block <= 1024 && c.block % 32 == 0, "{kernel} {rows}x{hidden}: {c:?}");
+                    // (Rank 0's second 2-stage kernel has nothing to do in a 1-row call: it owns the row.)
+                    let idle = op.plain() == Op::ScratchAddRmsNorm && rows == 1 && hidden <= 8192;
+                    assert!(c.grid >= u32::from(!idle), "{kernel} {rows}x{hidden}: {c:?}");
+                    assert!(c.block <= 1024 && c.block % 32 == 0, "{kernel} {rows}x{hidden}: {c:?}");
                     if op.crosses_ranks() {
                         let resident = 33 * (1024 / c.block).min(16);
                         assert!(c.grid <= resident && c.grid as usize <= MAX_BLOCKS, "{kernel}: {c:?}");
@@ -252,7 +276,11 @@ mod tests {
                         row_packs <= c.block as usize * MAX_PACKS_PER_THREAD
                             || !matches!(
                                 op.plain(),
-                                Op::FusedOneStage | Op::AddRmsNorm | Op::ScratchAddRmsNorm | Op::QuantizeFp8
+                                Op::FusedOneStage
+                                    | Op::AddRmsNorm
+                                    | Op::ScratchAddRmsNorm
+                                    | Op::QuantizeFp8
+                                    | Op::FusedTwoStage
                             )
                     );
                 }
@@ -267,6 +295,27 @@ mod tests {
         assert_eq!(empty.grid, 1, "a zero-row call still exchanges its header");
         let empty = launch_config(KernelId { op: Op::AddRmsNorm, dtype: DType::Bf16 }, &params(0, 4096, 2), 132, 32);
         assert_eq!(empty.grid, 0);
+        // The fused 2-stage path: the first kernel a block per row of a chunk (the same grid on
+        // every rank), the second one per row another rank owns, or per row where rows are wider
+        // than a block (the first kernel then normalises none).
+        let two = |op, rows, hidden, world, rank| {
+            let p = LaunchParams { rank, ..params(rows, hidden, world) };
+            launch_config(KernelId { op, dtype: DType::Bf16 }, &p, 66, 32)
+        };
+        for rank in 0..3 {
+            assert_eq!(two(Op::FusedTwoStage, 10, 4096, 3, rank).grid, 4, "rank {rank}: ceil(10 / 3) rows");
+        }
+        assert_eq!(two(Op::FusedTwoStage, 8192, 4096, 2, 1).grid, 132, "as many as stay resident");
+        let others: Vec<u32> = (0..3).map(|rank| two(Op::ScratchAddRmsNorm, 10, 4096, 3, rank).grid).collect();
+        assert_eq!(others, [6, 6, 8], "rows 0..4, 4..8, 8..10 owned");
+        assert_eq!(two(Op::ScratchAddRmsNorm, 1, 4096, 2, 1).grid, 1, "rank 1 owns no row of 1");
+        assert_eq!(two(Op::ScratchAddRmsNorm, 10, 16384, 3, 0).grid, 10, "wide rows: every row");
+        // The local row kernels run at four packs a thread in the fewest threads (a block never
+        // needs a whole multiprocessor below 4096 packs a row).
+        for op in [Op::ScratchAddRmsNorm, Op::AddRmsNorm, Op::QuantizeFp8, Op::AddRmsNormEpilogue] {
+            let block = |hidden| two(op, 64, hidden, 2, 1).block;
+            assert_eq!([block(2880), block(4096), block(8192), block(16384), block(32768)], [96, 128, 256, 512, 1024]);
+        }
     }
 
     /// Only the fused 1-stage kernels (plain and with the epilogue) wait for the kernel before it (`wait_for_prior_grid` before
@@ -370,11 +419,12 @@ mod tests {
         for (name, value) in [
             ("ARFUSE_ERROR_PEER_TIMEOUT", crate::ErrorWord::KIND_PEER_TIMEOUT),
             ("ARFUSE_ERROR_CALL_MISMATCH", crate::ErrorWord::KIND_CALL_MISMATCH),
-            ("ARFUSE_ERROR_NOT_REGISTERED", crate::ErrorWord::KIND_NOT_REGISTERED),
         ] {
             assert!(src.contains(&format!("#define {name} {value}ull\n")), "{name} != {value} in arfuse.h");
         }
         assert_eq!(crate::params::SIGNAL_ERROR_OFFSET, crate::MAX_BLOCKS * crate::MAX_RANKS * 8);
+        assert_eq!(crate::params::SIGNAL_MISMATCH_OFFSET, crate::params::SIGNAL_ERROR_OFFSET + 32);
+        assert!(src.contains("#define ARFUSE_SIGNAL_MISMATCH_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 32)\n"));
         assert!(src.contains(&format!("#define ARFUSE_PUSH_SENTINEL {:#x}u\n", crate::params::PUSH_SENTINEL)));
         assert!(src.contains(&format!("#define ARFUSE_FLAG_REFUSED {}u\n", crate::params::FLAG_REFUSED)));
         assert!(src.contains(&format!("#define ARFUSE_OP_CODE_REFUSED {}u\n", crate::params::OP_CODE_REFUSED)));

@@ -1,6 +1,7 @@
-//! The operator inside captured graphs: one capture replayed many times with new inputs, graph
-//! inputs registered after capture and read in place (ranks as threads and over IPC), a replay
-//! before registration, a registration of several rendezvous rounds.
+//! The operator inside captured graphs, with nothing registered (every path pushes its data into
+//! its peers' buffers; no kernel reads a peer's tensor): one capture replayed many times with new
+//! inputs, graphs of every path (ranks as threads and over IPC), eager calls between replays, a
+//! graph of hundreds of 2-stage calls.
 
 use crate::{gpu_available, UNFUSED};
 use arfuse_fusion::{AllReduceRmsNorm, Args, Config, Path, TensorMut, TensorRef};
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 /// A forward captured once into a graph and replayed many times, with new inputs written into the
 /// same buffers before each replay: every replay is exact. The kernels take their epoch from
-/// device memory, so replays do not reuse a barrier value or a staging half.
+/// device memory, so replays do not reuse a barrier value or a push rotation.
 pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(test: &str) {
     if !gpu_available::<B>(test) {
         return;
@@ -91,8 +92,8 @@ pub(crate) fn one_captured_graph_replayed_many_times_stays_exact<B: GpuBackend>(
     }
 }
 
-/// One call of the in-place graph tests: its shape, the path forced, and where its input starts
-/// inside its allocation (bytes).
+/// One call of the graph tests: its shape, the path forced, and where its input starts inside its
+/// allocation (bytes).
 #[derive(Clone, Copy, Debug)]
 struct GraphCase {
     rows: usize,
@@ -102,7 +103,7 @@ struct GraphCase {
 }
 
 /// 1-stage, 2-stage, the unfused custom path, and the dispatcher's choice on an input that starts
-/// 4 KiB into its allocation (the registered address is base + offset on every peer).
+/// 4 KiB into its allocation (a peer that read it in place would need base + offset).
 const GRAPH_CASES: [GraphCase; 4] = [
     GraphCase { rows: 1, hidden: 4096, path: Some(Path::OneStage), input_offset: 0 },
     GraphCase { rows: 32, hidden: 8192, path: Some(Path::TwoStage), input_offset: 0 },
@@ -191,13 +192,12 @@ fn graph_fixtures(world: usize, replays: usize, seed: &TestSeed) -> Vec<Vec<(Fix
         .collect()
 }
 
-/// One rank of the in-place graph tests: captures every case into one graph with the inputs
-/// registered after capture, replays it once per fixture set with new data written into the same
-/// tensors (every output exact), then runs the last set eagerly (staging copy) and requires the
-/// same bits. Only the reduce-scatters read in place (1-stage calls push). Ranks meet through
-/// `rendezvous` wherever memory is allocated or freed, so that no kernel spins then. Returns the
-/// paths taken.
-fn graph_in_place_rank<B: GpuBackend>(
+/// One rank of the graph tests: captures every case into one graph with nothing registered,
+/// replays it once per fixture set with new data written into the same tensors (every output
+/// exact), with an eager call of every case between two replays, then runs the last set eagerly
+/// and requires the graph's bits. Ranks meet through `rendezvous` wherever memory is allocated or
+/// freed, so that no kernel spins then. Returns the paths taken.
+fn graph_rank<B: GpuBackend>(
     rank: usize,
     world: usize,
     rendezvous: &mut dyn Rendezvous,
@@ -212,44 +212,62 @@ fn graph_in_place_rank<B: GpuBackend>(
     let mut op = AllReduceRmsNorm::<B>::new(&device, rendezvous, config).expect("operator");
     let mut tensors: Vec<GraphTensors<B>> = GRAPH_CASES.iter().map(|&case| GraphTensors::new(&stream, case)).collect();
     let eps = fixtures[0][0].0.problem.eps;
-    op.begin_graph_capture().expect("begin graph capture");
     B::begin_capture(&stream).expect("begin capture");
     let paths: Vec<Path> =
         tensors.iter_mut().map(|t| t.forward(&mut op, &stream, eps).expect("captured forward")).collect();
     let graph = B::end_capture(&stream).expect("end capture");
-    let registered = op.register_graph_inputs(&stream, rendezvous).expect("register graph inputs");
-    // One reduce-scatter per 2-stage call; the 1-stage launches (the unfused case's all-reduce
-    // too, 16 x 2880 being below every 1-stage threshold) push and register nothing.
-    let expected = paths.iter().filter(|&&p| p == Path::TwoStage).count();
-    assert!(expected >= 1, "a 2-stage case in {paths:?}");
-    assert_eq!(registered, expected, "launches reading in place: the reduce-scatters of {paths:?}");
+    assert!(paths.contains(&Path::TwoStage) && paths.contains(&Path::OneStage), "{paths:?}");
     meet(rendezvous);
-    let mut last = Vec::new();
-    for (replay, set) in fixtures.iter().enumerate() {
-        for (t, (fixture, _)) in tensors.iter_mut().zip(set) {
-            t.load(&stream, fixture, rank);
-        }
-        // SAFETY: the graph's tensors are `tensors`, alive until the end of this function.
-        unsafe { B::replay(&graph, &stream) }.expect("replay");
-        op.check(&stream).expect("no peer failure");
-        last.clear();
+    let check = |tensors: &[GraphTensors<B>], set: &[(Fixture<bf16>, Reference<bf16>)], how: &str| {
+        let mut got = Vec::new();
         for ((t, (fixture, reference)), path) in tensors.iter().zip(set).zip(&paths) {
-            let what = format!("rank {rank} replay {replay} {} in place on {path}", fixture.problem);
+            let what = format!("rank {rank} {how} {} on {path}", fixture.problem);
             let out = t.out.download(&stream).expect("download");
             let residual_out = t.residual_out.download(&stream).expect("download");
             assert_all_written(&what, &out);
             assert_all_written(&what, &residual_out);
             reference.assert_residual_out_exact(&what, &residual_out);
             reference.assert_out_within(&what, &out, 1);
-            last.push((out, residual_out));
+            got.push((out, residual_out));
+        }
+        got
+    };
+    let mut last = Vec::new();
+    for (replay, set) in fixtures.iter().enumerate() {
+        for (t, (fixture, _)) in tensors.iter_mut().zip(set) {
+            t.load(&stream, fixture, rank);
+        }
+        meet(rendezvous);
+        // SAFETY: the graph's tensors are `tensors`, alive until the end of this function.
+        unsafe { B::replay(&graph, &stream) }.expect("replay");
+        op.check(&stream).expect("no peer failure");
+        last = check(&tensors, set, &format!("replay {replay}"));
+        if replay == 0 {
+            // Eager calls between replays take the next epochs; the replays after them still pair
+            // up. Every rank uploads first and the ranks meet: no rank copies (a driver call that
+            // may wait for the device) while a peer's kernel spins for it.
+            for (t, (fixture, _)) in tensors.iter_mut().zip(set) {
+                t.load(&stream, fixture, rank);
+            }
+            meet(rendezvous);
+            for t in tensors.iter_mut() {
+                t.forward(&mut op, &stream, eps).expect("eager forward between replays");
+            }
+            op.check(&stream).expect("no peer failure");
+            check(&tensors, set, "eager between replays");
         }
     }
-    // The same calls eagerly, through the staging buffer: the same bits.
+    // The same calls eagerly: the same bits.
     let set = fixtures.last().expect("fixtures");
-    for ((t, (fixture, _)), (replayed_out, replayed_residual_out)) in tensors.iter_mut().zip(set).zip(&last) {
+    for (t, (fixture, _)) in tensors.iter_mut().zip(set) {
         t.load(&stream, fixture, rank);
+    }
+    meet(rendezvous);
+    for t in tensors.iter_mut() {
         t.forward(&mut op, &stream, eps).expect("eager forward");
-        op.check(&stream).expect("no peer failure");
+    }
+    op.check(&stream).expect("no peer failure");
+    for ((t, (fixture, _)), (replayed_out, replayed_residual_out)) in tensors.iter().zip(set).zip(&last) {
         let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let what = format!("rank {rank} {}", fixture.problem);
         assert!(same(&t.out.download(&stream).expect("download"), replayed_out), "{what}: eager out != graph out");
@@ -265,23 +283,23 @@ fn graph_in_place_rank<B: GpuBackend>(
     paths
 }
 
-/// Issue 3's graph mode: the calls of a captured graph read the users' tensors in place (inputs
-/// registered after capture, no staging copy), ranks as threads (peer pointers).
-pub(crate) fn graph_inputs_registered_after_capture_are_read_in_place<B: GpuBackend>(test: &str) {
+/// Graphs of every path (1-stage, 2-stage, unfused, the dispatcher's choice) replay exact with
+/// nothing registered, ranks as threads (peer pointers), worlds 2 and 4.
+pub(crate) fn graphs_of_every_path_replay_with_nothing_registered<B: GpuBackend>(test: &str) {
     if !gpu_available::<B>(test) {
         return;
     }
     const REPLAYS: usize = 8;
-    let seed = TestSeed::new(&format!("{}::graph_in_place", B::KIND));
+    let seed = TestSeed::new(&format!("{}::graph_every_path", B::KIND));
     for world in [2, 4] {
         let fixtures = graph_fixtures(world, REPLAYS, &seed);
         let paths =
             run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
-                graph_in_place_rank::<B>(rank, world, &mut rendezvous, &fixtures)
+                graph_rank::<B>(rank, world, &mut rendezvous, &fixtures)
             });
         let paths: Vec<String> = paths[0].iter().map(|p| p.to_string()).collect();
         println!(
-            "{} graph, 2-stage inputs in place, 1-stage pushed: world {world}, {} calls [{}], {REPLAYS} replays with new inputs: exact, eager gives the same bits",
+            "{} graph, nothing registered: world {world}, {} calls [{}], {REPLAYS} replays with new inputs and eager calls between: exact, eager gives the same bits",
             B::KIND,
             GRAPH_CASES.len(),
             paths.join(", ")
@@ -289,17 +307,17 @@ pub(crate) fn graph_inputs_registered_after_capture_are_read_in_place<B: GpuBack
     }
 }
 
-/// The same over real IPC: two rank processes, each registering its own allocations, which the
-/// other maps with the runtime's IPC (`cuIpcOpenMemHandle`, `hipIpcOpenMemHandle`).
-pub(crate) fn graph_inputs_registered_after_capture_over_ipc<B: GpuBackend>(test: &str) {
+/// The same over real IPC: two rank processes, whose graphs push into the buffers each mapped
+/// with the runtime's IPC at creation (`cuIpcOpenMemHandle`, `hipIpcOpenMemHandle`), nothing else.
+pub(crate) fn graphs_of_every_path_replay_with_nothing_registered_over_ipc<B: GpuBackend>(test: &str) {
     const REPLAYS: usize = 4;
-    let seed = TestSeed::new(&format!("{}::graph_in_place_ipc", B::KIND));
+    let seed = TestSeed::new(&format!("{}::graph_every_path_ipc", B::KIND));
     if let Some(me) = child() {
         let fixtures = graph_fixtures(me.world_size, REPLAYS, &seed);
         let mut rendezvous =
             UnixRendezvous::connect(&me.dir, me.rank, me.world_size, Duration::from_secs(60)).expect("rendezvous");
-        let paths = graph_in_place_rank::<B>(me.rank, me.world_size, &mut rendezvous, &fixtures);
-        eprintln!("graph in place over ipc: rank {} paths {paths:?}: exact", me.rank);
+        let paths = graph_rank::<B>(me.rank, me.world_size, &mut rendezvous, &fixtures);
+        eprintln!("graph over ipc, nothing registered: rank {} paths {paths:?}: exact", me.rank);
         return;
     }
     if !gpu_available::<B>(test) {
@@ -308,62 +326,21 @@ pub(crate) fn graph_inputs_registered_after_capture_over_ipc<B: GpuBackend>(test
     let outcomes = run_processes(test, 2, Duration::from_secs(300)).expect("process harness");
     assert_ranks_succeeded(&outcomes);
     for outcome in &outcomes {
-        for line in outcome.stderr.lines().filter(|l| l.starts_with("graph in place")) {
+        for line in outcome.stderr.lines().filter(|l| l.starts_with("graph over ipc")) {
             println!("{line}");
         }
     }
 }
 
-/// A graph recorded for in-place inputs but replayed before `register_graph_inputs` reads nothing:
-/// every rank's kernel finds its table empty and stops before any barrier, and `check` reports
-/// `NotRegistered` (no hang, no wrong data: the outputs keep their poison).
-pub(crate) fn graph_replayed_before_registration_fails_cleanly<B: GpuBackend>(test: &str) {
-    if !gpu_available::<B>(test) {
-        return;
-    }
-    let world = 2;
-    let seed = TestSeed::new(&format!("{}::graph_unregistered", B::KIND));
-    let fixtures = graph_fixtures(world, 1, &seed);
-    let phase = std::sync::Barrier::new(world);
-    run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
-        let device = B::open_device(0, world).expect("device");
-        let stream = B::create_stream(&device).expect("stream");
-        let config = Config::default().with_deadline(Duration::from_secs(10));
-        let mut op = AllReduceRmsNorm::<B>::new(&device, &mut rendezvous, config).expect("operator");
-        // The 2-stage case: its reduce-scatter reads in place (a 1-stage call needs no registration).
-        let (fixture, _) = &fixtures[0][1];
-        let mut t = GraphTensors::<B>::new(&stream, GRAPH_CASES[1]);
-        t.load(&stream, fixture, rank);
-        op.begin_graph_capture().expect("begin graph capture");
-        assert!(matches!(op.begin_graph_capture(), Err(arfuse_fusion::Error::GraphCapture(_))), "begun twice");
-        B::begin_capture(&stream).expect("begin capture");
-        t.forward(&mut op, &stream, fixture.problem.eps).expect("captured forward");
-        let graph = B::end_capture(&stream).expect("end capture");
-        phase.wait();
-        let start = std::time::Instant::now();
-        // SAFETY: the graph's tensors are `t`'s, alive until the end of this closure.
-        unsafe { B::replay(&graph, &stream) }.expect("replay");
-        let err = op.check(&stream).expect_err("replay before registration must fail");
-        assert!(matches!(err, arfuse_fusion::Error::NotRegistered { .. }), "rank {rank}: {err}");
-        assert!(start.elapsed() < Duration::from_secs(5), "rank {rank}: took {:?}", start.elapsed());
-        let out = t.out.download(&stream).expect("download");
-        let poisoned = poisoned::<bf16>(out.len());
-        assert!(out.iter().zip(&poisoned).all(|(a, b)| a.to_bits() == b.to_bits()), "rank {rank}: out was written");
-        phase.wait();
-        drop(graph);
-        println!("rank {rank}: {err}");
-    });
-}
-
-/// A registration larger than one rendezvous round (64 KiB of handles per rank): 700 captured
-/// 2-stage calls in one graph register in two rounds, and the replay is exact.
-pub(crate) fn many_graph_inputs_register_in_several_rounds<B: GpuBackend>(test: &str) {
+/// 700 captured 2-stage calls in one graph (each of its own epoch, barrier values and reuse of the
+/// receive area and scratch), replayed with nothing registered: exact.
+pub(crate) fn a_graph_of_many_two_stage_calls_replays_exact<B: GpuBackend>(test: &str) {
     if !gpu_available::<B>(test) {
         return;
     }
     const CALLS: usize = 700;
     let world = 2;
-    let seed = TestSeed::new(&format!("{}::graph_rounds", B::KIND));
+    let seed = TestSeed::new(&format!("{}::graph_many_two_stage", B::KIND));
     let fixture = Fixture::<bf16>::generate(&Problem::new(world, 4, 4096, bf16::DTYPE).with_seed(seed.seed()));
     let reference = Reference::compute(&fixture);
     run_threads_each(ThreadRendezvous::group(world, Duration::from_secs(60)), |rank, mut rendezvous| {
@@ -374,14 +351,11 @@ pub(crate) fn many_graph_inputs_register_in_several_rounds<B: GpuBackend>(test: 
         let case = GraphCase { rows: 4, hidden: 4096, path: Some(Path::TwoStage), input_offset: 0 };
         let mut t = GraphTensors::<B>::new(&stream, case);
         t.load(&stream, &fixture, rank);
-        op.begin_graph_capture().expect("begin graph capture");
         B::begin_capture(&stream).expect("begin capture");
         for _ in 0..CALLS {
             t.forward(&mut op, &stream, fixture.problem.eps).expect("captured forward");
         }
         let graph = B::end_capture(&stream).expect("end capture");
-        let registered = op.register_graph_inputs(&stream, &mut rendezvous).expect("register");
-        assert_eq!(registered, CALLS);
         rendezvous.all_gather(&[]).expect("meet");
         // SAFETY: the graph's tensors are `t`'s, alive until the end of this closure.
         unsafe { B::replay(&graph, &stream) }.expect("replay");
@@ -394,5 +368,5 @@ pub(crate) fn many_graph_inputs_register_in_several_rounds<B: GpuBackend>(test: 
         rendezvous.all_gather(&[]).expect("meet");
         drop(graph);
     });
-    println!("{} graph: {CALLS} captured 2-stage calls registered in two rounds, replay exact", B::KIND);
+    println!("{} graph: {CALLS} captured 2-stage calls, nothing registered, replay exact", B::KIND);
 }

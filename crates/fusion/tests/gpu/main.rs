@@ -1,7 +1,7 @@
 //! The operator on the GPU backends, written once (generic over [`GpuBackend`]) and instantiated
 //! per backend: `cuda::<test>` with the `cuda` feature, `hip::<test>` with `hip`. Ranks are threads
 //! sharing one GPU (peer pointers, no IPC) or processes over the runtime's IPC; every path, graph
-//! replay, graph inputs read in place, a dead rank, leaks; checked against the testkit reference
+//! replay with nothing registered, a dead rank, leaks; checked against the testkit reference
 //! and against each other.
 //!
 //! Skips loudly without a GPU; fails instead when `ARFUSE_REQUIRE_BACKENDS` names the backend
@@ -63,10 +63,9 @@ macro_rules! suite {
             epilogues::every_epilogue_on_every_path_is_exact: read,
             epilogues::the_separate_quantisation_kernel_is_exact: read,
             graphs::one_captured_graph_replayed_many_times_stays_exact: read,
-            graphs::graph_inputs_registered_after_capture_are_read_in_place: read,
-            graphs::graph_inputs_registered_after_capture_over_ipc: read,
-            graphs::graph_replayed_before_registration_fails_cleanly: read,
-            graphs::many_graph_inputs_register_in_several_rounds: read,
+            graphs::graphs_of_every_path_replay_with_nothing_registered: read,
+            graphs::graphs_of_every_path_replay_with_nothing_registered_over_ipc: read,
+            graphs::a_graph_of_many_two_stage_calls_replays_exact: read,
             processes::operators_over_ipc_created_and_dropped_leak_no_fd_and_no_device_memory: write,
             processes::a_dead_rank_process_makes_its_peer_time_out_not_hang: read,
         );

@@ -102,7 +102,7 @@ fn ranks_with_different_path_overrides_get_a_mismatch() {
         let mut op = arfuse_fusion::AllReduceRmsNorm::new(&device, &mut rendezvous, config).expect("operator");
         call(&mut op, &stream, None, &fixture).err().expect("ranks take different paths")
     });
-    assert_mismatch(&errors, "fused_ar_rmsnorm_1stage", "reduce_scatter");
+    assert_mismatch(&errors, "fused_ar_rmsnorm_1stage", "fused_ar_rmsnorm_2stage");
 }
 
 #[test]

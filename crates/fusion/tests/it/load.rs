@@ -2,7 +2,7 @@
 //!
 //! Each call draws (from the test's seed, identically on every rank) a dtype (bf16, f16), a hidden
 //! size (2880, 4096, 5120, 8192), 1..=200 rows and a path: 1-stage, 2-stage or unfused forced, or
-//! the dispatcher's choice (a forced fused path that does not fit the 2 MiB staging half falls back
+//! the dispatcher's choice (a forced fused path that does not fit max_size / 2 = 2 MiB falls back
 //! to the dispatcher, which then takes the chunked unfused path). Every rank checks every call:
 //! `residual_out` bit-exact and `out` within 1 ulp of the testkit reference.
 //!

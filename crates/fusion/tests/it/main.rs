@@ -28,7 +28,7 @@ pub(crate) const UNFUSED: Path = Path::Unfused { all_reduce: AllReduce::Custom, 
 pub(crate) const PATHS: [Path; 3] = [Path::OneStage, Path::TwoStage, UNFUSED];
 
 /// A config for tests: small buffers (every test shape still fuses, and 1-stage can be forced on
-/// any fused size: the push slots are as large as a staging half), a short deadline.
+/// any fused size: the push slots are as large as max_size / 2), a short deadline.
 pub(crate) fn test_config(max_size: usize) -> Config {
     let mut config = Config::default();
     config.policy.max_size = max_size;

@@ -31,7 +31,7 @@ fn check_world<T: Element>(world: usize, seed: &TestSeed) {
             })
             .clone()
     };
-    // 8 MiB of staging: every shape here (at most 2 MiB) fuses.
+    // max_size 8 MiB: every shape here (at most 2 MiB) fuses.
     let summaries = run_group(world, test_config(8 << 20), |op, stream| {
         let mut digests = Vec::new();
         for hidden in HIDDEN {
@@ -114,11 +114,11 @@ fn token_output_is_batch_invariant() {
 }
 
 /// Tensors above `max_size / 2` take the unfused path (custom all-reduce in row chunks that fit
-/// the staging area) and stay exact.
+/// max_size / 2) and stay exact.
 #[test]
 fn larger_than_the_buffers_runs_unfused_in_chunks_and_stays_exact() {
     let seed = TestSeed::new("matrix::larger_than_the_buffers");
-    // 128 KiB of staging: fused up to 64 KiB; 100 x 4096 f16 is 800 KiB.
+    // max_size 128 KiB: fused up to 64 KiB; 100 x 4096 f16 is 800 KiB.
     let problem = Problem::new(3, 100, 4096, f16::DTYPE).with_seed(seed.seed());
     let fixture = Fixture::<f16>::generate(&problem);
     let reference = Reference::compute(&fixture);

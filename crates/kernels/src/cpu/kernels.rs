@@ -2,10 +2,11 @@
 //!
 //! Extents every launch may touch (`E = rows * hidden` elements of the kernel's dtype):
 //! - `input`: `E` elements, read; pushed into every peer's push region by the 1-stage kernels,
-//!   copied into `staging[rank]` first by the reduce-scatter;
+//!   chunk by chunk into the owners' receive areas by the reduce-scatter (peers never read it);
 //! - `push[p]`: `push_region_bytes(world, push_slot_bytes)` bytes (every cross-rank kernel writes
 //!   its header there; the 1-stage kernels need `E` elements to fit `push_slot_bytes`);
-//! - `staging[p]`: `E` elements, written by `p` and read by every rank (reduce-scatter);
+//! - `receive[p]`: `receive_area_bytes(E * size, world)` bytes, written by every peer of `p` (its
+//!   slot of `p`'s chunk) and read by `p` (reduce-scatter, fused 2-stage);
 //! - `scratch[p]`: `E` elements, written by every rank (its chunk) and read by `p`;
 //! - `input`, `residual`, `out`, `residual_out`: `E` elements; `weight`: `hidden` elements;
 //!   add+RMSNorm may take `input == out` (in place);
@@ -19,7 +20,7 @@ use crate::params::{epilogue_of, LaunchParams};
 use crate::{DType, Element, KernelId, Op, Result};
 
 use super::signal::{barrier, begin_epoch, check_headers, end_epoch, publish_header, push, receive};
-use crate::params::{FLAG_REFUSED, PUSH_SENTINEL};
+use crate::params::{receive_rows_offset, receive_slot_offset, FLAG_REFUSED, PUSH_SENTINEL};
 use std::time::Instant;
 
 /// A shared view of `len` elements at `addr`.
@@ -55,6 +56,12 @@ pub fn chunk_of(rank: usize, world: usize, elems: usize, pack: usize) -> std::op
     start..end
 }
 
+/// The rows rank `rank` owns in a fused 2-stage call of `rows` rows (`params::chunk_rows` each).
+pub fn row_chunk_of(rank: usize, world: usize, rows: usize) -> std::ops::Range<usize> {
+    let per_rank = crate::params::chunk_rows(rows, world);
+    (rank * per_rank).min(rows)..((rank + 1) * per_rank).min(rows)
+}
+
 /// Runs `kernel` with `params` on the calling thread.
 ///
 /// # Safety
@@ -64,7 +71,7 @@ pub unsafe fn run(kernel: KernelId, params: &LaunchParams) -> Result<()> {
     let mut params = *params;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params, kernel.op == Op::ReduceScatter)?;
+        let device_epoch = kernel.op.crosses_ranks() && begin_epoch(&mut params);
         match kernel.dtype {
             DType::Bf16 => run_typed::<half::bf16>(kernel.op, &params),
             DType::F16 => run_typed::<half::f16>(kernel.op, &params),
@@ -142,9 +149,9 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
         }
     }
     // SAFETY: (for every view below) the extents are those of the module docs, which the caller
-    // guarantees; peers' staging is only read after the first barrier of the call, when every rank
-    // has finished writing it, scratch chunks are written by exactly one rank each, and push slots
-    // are only accessed atomically.
+    // guarantees; our receive area is only read after the first barrier of the call, when every
+    // peer has finished writing its slot, scratch chunks are written by exactly one rank each, and
+    // push slots are only accessed atomically.
     unsafe {
         if op.crosses_ranks() {
             publish_header(p, op.code(), T::DTYPE);
@@ -176,28 +183,97 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 }
             }
             Op::ReduceScatter => {
-                if p.input != p.staging[rank] {
-                    std::ptr::copy_nonoverlapping(p.input as *const T, p.staging[rank] as *mut T, elems);
+                // Push each owner's chunk of our input into our slot of its receive area (as the
+                // GPU kernel does, the owners in the order after our rank).
+                let input = view::<T>(p.input, elems);
+                let pack = T::DTYPE.pack_elems();
+                let packs = elems / pack;
+                for i in 1..world {
+                    let owner = (rank + i) % world;
+                    let chunk = chunk_of(owner, world, elems, pack);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    let slot = (p.receive[owner] as usize + receive_slot_offset(packs, world, rank)) as *mut T;
+                    std::ptr::copy_nonoverlapping(input[chunk.clone()].as_ptr(), slot, chunk.len());
                 }
                 check_headers(p, op.code(), T::DTYPE, start)?;
                 barrier(p, 0)?;
-                let staging: Vec<&[T]> = p.staging[..world].iter().map(|&a| view(a, elems)).collect();
-                let chunk = chunk_of(rank, world, elems, T::DTYPE.pack_elems());
+                let chunk = chunk_of(rank, world, elems, pack);
+                // Every rank's part of our chunk: ours where it is, the peers' as they pushed it.
+                let parts: Vec<&[T]> = (0..world)
+                    .map(|r| match r == rank {
+                        true => &input[chunk.clone()],
+                        false => view(p.receive[rank] + receive_slot_offset(packs, world, r) as u64, chunk.len()),
+                    })
+                    .collect();
                 // Every rank's scratch receives this rank's chunk ("cross-device stores").
                 let targets: Vec<*mut T> = p.scratch[..world].iter().map(|&a| a as *mut T).collect();
-                for i in chunk {
-                    let s = sum_ranks(staging.iter().map(|st| st[i]));
+                for (j, i) in chunk.enumerate() {
+                    let s = sum_ranks(parts.iter().map(|part| part[j]));
                     for &t in &targets {
                         t.add(i).write(s);
                     }
                 }
                 barrier(p, 1)?;
             }
-            Op::ScratchAddRmsNorm | Op::AddRmsNorm | Op::ScratchAddRmsNormEpilogue | Op::AddRmsNormEpilogue => {
-                let source = if op.plain() == Op::AddRmsNorm { p.input } else { p.scratch[rank] };
+            Op::FusedTwoStage | Op::FusedTwoStageEpilogue => {
+                // Push our rows of each owner's chunk into our slot of its receive area (as the
+                // GPU kernel does, the owners in the order after our rank).
+                let input = view::<T>(p.input, elems);
+                let row_bytes = hidden * std::mem::size_of::<T>();
+                for i in 1..world {
+                    let owner = (rank + i) % world;
+                    let chunk = row_chunk_of(owner, world, rows);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    let at = p.receive[owner] as usize + receive_rows_offset(rows, row_bytes, world, rank);
+                    let ours = &input[chunk.start * hidden..chunk.end * hidden];
+                    std::ptr::copy_nonoverlapping(ours.as_ptr(), at as *mut T, ours.len());
+                }
+                check_headers(p, op.code(), T::DTYPE, start)?;
+                barrier(p, 0)?;
+                // Our rows: summed in rank order (ours where it is, the peers' as they pushed
+                // them), each sum pushed into every peer's scratch and normalised here.
+                let chunk = row_chunk_of(rank, world, rows);
+                let parts: Vec<&[T]> = (0..world)
+                    .map(|r| match r == rank {
+                        true => &input[chunk.start * hidden..chunk.end * hidden],
+                        false => view(
+                            p.receive[rank] + receive_rows_offset(rows, row_bytes, world, r) as u64,
+                            chunk.len() * hidden,
+                        ),
+                    })
+                    .collect();
+                let peers: Vec<*mut T> = (0..world).filter(|&r| r != rank).map(|r| p.scratch[r] as *mut T).collect();
+                let mut rows_out = RowOutputs::new(p, op, elems);
+                let mut sum = vec![T::from_f32(0.0); hidden];
+                for (i, row) in chunk.enumerate() {
+                    for (j, s) in sum.iter_mut().enumerate() {
+                        *s = sum_ranks(parts.iter().map(|part| part[i * hidden + j]));
+                    }
+                    for &peer in &peers {
+                        std::ptr::copy_nonoverlapping(sum.as_ptr(), peer.add(row * hidden), hidden);
+                    }
+                    rows_out.row(row, &sum);
+                }
+                barrier(p, 1)?;
+            }
+            Op::ScratchAddRmsNorm | Op::ScratchAddRmsNormEpilogue => {
+                // The rows the other ranks own and normalised nothing of here: from the sums
+                // they pushed into our scratch.
+                let sum = view::<T>(p.scratch[rank], elems);
+                let ours = row_chunk_of(rank, world, rows);
+                let mut rows_out = RowOutputs::new(p, op, elems);
+                for row in (0..rows).filter(|row| !ours.contains(row)) {
+                    rows_out.row(row, &sum[row * hidden..(row + 1) * hidden]);
+                }
+            }
+            Op::AddRmsNorm | Op::AddRmsNormEpilogue => {
                 // add+RMSNorm may run in place (`input == out`, the unfused path): read the sum
                 // before `out` is borrowed mutably.
-                let sum = view::<T>(source, elems).to_vec();
+                let sum = view::<T>(p.input, elems).to_vec();
                 let mut rows_out = RowOutputs::new(p, op, elems);
                 for row in 0..rows {
                     rows_out.row(row, &sum[row * hidden..(row + 1) * hidden]);

@@ -168,39 +168,19 @@ unsafe fn wait_until(
 }
 
 /// Resolves a launch with `barrier_base == 0` from this rank's epoch word: the next epoch `e`
-/// gives barrier value `2e` and, for a `staged` kernel (the reduce-scatter), staging half `e % 2`
-/// or, with a graph-input table (`params.inputs`), every rank's input read in place. Returns
-/// whether the word must be advanced by [`end_epoch`] when the launch completes.
+/// gives barrier value `2e` (and push rotation `e % PUSH_ROTATIONS`). Returns whether the word
+/// must be advanced by [`end_epoch`] when the launch completes.
 ///
 /// # Safety
-/// As [`barrier`]; a non-zero `params.inputs` must point to `MAX_RANKS` readable `u64`s.
-pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams, staged: bool) -> Result<bool> {
+/// As [`barrier`].
+pub(crate) unsafe fn begin_epoch(params: &mut LaunchParams) -> bool {
     if params.barrier_base != 0 {
-        return Ok(false);
+        return false;
     }
-    let own = params.signals[params.rank as usize];
     // SAFETY: forwarded from the caller.
-    let e = unsafe { epoch_word(own) }.load(Ordering::Relaxed) + 1;
+    let e = unsafe { epoch_word(params.signals[params.rank as usize]) }.load(Ordering::Relaxed) + 1;
     params.barrier_base = 2 * e;
-    let world = params.world_size as usize;
-    if !staged {
-        return Ok(true);
-    }
-    if params.inputs != 0 {
-        // SAFETY: the caller guarantees a table of `MAX_RANKS` entries at `inputs`.
-        let table = unsafe { std::slice::from_raw_parts(params.inputs as *const u64, MAX_RANKS) };
-        params.staging[..world].copy_from_slice(&table[..world]);
-        if table[..world].contains(&0) {
-            // SAFETY: as above.
-            unsafe { error_word(own) }.store(ErrorWord::not_registered(params.barrier_base).0, Ordering::Release);
-            return Err(Error::NotRegistered { rank: params.rank, barrier: params.barrier_base });
-        }
-    } else if e % 2 == 1 {
-        for staging in &mut params.staging[..world] {
-            *staging += u64::from(params.staging_half_bytes);
-        }
-    }
-    Ok(true)
+    true
 }
 
 /// Records that the launch resolved by [`begin_epoch`] completed.

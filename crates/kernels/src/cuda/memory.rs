@@ -80,18 +80,6 @@ impl CudaShared {
     }
 }
 
-/// The handle of the allocation (`cuMemAlloc_v2`, e.g. a framework's tensor) that holds `ptr`,
-/// and `ptr`'s byte offset in it: what peers need to read a user's tensor in place (graph inputs
-/// registered after capture). Memory from a stream-ordered pool or the virtual memory API cannot
-/// be exported this way; the driver's error says so.
-pub(super) fn export_allocation(device: &CudaDevice, ptr: DevicePtr) -> Result<(CudaIpcHandle, u64)> {
-    device.bind()?;
-    let (base, len) = mem::address_range(ptr.0)?;
-    let handle = ipc::get_mem_handle(base)?;
-    let exported = CudaIpcHandle { origin: HandleOrigin::here(device.ordinal(), base, len as u64), handle };
-    Ok((exported, ptr.0 - base))
-}
-
 impl Drop for CudaShared {
     fn drop(&mut self) {
         free(&self.device, self.ptr);

@@ -140,10 +140,6 @@ impl Backend for Cuda {
         buffer.export()
     }
 
-    fn export_allocation(device: &CudaDevice, ptr: DevicePtr) -> Result<(CudaIpcHandle, u64)> {
-        memory::export_allocation(device, ptr)
-    }
-
     fn open_handle(device: &CudaDevice, handle: &CudaIpcHandle) -> Result<CudaPeerMapping> {
         CudaPeerMapping::open(device, handle)
     }

@@ -169,14 +169,6 @@ pub(crate) mod ctx {
 pub(crate) mod mem {
     use super::*;
 
-    /// `cuMemGetAddressRange_v2`: the base address and size of the allocation that holds `ptr`.
-    pub(crate) fn address_range(ptr: sys::CUdeviceptr) -> Result<(sys::CUdeviceptr, usize)> {
-        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
-        // SAFETY: the out-pointers are live locals; the driver validates `ptr`.
-        check("cuMemGetAddressRange_v2", unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) })?;
-        Ok((base, size))
-    }
-
     /// `cuMemsetD8_v2` followed by a synchronisation of the legacy default stream, so the bytes are
     /// set before the call returns whatever stream uses them next. Our streams are non-blocking,
     /// so this waits for no kernel of theirs (a peer's spinning kernel included).

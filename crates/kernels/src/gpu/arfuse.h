@@ -78,6 +78,11 @@ __device__ __forceinline__ u64 load_relaxed_sys(u64* p) {
 __device__ __forceinline__ u64 fetch_add_device(u64* p, u64 v) {
   return __hip_atomic_fetch_add(p, v, __ATOMIC_ACQ_REL, __HIP_MEMORY_SCOPE_AGENT);
 }
+// Stores `v` only where `*p` is still 0 (relaxed, system scope).
+__device__ __forceinline__ void store_if_zero_sys(u64* p, u64 v) {
+  u64 expected = 0;
+  __hip_atomic_compare_exchange_strong(p, &expected, v, __ATOMIC_RELAXED, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
 __device__ __forceinline__ u64 load_relaxed_device(u64* p) {
   return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
 }
@@ -159,6 +164,11 @@ __device__ __forceinline__ u64 fetch_add_device(u64* p, u64 v) {
   u64 old;
   asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
   return old;
+}
+// Stores `v` only where `*p` is still 0 (relaxed, system scope).
+__device__ __forceinline__ void store_if_zero_sys(u64* p, u64 v) {
+  u64 old;
+  asm volatile("atom.relaxed.sys.global.cas.b64 %0, [%1], 0, %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ u64 clock_ns() {
   u64 t;
@@ -267,6 +277,7 @@ __device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits
 #define ARFUSE_SIGNAL_ERROR_OFFSET (ARFUSE_MAX_BLOCKS * ARFUSE_MAX_RANKS * 8)
 #define ARFUSE_SIGNAL_EPOCH_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 8)
 #define ARFUSE_SIGNAL_DONE_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 16)
+#define ARFUSE_SIGNAL_MISMATCH_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 32)
 #define ARFUSE_PUSH_ROTATIONS 3
 #define ARFUSE_PUSH_HEADER_BYTES 256
 #define ARFUSE_PUSH_SENTINEL 0x80000000u
@@ -274,7 +285,6 @@ __device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits
 #define ARFUSE_OP_CODE_REFUSED 15u
 #define ARFUSE_ERROR_PEER_TIMEOUT 1ull
 #define ARFUSE_ERROR_CALL_MISMATCH 2ull
-#define ARFUSE_ERROR_NOT_REGISTERED 3ull
 // LaunchParams::epilogue bits (params.rs EPILOGUE_*).
 #define ARFUSE_EPILOGUE_GEMMA 1u
 #define ARFUSE_EPILOGUE_NO_RESIDUAL 2u
@@ -291,7 +301,7 @@ __device__ __forceinline__ float fp8_min_scale(bool fnuz) { return f32_from_bits
 #define ARFUSE_MAX_PACKS_PER_THREAD 4
 
 struct LaunchParams {
-  u64 staging[ARFUSE_MAX_RANKS];
+  u64 receive[ARFUSE_MAX_RANKS];
   u64 scratch[ARFUSE_MAX_RANKS];
   u64 signals[ARFUSE_MAX_RANKS];
   u64 input, residual, weight, out, residual_out;
@@ -299,8 +309,8 @@ struct LaunchParams {
   u64 deadline_ns;
   u32 rows, hidden, rank, world_size;
   float eps;
-  u32 staging_half_bytes;
-  u64 inputs;
+  u32 reserved0;
+  u64 reserved1;
   u64 push[ARFUSE_MAX_RANKS];
   u32 push_slot_bytes;
   u32 flags;
@@ -316,7 +326,7 @@ static_assert(__builtin_offsetof(LaunchParams, input) == 192, "LaunchParams layo
 static_assert(__builtin_offsetof(LaunchParams, barrier_base) == 232, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, rows) == 248, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, eps) == 264, "LaunchParams layout differs from params.rs");
-static_assert(__builtin_offsetof(LaunchParams, inputs) == 272, "LaunchParams layout differs from params.rs");
+static_assert(__builtin_offsetof(LaunchParams, reserved1) == 272, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, push) == 280, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, flags) == 348, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, out_q) == 352, "LaunchParams layout differs from params.rs");

@@ -4,9 +4,9 @@
 // - every cross-rank kernel writes its call header into every peer's push region first and checks
 //   every peer's before it writes an output (a peer in another call: CALL_MISMATCH);
 // - the 1-stage kernels push (data as its own arrival flag, see "The push protocol" below);
-// - the reduce-scatter copies the part of its input that peers' same-numbered block reads into its
-//   staging (unless input already is the staging), arrives at barrier value 2e on every peer
-//   (release, system scope) and waits for every peer (acquire, system scope) with a deadline;
+// - the reduce-scatter pushes the part of its input that each peer's same-numbered block reduces
+//   into that peer's receive area, arrives at barrier value 2e on every peer (release, system
+//   scope) and waits for every peer (acquire, system scope) with a deadline;
 // - numerics as in contract.rs: rank-order f32 sums with -0.0 read as +0.0, round to nearest even,
 //   the fixed pack tree for the sum of squares, 1/sqrt with IEEE rounding, no FMA contraction.
 #include "arfuse.h"
@@ -182,15 +182,13 @@ __device__ __forceinline__ pack16 sentinel_pack() {
 // The parameters are read where the launch put them (__grid_constant__ on NVIDIA, the kernarg
 // segment on AMD): a by-value copy would sit in every thread's local memory (peers' pointers are
 // indexed by a run-time rank), which a 1024-thread block pays for on every call. What a launch
-// resolves at run time (its epoch, every rank's input for this call, the block's abort flag) is
+// resolves at run time (its epoch, its push rotation, the block's abort flag) is
 // computed once per block into shared memory by `cross_rank`.
 struct Launch {
   const LaunchParams& p;
   u64 epoch;           // this call's epoch e: barrier values 2e and 2e + 1
   u32 rot;             // its push rotation, e % ARFUSE_PUSH_ROTATIONS
   u32 op;              // its op code (KernelId::op's index in Op::ALL)
-  const u64* staging;  // every rank's input for a reduce-scatter: __shared__ u64[ARFUSE_MAX_RANKS]
-  bool copy;           // our input is not staging[rank]: copy it there first
   volatile int* abort; // __shared__: set when the block must give up (peer timeout, call mismatch)
 };
 
@@ -201,9 +199,11 @@ __device__ __forceinline__ u64* flag(u64 signal, u32 block, u32 slot) {
   return (u64*)(signal) + block * ARFUSE_MAX_RANKS + slot;
 }
 
-// Records why the block gives up and makes every thread of it stop spinning.
+// Records why the block gives up and makes every thread of it stop spinning. The rank's first
+// failure is the one it reports: a later one (often a consequence, e.g. a mismatch after a peer
+// timed out) does not overwrite it.
 __device__ __forceinline__ void give_up(const Launch& l, u64 kind, u32 peer) {
-  store_relaxed_sys(error_word(l.p.signals[l.p.rank]), kind | ((u64)(peer & 0xff) << 8) | ((2 * l.epoch) << 16));
+  store_if_zero_sys(error_word(l.p.signals[l.p.rank]), kind | ((u64)(peer & 0xff) << 8) | ((2 * l.epoch) << 16));
   *l.abort = 1;
 }
 
@@ -258,13 +258,19 @@ __device__ __forceinline__ void publish_header(const Launch& l) {
   store16_sys(header_at(p, t, l.rot, p.rank), call_header<E>(l, p.rank));
 }
 
-// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different.
+// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different
+// (both then go to the signal area's mismatch record, params.rs SIGNAL_MISMATCH_OFFSET, for the
+// host's description of the error).
 template <class E>
 __device__ __forceinline__ int peer_header(const Launch& l, u32 peer) {
   const pack16 h = load16_sys(header_at(l.p, l.p.rank, l.rot, peer));
   if (!arrived(h)) return 0;
   const pack16 want = call_header<E>(l, peer);
-  return h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w ? 1 : 2;
+  if (h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w) return 1;
+  ARFUSE_GLOBAL pack16* record = (ARFUSE_GLOBAL pack16*)(l.p.signals[l.p.rank] + ARFUSE_SIGNAL_MISMATCH_OFFSET);
+  store16_sys(record, h);
+  store16_sys(record + 1, want);
+  return 2;
 }
 
 // Waits for `peer`'s header and checks it; a different call gives up with a call mismatch.
@@ -629,12 +635,14 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
   return true;
 }
 
-// The rows of this block through the row routine at the right width (see norm_row's `K`), for the
-// kernels with nothing to wait for or check (the unfused path's and 2-stage's second kernels).
-template <class E, class Sum>
-__device__ __forceinline__ void norm_rows(const LaunchParams& p, Sum sum) {
+// The rows `row_of(i)`, i < count, of this block through the row routine at the right width (see
+// norm_row's `K`), for the kernels with nothing to wait for or check (the unfused path's and
+// 2-stage's second kernels).
+template <class E, class RowOf, class Sum>
+__device__ __forceinline__ void norm_rows(const LaunchParams& p, u32 count, RowOf row_of, Sum sum) {
   auto none = [] {};
-  for (u32 row = bid_x(); row < p.rows; row += gdim_x()) {
+  for (u32 i = bid_x(); i < count; i += gdim_x()) {
+    const u32 row = row_of(i);
     if (p.hidden / Pack<E>::N <= bdim_x())
       norm_row<E, 1>(p, row, sum, nullptr, false, Early<E>{}, none);
     else
@@ -805,20 +813,43 @@ __device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
   return *l.abort == 0;
 }
 
-// ---- The 2-stage path: reduce-scatter through the staging areas and one barrier. ----
+// ---- The 2-stage path: a pushed reduce-scatter between two barriers. ----
+// Rank r reduces chunk r of the call's packs (chunk_of). Each rank pushes the part of its input in
+// chunk o into its slot of rank o's receive area (params.rs `receive_slot_offset`) and arrives at
+// barrier 2e; once every peer has arrived, it sums its own chunk in rank order (its own part read
+// where it is, the peers' from its local receive area) and pushes the sums into every rank's
+// scratch, then barrier 2e + 1; the second kernel reads its scratch locally. Nobody reads a
+// peer's memory and nothing is copied locally. The barriers make the areas reusable at once: a
+// peer pushes into our receive area again only in a later call, after it passed this call's
+// barrier 2e + 1, which needs our arrival, which comes after our last read of the area; it pushes
+// into our scratch only after the next call's barrier 2e' (our second kernel has run by then:
+// stream order).
 
-// Sums over ranks of packs `first + i * stride` (i < U, those below `end`) of every rank's staging,
-// in rank order, -0.0 read as +0.0 (finish_sum), rounded to storage. The U packs of one rank are
-// read at once, so that a thread has U loads in flight, not one.
+// The pack range rank `r` reduces (cpu::kernels::chunk_of, in packs; params.rs `chunk_packs`).
+__device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start, u64* end) {
+  const u64 per_rank = (packs + world - 1) / world;
+  *start = r * per_rank < packs ? r * per_rank : packs;
+  *end = (r + 1) * per_rank < packs ? (r + 1) * per_rank : packs;
+}
+
+// Sums over ranks of packs `first + i * stride` (i < U, those below `end`) of our chunk (which
+// starts at `start`), in rank order, -0.0 read as +0.0 (finish_sum), rounded to storage: our own
+// part from our input, every peer's from its slot of our receive area (`slot_bytes` apart:
+// params.rs `receive_slot_offset`). The U packs of one rank are read at once, so that a thread
+// has U loads in flight, not one.
 template <class E, u32 U>
-__device__ __forceinline__ void sum_staged(const Launch& l, u64 first, u64 stride, u64 end, Pack<E> (&sums)[U]) {
+__device__ __forceinline__ void sum_received(const Launch& l, u64 slot_bytes, u64 start, u64 first, u64 stride,
+                                             u64 end, Pack<E> (&sums)[U]) {
   constexpr int N = Pack<E>::N;
+  const LaunchParams& p = l.p;
   float acc[U][N];
-  for (u32 r = 0; r < l.p.world_size; ++r) {
+  for (u32 r = 0; r < p.world_size; ++r) {
+    const u64 base = r == p.rank ? p.input : p.receive[p.rank] + r * slot_bytes;
+    const u64 offset = r == p.rank ? 0 : start;
     Pack<E> x[U];
 #pragma unroll
     for (u32 i = 0; i < U; ++i)
-      if (first + i * stride < end) x[i] = load_pack<E>(l.staging[r], first + i * stride);
+      if (first + i * stride < end) x[i] = load_pack<E>(base, first + i * stride - offset);
 #pragma unroll
     for (u32 i = 0; i < U; ++i) {
       float f[N];
@@ -835,13 +866,6 @@ __device__ __forceinline__ void sum_staged(const Launch& l, u64 first, u64 strid
   }
 }
 
-// The pack range rank `r` reduces (cpu::kernels::chunk_of, in packs).
-__device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start, u64* end) {
-  const u64 per_rank = (packs + world - 1) / world;
-  *start = r * per_rank < packs ? r * per_rank : packs;
-  *end = (r + 1) * per_rank < packs ? (r + 1) * per_rank : packs;
-}
-
 template <class E>
 __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
   const LaunchParams& p = l.p;
@@ -849,22 +873,25 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
   const u64 stride = (u64)gdim_x() * bdim_x();
   const u64 first = (u64)bid_x() * bdim_x() + tid_x();
   // Each thread keeps several accesses in flight (a 16-byte access per thread and iteration
-  // leaves too few bytes in flight for the copy rate): 4 packs per copy step, 2 per sum step.
-  constexpr u32 kCopy = 4, kSum = 2;
-  if (l.copy) {
-    // Block b copies what every rank's block b will read: its share of each rank's chunk.
-    for (u32 r = 0; r < p.world_size; ++r) {
-      u64 start, end;
-      chunk_of(r, p.world_size, packs, &start, &end);
-      for (u64 k = start + first; k < end; k += kCopy * stride) {
-        Pack<E> v[kCopy];
+  // leaves too few bytes in flight for the copy rate): 4 packs per push step, 2 per sum step.
+  constexpr u32 kPush = 4, kSum = 2;
+  // Sender s's slot of an owner's receive area is s chunks in (params.rs `receive_slot_offset`).
+  const u64 slot_bytes = (packs + p.world_size - 1) / p.world_size * 16u;
+  // Block b pushes what every owner's block b will sum: its share of the owner's chunk. Owners in
+  // the order after our rank, so that the ranks do not all write to the same one at once.
+  for (u32 i = 1; i < p.world_size; ++i) {
+    const u32 owner = (p.rank + i) % p.world_size;
+    u64 start, end;
+    chunk_of(owner, p.world_size, packs, &start, &end);
+    const u64 slot = p.receive[owner] + p.rank * slot_bytes;
+    for (u64 k = start + first; k < end; k += kPush * stride) {
+      Pack<E> v[kPush];
 #pragma unroll
-        for (u32 i = 0; i < kCopy; ++i)
-          if (k + i * stride < end) v[i] = load_pack<E>(p.input, k + i * stride);
+      for (u32 j = 0; j < kPush; ++j)
+        if (k + j * stride < end) v[j] = load_pack<E>(p.input, k + j * stride);
 #pragma unroll
-        for (u32 i = 0; i < kCopy; ++i)
-          if (k + i * stride < end) store_pack<E>(l.staging[p.rank], k + i * stride, v[i]);
-      }
+      for (u32 j = 0; j < kPush; ++j)
+        if (k + j * stride < end) store_pack<E>(slot, k + j * stride - start, v[j]);
     }
   }
   if (!barrier<E>(l, 2 * l.epoch, true)) return false;
@@ -872,11 +899,103 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
   chunk_of(p.rank, p.world_size, packs, &start, &end);
   for (u64 k = start + first; k < end; k += kSum * stride) {
     Pack<E> s[kSum];
-    sum_staged<E, kSum>(l, k, stride, end, s);
+    sum_received<E, kSum>(l, slot_bytes, start, k, stride, end, s);
 #pragma unroll
     for (u32 i = 0; i < kSum; ++i)
       if (k + i * stride < end)
         for (u32 r = 0; r < p.world_size; ++r) store_pack<E>(p.scratch[r], k + i * stride, s[i]);
+  }
+  return barrier<E>(l, 2 * l.epoch + 1, false);
+}
+
+// ---- The fused 2-stage path: a pushed reduce-scatter by rows, the owner's row routine, and a
+// local second kernel for the other rows. ----
+// Rank r owns rows [r c, (r + 1) c) of the call, c = ceil(rows / P) (params.rs `chunk_rows`). Each
+// rank pushes its rows of chunk o into its slot of rank o's receive area (`receive_rows_offset`);
+// after barrier 2e, each rank sums its own rows in rank order (its own input where it is), pushes
+// every rounded sum into each peer's scratch and runs the row routine on the row (residual add,
+// RMSNorm, epilogue: the outputs of its rows); barrier 2e + 1 closes the call, and the second
+// kernel (scratch_add_rmsnorm) runs the row routine on the other rows from the sums in this
+// rank's scratch. Per block: block b pushes, sums and forwards the chunk rows b, b + G, ... of
+// every owner, so each barrier pairs a block with its namesakes only. The areas are reused at
+// once for the reasons of the packed reduce-scatter above.
+
+// The rows rank `r` owns (cpu::kernels::row_chunk_of).
+__device__ __forceinline__ void row_chunk_of(u32 r, u32 world, u32 rows, u32* start, u32* end) {
+  const u32 per_rank = (rows + world - 1) / world;
+  *start = r * per_rank < rows ? r * per_rank : rows;
+  *end = (r + 1) * per_rank < rows ? (r + 1) * per_rank : rows;
+}
+
+// Whether the fused 2-stage path's first kernel runs the row routine on its own rows (one pack a
+// thread, a block of up to 1024 threads: source.rs launches it so), or leaves every row to the
+// second kernel, which runs at any width.
+__device__ __forceinline__ bool owner_normalises(u32 n_packs) { return n_packs <= 1024u; }
+
+template <class E>
+__device__ __forceinline__ bool fused_2stage(const Launch& l) {
+  const LaunchParams& p = l.p;
+  const u32 rows = (p.flags & ARFUSE_FLAG_REFUSED) ? 0 : p.rows;
+  const u32 n_packs = p.hidden / Pack<E>::N;
+  const u32 t = tid_x(), g = gdim_x();
+  // Several rows per step, so that a thread has as many pushes in flight.
+  constexpr u32 kRows = 4;
+  // Sender s's rows of an owner's chunk are s chunks into its receive area (params.rs
+  // `receive_rows_offset`).
+  const u64 slot_bytes = (u64)((rows + p.world_size - 1) / p.world_size) * n_packs * 16u;
+  for (u32 i = 1; i < p.world_size; ++i) {
+    const u32 owner = (p.rank + i) % p.world_size;
+    u32 start, end;
+    row_chunk_of(owner, p.world_size, rows, &start, &end);
+    const u64 slot = p.receive[owner] + p.rank * slot_bytes;
+    for (u32 row = start + bid_x(); row < end; row += kRows * g)
+      for (u32 j = t; j < n_packs; j += bdim_x()) {
+        Pack<E> v[kRows];
+#pragma unroll
+        for (u32 u = 0; u < kRows; ++u)
+          if (row + u * g < end) v[u] = load_pack<E>(p.input, (u64)(row + u * g) * n_packs + j);
+#pragma unroll
+        for (u32 u = 0; u < kRows; ++u)
+          if (row + u * g < end) store_pack<E>(slot, (u64)(row + u * g - start) * n_packs + j, v[u]);
+      }
+  }
+  if (!barrier<E>(l, 2 * l.epoch, true)) return false;
+  u32 start, end;
+  row_chunk_of(p.rank, p.world_size, rows, &start, &end);
+  // Pack `index` of the call summed in rank order (ours from our input, every peer's from its
+  // slot of our receive area), rounded, and pushed into every peer's scratch. `received` is where
+  // pack 0 of the call would be in sender 0's slot (modulo 2^64), so that `index` needs no offset.
+  const u64 received = p.receive[p.rank] - (u64)start * n_packs * 16u;
+  auto sum = [&](int, u64 index) {
+    constexpr int N = Pack<E>::N;
+    float acc[N];
+    for (u32 r = 0; r < p.world_size; ++r) {
+      const Pack<E> x = load_pack<E>(r == p.rank ? p.input : received + r * slot_bytes, index);
+      float f[N];
+      x.widen(f);
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc[i] = r == 0 ? f[i] : acc[i] + f[i];
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = finish_sum(acc[i]);
+    const Pack<E> s = Pack<E>::narrow(acc);
+    for (u32 r = 0; r < p.world_size; ++r)
+      if (r != p.rank) store_pack<E>(p.scratch[r], index, s);
+    return s;
+  };
+  if (owner_normalises(n_packs)) {
+    auto none = [] {};
+    for (u32 row = start + bid_x(); row < end; row += g)
+      if (!norm_row<E, 1>(p, row, sum, l.abort, false, Early<E>{}, none)) return false;
+  } else {
+    // Rows wider than the block (K > 1 packs a thread): the sums go into our own scratch too,
+    // and the second kernel normalises every row (the row routine at K > 1 beside this kernel's
+    // pushes would spill registers on sm_90).
+    for (u32 row = start + bid_x(); row < end; row += g)
+      for (u32 j = t; j < n_packs; j += bdim_x()) {
+        const u64 index = (u64)row * n_packs + j;
+        store_pack<E>(p.scratch[p.rank], index, sum(0, index));
+      }
   }
   return barrier<E>(l, 2 * l.epoch + 1, false);
 }
@@ -887,40 +1006,15 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
 // word it is advanced: by the one block at once, else by the last block to finish (every block
 // reads the word before it counts itself done). Only this rank's later launches read the word
 // (stream order makes our writes visible to them): no system fence.
-//
-// `kStaged` (the reduce-scatter): every rank's input is resolved into shared memory: its staging
-// half, or with `inputs` set (graph inputs registered after capture) the user's tensor where it
-// is (rank r's input is `inputs[r]`, our own entry is `input`, so nothing is copied); it ends with
-// a barrier after its last read of peers' inputs anyway. The 1-stage kernels push and need none.
-template <class E, bool kStaged, class Body>
+template <class E, class Body>
 __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body body) {
   const bool device_epoch = p.barrier_base == 0;
   const u64 epoch = device_epoch ? load_relaxed_device(epoch_word(p.signals[p.rank])) + 1 : p.barrier_base / 2;
-  __shared__ u64 staging[ARFUSE_MAX_RANKS];
-  __shared__ int registered;
   __shared__ int abort;
   const u32 t = tid_x();
-  if (t == 0) {
-    registered = 1;
-    abort = 0;
-  }
-  if (kStaged) {
-    const bool in_place = device_epoch && p.inputs != 0;
-    const u64 half = device_epoch && (epoch & 1) ? p.staging_half_bytes : 0;
-    block_sync();
-    if (t < p.world_size) {
-      staging[t] = in_place ? ((const u64*)p.inputs)[t] : p.staging[t] + half;
-      if (staging[t] == 0) registered = 0;
-    }
-  }
+  if (t == 0) abort = 0;
   block_sync();
-  const Launch l = {p,         epoch,   (u32)(epoch % ARFUSE_PUSH_ROTATIONS), op, staging,
-                    kStaged && p.input != staging[p.rank], &abort};
-  if (kStaged && !registered) {  // replayed before the ranks registered the graph's inputs
-    if (bid_x() == 0 && t == 0)
-      store_relaxed_sys(error_word(p.signals[p.rank]), ARFUSE_ERROR_NOT_REGISTERED | ((2 * epoch) << 16));
-    return;
-  }
+  const Launch l = {p, epoch, (u32)(epoch % ARFUSE_PUSH_ROTATIONS), op, &abort};
   const bool one_block = gdim_x() == 1;
   if (device_epoch && one_block && t == 0) store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
   publish_header<E>(l);
@@ -935,24 +1029,31 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body b
 }
 
 // The kernel after a cross-rank one (2-stage's second kernel, the unfused path's add+RMSNorm)
-// writes nothing once this rank's error word is set (a peer timeout, a call mismatch, an
-// unregistered graph input): there is no sum to read then. The word is never cleared, and the
+// writes nothing once this rank's error word is set (a peer timeout, a call mismatch): there is
+// no sum to read then. The word is never cleared, and the
 // operator refuses every call after it.
 __device__ __forceinline__ bool first_stage_failed(const LaunchParams& p) {
   return p.signals[p.rank] != 0 && load_relaxed_sys(error_word(p.signals[p.rank])) != 0;
 }
 
+// The fused 2-stage path's second kernel: the rows the other ranks own (the first kernel did
+// ours), from the sums they pushed into our scratch; every row where rows are wider than the
+// block (the first kernel then only summed ours, into our scratch too).
 template <class E>
 __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;
   const u64 scratch = p.scratch[p.rank];
-  norm_rows<E>(p, [&](int, u64 k) { return load_pack<E>(scratch, k); });
+  u32 start, end;
+  row_chunk_of(p.rank, p.world_size, p.rows, &start, &end);
+  const u32 ours = owner_normalises(p.hidden / Pack<E>::N) ? end - start : 0;
+  norm_rows<E>(p, p.rows - ours, [&](u32 i) { return i < start ? i : i + ours; },
+               [&](int, u64 k) { return load_pack<E>(scratch, k); });
 }
 
 template <class E>
 __device__ __forceinline__ void add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;  // the unfused path's all-reduce gave up: no sum to normalise
-  norm_rows<E>(p, [&](int, u64 k) { return load_pack<E>(p.input, k); });
+  norm_rows<E>(p, p.rows, [](u32 i) { return i; }, [&](int, u64 k) { return load_pack<E>(p.input, k); });
 }
 
 template <class E>
@@ -1025,20 +1126,20 @@ __device__ __forceinline__ void quantize_fp8(const LaunchParams& p) {
 #define ARFUSE_INSTANTIATE(dtype, E)                                                                  \
   ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_##dtype) {                                                    \
     const Early<E> early = load_early<E>(p); /* before the epoch read: see load_early */              \
-    cross_rank<E, false>(p, 0, [&](const Launch& l) { return fused_1stage<E>(l, early); });                  \
+    cross_rank<E>(p, 0, [&](const Launch& l) { return fused_1stage<E>(l, early); });                  \
   }                                                                                                   \
   ARFUSE_KERNEL(reduce_scatter_##dtype) {                                                             \
-    cross_rank<E, true>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
+    cross_rank<E>(p, 1, [](const Launch& l) { return reduce_scatter<E>(l); });                        \
   }                                                                                                   \
   ARFUSE_KERNEL(scratch_add_rmsnorm_##dtype) { scratch_add_rmsnorm<E>(p); }                           \
   ARFUSE_KERNEL(allreduce_1stage_##dtype) {                                                           \
-    cross_rank<E, false>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
+    cross_rank<E>(p, 3, [](const Launch& l) { return allreduce_1stage<E>(l); });                      \
   }                                                                                                   \
   ARFUSE_KERNEL(allgather_##dtype) { allgather<E>(p); }                                               \
   ARFUSE_KERNEL(add_rmsnorm_##dtype) { add_rmsnorm<E>(p); }                                           \
   ARFUSE_KERNEL(fused_ar_rmsnorm_1stage_epi_##dtype) {                                                \
     const Early<Epi<E>> early = load_early<Epi<E>>(p);                                                \
-    cross_rank<Epi<E>, false>(p, 6, [&](const Launch& l) { return fused_1stage<Epi<E>>(l, early); }); \
+    cross_rank<Epi<E>>(p, 6, [&](const Launch& l) { return fused_1stage<Epi<E>>(l, early); }); \
   }                                                                                                   \
   ARFUSE_KERNEL(scratch_add_rmsnorm_epi_##dtype) { scratch_add_rmsnorm<Epi<E>>(p); }                  \
   ARFUSE_KERNEL(add_rmsnorm_epi_##dtype) { add_rmsnorm<Epi<E>>(p); }
@@ -1054,3 +1155,16 @@ ARFUSE_INSTANTIATE(f32, F32)
 ARFUSE_INSTANTIATE_QUANTIZE(bf16, Bf16)
 ARFUSE_INSTANTIATE_QUANTIZE(f16, F16)
 ARFUSE_INSTANTIATE_QUANTIZE(f32, F32)
+
+// The fused 2-stage path's first kernel (the last ops of Op::ALL), plain and with the epilogue.
+#define ARFUSE_INSTANTIATE_2STAGE(dtype, E)                                                          \
+  ARFUSE_KERNEL(fused_ar_rmsnorm_2stage_##dtype) {                                                 \
+    cross_rank<E>(p, 10, [](const Launch& l) { return fused_2stage<E>(l); });                      \
+  }                                                                                                \
+  ARFUSE_KERNEL(fused_ar_rmsnorm_2stage_epi_##dtype) {                                             \
+    cross_rank<Epi<E>>(p, 11, [](const Launch& l) { return fused_2stage<Epi<E>>(l); });            \
+  }
+
+ARFUSE_INSTANTIATE_2STAGE(bf16, Bf16)
+ARFUSE_INSTANTIATE_2STAGE(f16, F16)
+ARFUSE_INSTANTIATE_2STAGE(f32, F32)

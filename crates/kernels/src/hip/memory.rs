@@ -113,18 +113,6 @@ impl HipShared {
     }
 }
 
-/// The handle of the allocation (`hipMalloc`, e.g. a framework's tensor) that holds `ptr`, and
-/// `ptr`'s byte offset in it: what peers need to read a user's tensor in place (graph inputs
-/// registered after capture). The memory is taken as cached (peers only read it after a barrier).
-pub(super) fn export_allocation(device: &HipDevice, ptr: DevicePtr) -> Result<(HipIpcHandle, u64)> {
-    device.bind()?;
-    let (base, len) = mem::address_range(ptr.0)?;
-    let handle = ipc::get_mem_handle(base)?;
-    let exported =
-        HipIpcHandle { origin: HandleOrigin::here(device.ordinal(), base, len as u64), memory: 0, reserved: 0, handle };
-    Ok((exported, ptr.0 - base))
-}
-
 impl Drop for HipShared {
     fn drop(&mut self) {
         free(&self.device, self.ptr);

@@ -140,10 +140,6 @@ impl Backend for Hip {
         buffer.export()
     }
 
-    fn export_allocation(device: &HipDevice, ptr: DevicePtr) -> Result<(HipIpcHandle, u64)> {
-        memory::export_allocation(device, ptr)
-    }
-
     fn open_handle(device: &HipDevice, handle: &HipIpcHandle) -> Result<HipPeerMapping> {
         HipPeerMapping::open(device, handle)
     }

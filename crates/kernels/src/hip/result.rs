@@ -196,16 +196,6 @@ pub(crate) mod mem {
         Ok((free, total))
     }
 
-    /// `hipMemGetAddressRange`: the base address and size of the allocation that holds `ptr`.
-    pub(crate) fn address_range(ptr: u64) -> Result<(u64, usize)> {
-        let (mut base, mut size): (*mut c_void, usize) = (std::ptr::null_mut(), 0);
-        // SAFETY: the out-pointers are live locals; the runtime validates `ptr`.
-        check("hipMemGetAddressRange", unsafe {
-            sys::hipMemGetAddressRange(&mut base, &mut size, ptr as *mut c_void)
-        })?;
-        Ok((base as u64, size))
-    }
-
     /// `hipExtMallocWithFlags` on the current device.
     pub(crate) fn ext_malloc_with_flags(bytes: usize, flags: u32) -> Result<u64> {
         let mut ptr: *mut c_void = std::ptr::null_mut();

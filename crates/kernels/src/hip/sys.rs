@@ -49,7 +49,6 @@ extern "C" {
     pub(super) fn hipFree(ptr: *mut c_void) -> c_int;
     pub(super) fn hipMemset(dst: *mut c_void, value: c_int, bytes: usize) -> c_int;
     pub(super) fn hipMemGetInfo(free: *mut usize, total: *mut usize) -> c_int;
-    pub(super) fn hipMemGetAddressRange(base: *mut *mut c_void, size: *mut usize, ptr: *mut c_void) -> c_int;
     pub(super) fn hipMemcpyAsync(
         dst: *mut c_void,
         src: *const c_void,

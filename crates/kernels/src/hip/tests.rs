@@ -350,12 +350,12 @@ fn the_linked_runtime_reports_its_version() {
 /// The C++ mirror of `LaunchParams` and a kernel that echoes every field of its by-value argument.
 const PROBE_SOURCE: &str = r#"
 struct LaunchParams {
-    unsigned long long staging[8], scratch[8], signals[8];
+    unsigned long long receive[8], scratch[8], signals[8];
     unsigned long long input, residual, weight, out, residual_out, barrier_base, deadline_ns;
     unsigned int rows, hidden, rank, world_size;
     float eps;
-    unsigned int staging_half_bytes;
-    unsigned long long inputs;
+    unsigned int reserved0;
+    unsigned long long reserved1;
     unsigned long long push[8];
     unsigned int push_slot_bytes, flags;
 };
@@ -365,12 +365,12 @@ extern "C" __global__ void arfuse_probe(LaunchParams p) {
     unsigned int lane = __builtin_amdgcn_workitem_id_x();
     unsigned int block = __builtin_amdgcn_workgroup_id_x();
     if (lane == 0 && block == 0) {
-        out[0] = p.staging[0]; out[1] = p.staging[7]; out[2] = p.scratch[3]; out[3] = p.signals[5];
+        out[0] = p.receive[0]; out[1] = p.receive[7]; out[2] = p.scratch[3]; out[3] = p.signals[5];
         out[4] = p.input; out[5] = p.residual; out[6] = p.weight; out[7] = p.residual_out;
         out[8] = p.barrier_base; out[9] = p.deadline_ns;
         out[10] = p.rows | ((unsigned long long)p.hidden << 32);
         out[11] = p.rank | ((unsigned long long)p.world_size << 32);
-        out[12] = __builtin_bit_cast(unsigned int, p.eps) | (p.inputs << 32);
+        out[12] = __builtin_bit_cast(unsigned int, p.eps) | (p.reserved1 << 32);
         out[13] = warpSize;
     }
     if (lane == 0) {
@@ -394,12 +394,12 @@ fn probe_params(out: u64) -> crate::LaunchParams {
         rank: 5,
         world_size: 6,
         eps: 1e-6,
-        staging_half_bytes: 0,
-        inputs: 0xabcd,
+        reserved0: 0,
+        reserved1: 0xabcd,
         ..Default::default()
     };
-    p.staging[0] = 0xa0;
-    p.staging[7] = 0xa7;
+    p.receive[0] = 0xa0;
+    p.receive[7] = 0xa7;
     p.scratch[3] = 0xb3;
     p.signals[5] = 0xc5;
     p
@@ -408,8 +408,8 @@ fn probe_params(out: u64) -> crate::LaunchParams {
 /// What the probe writes for `params` on a device with `wave` lanes per wavefront, `blocks` blocks.
 fn probe_expected(p: &crate::LaunchParams, wave: u64, blocks: u64) -> Vec<u64> {
     vec![
-        p.staging[0],
-        p.staging[7],
+        p.receive[0],
+        p.receive[7],
         p.scratch[3],
         p.signals[5],
         p.input,
@@ -420,7 +420,7 @@ fn probe_expected(p: &crate::LaunchParams, wave: u64, blocks: u64) -> Vec<u64> {
         p.deadline_ns,
         u64::from(p.rows) | u64::from(p.hidden) << 32,
         u64::from(p.rank) | u64::from(p.world_size) << 32,
-        u64::from(p.eps.to_bits()) | p.inputs << 32,
+        u64::from(p.eps.to_bits()) | p.reserved1 << 32,
         wave,
         blocks,
     ]

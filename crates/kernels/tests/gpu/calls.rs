@@ -7,7 +7,7 @@ use arfuse_testkit::poisoned;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// One operator call as `fusion` makes it: one or two kernels, one barrier base, one parity.
+/// One operator call as `fusion` makes it: one or two kernels, one barrier base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Call {
     FusedOneStage,
@@ -24,7 +24,7 @@ impl Call {
     pub(crate) fn kernels(self) -> &'static [Op] {
         match self {
             Call::FusedOneStage => &[Op::FusedOneStage],
-            Call::FusedTwoStage => &[Op::ReduceScatter, Op::ScratchAddRmsNorm],
+            Call::FusedTwoStage => &[Op::FusedTwoStage, Op::ScratchAddRmsNorm],
             Call::AllReduceOneStage => &[Op::AllReduceOneStage],
             Call::AllReduceTwoStage => &[Op::ReduceScatter, Op::AllGather],
             Call::AddRmsNorm => &[Op::AddRmsNorm],
@@ -98,7 +98,8 @@ pub(crate) fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<O
     let world = inputs.x.len();
     let elems = inputs.rows * inputs.hidden;
     let zero = T::from_bits_u32(0);
-    let mut staging = vec![vec![zero; elems]; world];
+    // The receive area: a slot of the chunk per rank, up to a row per rank more than `elems`.
+    let mut receive = vec![vec![zero; elems + world * inputs.hidden]; world];
     let mut scratch = vec![vec![zero; elems]; world];
     let mut signals = vec![vec![0u64; SIGNAL_BYTES / 8]; world];
     let slot_bytes = elems * std::mem::size_of::<T>();
@@ -119,7 +120,7 @@ pub(crate) fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<O
     };
     for peer in 0..world {
         template.push[peer] = push[peer].as_mut_ptr() as u64;
-        template.staging[peer] = staging[peer].as_mut_ptr() as u64;
+        template.receive[peer] = receive[peer].as_mut_ptr() as u64;
         template.scratch[peer] = scratch[peer].as_mut_ptr() as u64;
         template.signals[peer] = signals[peer].as_mut_ptr() as u64;
     }
@@ -142,13 +143,13 @@ pub(crate) fn cpu_reference<T: Element>(inputs: &Inputs<T>, call: Call) -> Vec<O
                 for &op in call.kernels() {
                     // SAFETY: every address in `p` is a host vector of `elems` elements (the weight:
                     // `hidden`) or a zeroed signal area, all alive until the scope ends; only the
-                    // barrier protocol orders the ranks' accesses to staging and scratch.
+                    // barrier protocol orders the ranks' accesses to receive areas and scratch.
                     unsafe { cpu::kernels::run(KernelId { op, dtype: T::DTYPE }, p) }.expect("cpu kernel");
                 }
             });
         }
     });
-    drop((staging, scratch, signals, push));
+    drop((receive, scratch, signals, push));
     outputs
 }
 

@@ -13,7 +13,7 @@
 //! each other must all be resident at once.
 //!
 //! Shared buffer of each rank, as the `ipc` crate lays it out:
-//! `[SIGNAL_BYTES signal][staging, parity 0][staging, parity 1][scratch][push region]`.
+//! `[SIGNAL_BYTES signal][receive area][scratch][push region]`.
 
 mod calls;
 mod ipc;
@@ -73,6 +73,7 @@ macro_rules! suite {
             device_memory_handles_and_events,
             kernels_match_the_cpu_backend,
             thousand_back_to_back_calls_stay_exact,
+            every_call_with_the_device_epoch_advances_it_once,
             graph_replay_matches_eager,
             stalled_peer_times_out,
             ipc_two_processes,

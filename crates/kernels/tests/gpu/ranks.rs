@@ -3,7 +3,7 @@
 
 use crate::calls::Call;
 use arfuse_kernels::gpu::DeviceBuffer;
-use arfuse_kernels::params::{push_region_bytes, PUSH_SENTINEL, SIGNAL_ERROR_OFFSET};
+use arfuse_kernels::params::{push_region_bytes, receive_area_bytes, PUSH_SENTINEL, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{DType, DevicePtr, Element, Error, ErrorWord, GpuBackend, KernelId, LaunchParams};
 use arfuse_kernels::{MAX_RANKS, SIGNAL_BYTES};
 use std::sync::{Barrier, Mutex};
@@ -17,23 +17,30 @@ pub(crate) const EPS: f32 = 1e-6;
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Layout {
-    /// Bytes of each staging area, of the scratch area, and of each push slot.
+    /// Bytes of the largest call: of the scratch area and of each push slot (the receive area has
+    /// `receive_area_bytes` of it for the most ranks, enough for every world size).
     pub(crate) half: usize,
 }
 
 impl Layout {
-    /// Signal area, staging halves, scratch, then the push region for `world` ranks (slots of `half`).
+    /// Signal area, receive area, scratch, then the push region for `world` ranks (slots of `half`).
     pub(crate) fn bytes(self, world: usize) -> usize {
-        SIGNAL_BYTES + 3 * self.half + push_region_bytes(world, self.half)
+        self.push_offset() + push_region_bytes(world, self.half)
+    }
+    fn scratch_offset(self) -> usize {
+        SIGNAL_BYTES + receive_area_bytes(self.half, MAX_RANKS)
+    }
+    fn push_offset(self) -> usize {
+        self.scratch_offset() + self.half
     }
     fn push(self, base: u64) -> u64 {
-        base + (SIGNAL_BYTES + 3 * self.half) as u64
+        base + self.push_offset() as u64
     }
-    fn staging(self, base: u64, parity: u64) -> u64 {
-        base + (SIGNAL_BYTES + parity as usize * self.half) as u64
+    fn receive(self, base: u64) -> u64 {
+        base + SIGNAL_BYTES as u64
     }
     fn scratch(self, base: u64) -> u64 {
-        base + (SIGNAL_BYTES + 2 * self.half) as u64
+        base + self.scratch_offset() as u64
     }
 }
 
@@ -44,7 +51,7 @@ pub(crate) fn arm_push_region<B: GpuBackend>(
     layout: Layout,
     world: usize,
 ) {
-    let at = SIGNAL_BYTES + 3 * layout.half;
+    let at = layout.push_offset();
     let bytes = push_region_bytes(world, layout.half);
     B::fill_shared(device, shared, at, bytes, PUSH_SENTINEL).expect("arm push region");
 }
@@ -91,10 +98,10 @@ impl<B: GpuBackend> Rank<B> {
 
     /// Parameters of call number `index` (0, 1, ...) of this rank's group, on its local tensors at
     /// byte offset `offset`. The call's epoch is `index + 1`: barrier base `2 * epoch` (`params.rs`:
-    /// the call-descriptor slot is `epoch % 2`), staging parity `epoch % 2`.
+    /// the push rotation is `epoch % PUSH_ROTATIONS`).
     pub(crate) fn params(&self, rows: usize, hidden: usize, offset: usize, index: u64) -> LaunchParams {
         let epoch = index + 1;
-        let (parity, barrier_base) = (epoch % 2, 2 * epoch);
+        let barrier_base = 2 * epoch;
         let mut p = LaunchParams {
             input: Self::addr(&self.local.input) + offset as u64,
             residual: Self::addr(&self.local.residual) + offset as u64,
@@ -112,7 +119,7 @@ impl<B: GpuBackend> Rank<B> {
             ..LaunchParams::default()
         };
         for peer in 0..self.world {
-            p.staging[peer] = self.layout.staging(self.bases[peer], parity);
+            p.receive[peer] = self.layout.receive(self.bases[peer]);
             p.scratch[peer] = self.layout.scratch(self.bases[peer]);
             p.signals[peer] = self.bases[peer];
             p.push[peer] = self.layout.push(self.bases[peer]);
@@ -164,6 +171,15 @@ impl<B: GpuBackend> Rank<B> {
         // SAFETY: the error word lies inside this rank's shared buffer.
         unsafe { B::read_back(&self.stream, at, &mut bytes) }.expect("read error word");
         ErrorWord(u64::from_le_bytes(bytes))
+    }
+
+    /// This rank's epoch word: the cross-rank launches with `barrier_base` 0 it completed.
+    pub(crate) fn epoch_word(&self) -> u64 {
+        let mut bytes = [0u8; 8];
+        let at = DevicePtr(self.bases[self.rank] + arfuse_kernels::params::SIGNAL_EPOCH_OFFSET as u64);
+        // SAFETY: the epoch word lies inside this rank's shared buffer.
+        unsafe { B::read_back(&self.stream, at, &mut bytes) }.expect("read epoch word");
+        u64::from_le_bytes(bytes)
     }
 
     /// Launches the kernels of `call`.

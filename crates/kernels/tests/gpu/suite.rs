@@ -216,8 +216,8 @@ fn run_case<B: GpuBackend, T: Element>(
 }
 
 /// (3) 1000 calls of changing shapes and paths, launched back to back in batches (no host
-/// synchronisation inside a batch, each call on its own slot of the local tensors), staging
-/// parity alternating per call: all exact.
+/// synchronisation inside a batch, each call on its own slot of the local tensors), the receive
+/// areas reused by every 2-stage call at once: all exact.
 pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
     let Some(_gpu) = gpu::<B>(test, true) else { return };
     const WORLD: usize = 4;
@@ -242,16 +242,20 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
             .iter()
             .map(|&(index, _, rows, hidden)| random_inputs(WORLD, rows, hidden, 77_000 + index as u64))
             .collect();
+        let loaded = std::sync::Barrier::new(WORLD);
         let gpu: Vec<Result<Vec<Outputs<half::bf16>>, String>> = std::thread::scope(|scope| {
             let threads: Vec<_> = ranks
                 .iter()
                 .map(|r| {
-                    let (batch, inputs) = (&batch, &inputs);
+                    let (batch, inputs, loaded) = (&batch, &inputs, &loaded);
                     scope.spawn(move || {
-                        // Upload and poison every slot, then launch the whole batch without waiting.
+                        // Upload and poison every slot, then launch the whole batch without waiting
+                        // (once every rank has uploaded: no copy, a driver call that may wait for
+                        // the device, while a peer's kernel spins).
                         for (slot, input) in inputs.iter().enumerate() {
                             r.load(input, (slot * slot_bytes) as u64);
                         }
+                        loaded.wait();
                         for (slot, &(index, call, rows, hidden)) in batch.iter().enumerate() {
                             let params = r.params(rows, hidden, slot * slot_bytes, index as u64);
                             r.launch(call, DType::Bf16, &params)
@@ -297,6 +301,89 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
         assert!(failures.is_empty(), "{}", failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
     }
     println!("{}: {CALLS} back-to-back calls at world size {WORLD}, bf16, exact ({:.1?})", B::KIND, started.elapsed());
+}
+
+/// (3b) With the epoch taken from device memory (`barrier_base` 0, as the operator launches and a
+/// graph replays), every call of every kind and grid (one block, many, rows fewer than the ranks)
+/// advances every rank's epoch word by exactly one, back to back in one batch, gives no error, and
+/// its outputs are the CPU backend's.
+pub(crate) fn every_call_with_the_device_epoch_advances_it_once<B: Specific>(test: &str) {
+    let Some(_gpu) = gpu::<B>(test, true) else { return };
+    const SHAPES: [(usize, usize); 5] = [(1, 4096), (3, 2880), (8, 8192), (81, 4096), (1, 16384)];
+    for world in [2usize, 4] {
+        let slot_bytes = 81 * 4096 * 2;
+        let ranks = open_group::<B>(world, Layout { half: slot_bytes }, slot_bytes * Call::ALL.len());
+        let mut failures = Vec::new();
+        let mut epochs = 0u64;
+        for (s, &(rows, hidden)) in SHAPES.iter().enumerate() {
+            let inputs: Vec<Inputs<half::bf16>> = Call::ALL
+                .iter()
+                .enumerate()
+                .map(|(c, _)| random_inputs(world, rows, hidden, 91_000 + (s * 10 + c) as u64))
+                .collect();
+            let before: Vec<u64> = ranks.iter().map(|r| r.epoch_word()).collect();
+            let gpu: Vec<Vec<Outputs<half::bf16>>> = std::thread::scope(|scope| {
+                let threads: Vec<_> = ranks
+                    .iter()
+                    .map(|r| {
+                        let inputs = &inputs;
+                        scope.spawn(move || {
+                            for (slot, input) in inputs.iter().enumerate() {
+                                r.load(input, (slot * slot_bytes) as u64);
+                            }
+                            for (slot, &call) in Call::ALL.iter().enumerate() {
+                                let mut params = r.params(rows, hidden, slot * slot_bytes, 0);
+                                params.barrier_base = 0;
+                                r.launch(call, DType::Bf16, &params).expect("launch");
+                            }
+                            r.wait("calls with the device epoch");
+                            assert_eq!(
+                                r.error_word().kind(),
+                                0,
+                                "rank {}: {rows}x{hidden}: {:?}",
+                                r.rank,
+                                r.error_word()
+                            );
+                            (0..Call::ALL.len())
+                                .map(|slot| {
+                                    let offset = (slot * slot_bytes) as u64;
+                                    let elems = rows * hidden;
+                                    Outputs {
+                                        out: r.download(Rank::<B>::addr(&r.local.out) + offset, elems),
+                                        residual_out: r
+                                            .download(Rank::<B>::addr(&r.local.residual_out) + offset, elems),
+                                    }
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().expect("rank thread")).collect()
+            });
+            let crossing = Call::ALL.iter().filter(|c| c.crosses_ranks()).count() as u64;
+            epochs += crossing;
+            for (r, rank) in ranks.iter().enumerate() {
+                assert_eq!(
+                    rank.epoch_word(),
+                    before[r] + crossing,
+                    "world {world} rank {r} {rows}x{hidden}: the epoch word after {crossing} cross-rank calls"
+                );
+                assert_eq!(rank.epoch_word(), epochs, "world {world} rank {r}: epochs so far");
+            }
+            for (slot, &call) in Call::ALL.iter().enumerate() {
+                let per_rank: Vec<Vec<Outputs<half::bf16>>> = gpu.iter().map(|r| vec![r[slot].clone()]).collect();
+                let label = format!("world {world} {rows}x{hidden} {call:?} with the device epoch");
+                check_case(&label, &inputs[slot], &[call], &per_rank, &mut Vec::new(), &mut failures);
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        println!(
+            "{}: world {world}: {} shapes x {} calls with the device epoch: each advanced it once, exact",
+            B::KIND,
+            SHAPES.len(),
+            Call::ALL.len()
+        );
+    }
 }
 
 /// (4) A decode call captured into a graph and replayed gives the bits of the eager call; a
