@@ -204,6 +204,14 @@ __device__ __forceinline__ void release_dependent_grid() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Before sm_90 (no programmatic launch: the kernel starts once the one before it has finished)
+// the fused kernel loads only its input pack early, and every row's weight at the output stage:
+// the early residual and weight, and the first pack's weight held across the wait for the peers,
+// made the bf16 kernels spill on sm_80 (24-40 bytes; f32 with the epilogue 20). See
+// ARFUSE_EARLY_NORM below and kernels.cu `load_early`, `norm_row`.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ARFUSE_EARLY_NORM 0
+#endif
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(ARFUSE_EXP_SOFT_CVT)
@@ -228,6 +236,12 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
   return f;
 }
 #endif
+#endif
+
+// Whether the fused kernel loads its first row's residual and weight before the epoch read and
+// the row routine its first pack's weight before the sum (1: sm_90 and later, AMD).
+#ifndef ARFUSE_EARLY_NORM
+#define ARFUSE_EARLY_NORM 1
 #endif
 
 // Without hardware conversions (AMD, NVIDIA before sm_80) kernels.cu converts by hand.

@@ -351,7 +351,7 @@ struct Early {
 // kernel before in the stream (launched as a programmatic dependent, this kernel may start while
 // that one runs; it may be what writes our input, residual or even weight). Nothing is read for a
 // refused call (its pointers are not the caller's tensors) or where a thread holds more than one
-// pack of a row.
+// pack of a row. Without ARFUSE_EARLY_NORM (before sm_90) only the input pack (arfuse.h).
 template <class E>
 __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   Early<E> f = {};
@@ -361,8 +361,10 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   if (f.valid) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
-    if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
-    f.weight = load_pack<E>(p.weight, t);
+    if (ARFUSE_EARLY_NORM) {
+      if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
+      f.weight = load_pack<E>(p.weight, t);
+    }
   }
   return f;
 }
@@ -515,7 +517,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
     float pack_max = 0.0f;
     if (j < n_packs) {
       if ((bits & ARFUSE_EPILOGUE_NO_RESIDUAL) == 0u) store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ARFUSE_EARLY_NORM && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
@@ -558,7 +560,9 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   Pack<E> ro[K];
-  Pack<E> w0;  // the first pack's weight, loaded before the sum (more would spill at K > 1)
+  // The first pack's weight, loaded before the sum (more would spill at K > 1); without
+  // ARFUSE_EARLY_NORM at the output stage, like the others.
+  Pack<E> w0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
@@ -566,10 +570,10 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     float sq = 0.0f;
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum waits for peers.
-      const bool pre = k == 0 && use_early;
+      const bool pre = ARFUSE_EARLY_NORM && k == 0 && use_early;
       const Pack<E> r =
           no_residual<E>(p) ? zero_pack<E>() : pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
-      if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
+      if (ARFUSE_EARLY_NORM && k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
       float f[N], g[N];
       sum(k, row_pack + j).widen(f);
       r.widen(g);
@@ -614,7 +618,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     const u32 j = t + k * bdim_x();
     if (j < n_packs) {
       store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ARFUSE_EARLY_NORM && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
