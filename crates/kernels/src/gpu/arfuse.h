@@ -338,4 +338,31 @@ static_assert(__builtin_offsetof(LaunchParams, quant_scale) == 368, "LaunchParam
 static_assert(__builtin_offsetof(LaunchParams, epilogue) == 372, "LaunchParams layout differs from params.rs");
 #endif
 
+// Loop bodies that derive much from the parameters and the thread id (the row routine per row:
+// pointers, bounds, the epilogue's selections, per-pack lane masks) start from these. On AMD both
+// are opaque to the optimiser, so what the body derives is recomputed in it (scalar loads from the
+// kernarg segment, a few ALU instructions) instead of being hoisted out of the row loop and kept
+// live in SGPRs for the whole kernel: a wave has at most 102, and they spilled. NVIDIA: the
+// parameter and threadIdx.x themselves (the code is unchanged).
+#if defined(ARFUSE_HIP)
+#define ARFUSE_FRESH_PARAMS 1
+// The kernel's parameters read afresh. `p` must be the kernel's own parameter (kernels.cu passes
+// no other): LaunchParams is the only argument, at offset 0 of the kernarg segment. (Not `&p`:
+// taking its address copies the parameters to scratch.)
+__device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams&) {
+  auto k = (const __attribute__((address_space(4))) LaunchParams*)__builtin_amdgcn_kernarg_segment_ptr();
+  asm volatile("" : "+s"(k));
+  return *(const LaunchParams*)k;
+}
+__device__ __forceinline__ u32 fresh_tid_x() {
+  u32 t = tid_x();
+  asm volatile("" : "+v"(t));
+  return t;
+}
+#else
+#define ARFUSE_FRESH_PARAMS 0
+__device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams& p) { return p; }
+__device__ __forceinline__ u32 fresh_tid_x() { return tid_x(); }
+#endif
+
 #endif  // ARFUSE_H

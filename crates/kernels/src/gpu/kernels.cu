@@ -414,7 +414,7 @@ __device__ __forceinline__ float pack_amax(const Pack<E>& v) {
 __device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_GLOBAL float* out) {
   __shared__ float slots[32];
   __shared__ float scale;
-  const u32 t = tid_x();
+  const u32 t = fresh_tid_x();
 #pragma unroll
   for (int offset = 16; offset >= 1; offset /= 2) {
     const float other = shfl_xor32(amax, offset);
@@ -503,7 +503,7 @@ template <class E, int K>
 __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32 n_packs, Pack<E> (&ro)[K],
                                              const Pack<E>& w0, float inv) {
   constexpr int N = Pack<E>::N;
-  const u32 t = tid_x();
+  const u32 t = fresh_tid_x();
   const u64 row_pack = (u64)row * n_packs;
   const u32 bits = p.epilogue;
   const u32 scaling = bits & ARFUSE_EPILOGUE_SCALE_MASK;
@@ -551,12 +551,13 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
 }
 
 template <class E, int K, class Sum, class Checks>
-__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum, volatile int* abort,
+__device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Sum sum, volatile int* abort,
                                          bool use_early, const Early<E>& early, Checks checks) {
   constexpr int N = Pack<E>::N;
   __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
   __shared__ float row_sum;
-  const u32 t = tid_x();
+  const LaunchParams& p = fresh_params(params);  // per row (arfuse.h)
+  const u32 t = fresh_tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   Pack<E> ro[K];
@@ -745,11 +746,17 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
   // Threads past the row's last pack (at least the world size of them) check the headers while
   // the others wait for the data; else the first threads do, after their data (kLate).
   const bool spare = K == 1 && bdim_x() >= n_packs + p.world_size;
+  // On AMD from `q`, the parameters read afresh where it is used (not held across the rows:
+  // arfuse.h `fresh_params`).
+  auto spare_of = [&](const LaunchParams& q) {
+    return ARFUSE_FRESH_PARAMS ? K == 1 && bdim_x() >= q.hidden / Pack<E>::N + q.world_size : spare;
+  };
   if (!kLate) check_headers<E>(l);
   for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x()) {
     const bool first = use_early && row == bid_x();
+    const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.staging, l.copy, l.abort};  // per row (arfuse.h)
     auto sum = [&](int k, u64 index) {
-      return receive_sum<E, kLate>(l, index, first && k == 0 ? early.input : load_pack<E>(p.input, index));
+      return receive_sum<E, kLate>(lr, index, first && k == 0 ? early.input : load_pack<E>(lr.p.input, index));
     };
 #ifdef ARFUSE_EXP_NO_NORM  // measurement only: the sum goes to `out`, no row routine
     for (u32 j = tid_x(); j < n_packs; j += bdim_x())
@@ -758,7 +765,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     continue;
 #endif
     auto checks = [&] {
-      if (kLate && row == bid_x()) check_headers<E>(l, spare);
+      if (kLate && row == bid_x()) check_headers<E>(lr, spare_of(lr.p));
       // Every peer's data of the block's last row is in: the next kernel of the stream may start
       // (a programmatic dependent) while this block normalises. Not before: blocks of the next
       // call that spin while peers' blocks of this one wait for a multiprocessor could hang.
@@ -769,7 +776,10 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     };
     if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
-  if (kLate && (!sends || bid_x() >= p.rows)) check_headers<E>(l, spare);  // no row: refused or empty
+  const LaunchParams& q = fresh_params(p);
+  const bool no_row =  // refused or empty
+      ARFUSE_FRESH_PARAMS ? (q.flags & ARFUSE_FLAG_REFUSED) != 0 || bid_x() >= q.rows : !sends || bid_x() >= p.rows;
+  if (kLate && no_row) check_headers<E>(l, spare_of(q));
   block_sync();
   return *l.abort == 0;
 }
@@ -980,9 +990,10 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 // are whole warps and hidden a multiple of 128) exchange their maxima by a butterfly; per token,
 // the block does (warps' maxima through shared memory).
 template <class E, int K>
-__device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
+__device__ __forceinline__ void quantize_row(const LaunchParams& params, u32 row) {
   constexpr int N = Pack<E>::N;
-  const u32 t = tid_x();
+  const LaunchParams& p = fresh_params(params);  // per row (arfuse.h)
+  const u32 t = fresh_tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   const u32 scaling = p.epilogue & ARFUSE_EPILOGUE_SCALE_MASK;
