@@ -204,13 +204,17 @@ __device__ __forceinline__ void release_dependent_grid() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// Before sm_90 (no programmatic launch: the kernel starts once the one before it has finished)
-// the fused kernel loads only its input pack early, and every row's weight at the output stage:
-// the early residual and weight, and the first pack's weight held across the wait for the peers,
-// made the bf16 kernels spill on sm_80 (24-40 bytes; f32 with the epilogue 20). See
-// ARFUSE_EARLY_NORM below and kernels.cu `load_early`, `norm_row`.
+// What the fused kernel loads early (ARFUSE_EARLY_NORM below), where it differs. Before sm_90 (no
+// programmatic launch: the kernel starts once the one before it has finished) only its input
+// pack, and every row's weight at the output stage: the early residual and weight, and the first
+// pack's weight held across the wait for the peers, made the bf16 kernels spill on sm_80 (24-40
+// bytes; f32 with the epilogue 20). On sm_100 the epilogue kernels load the residual early but
+// the weights at the output stage (the weight held across the wait spilled 16-48 bytes there).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define ARFUSE_EARLY_NORM 0
+#define ARFUSE_EARLY_NORM_EPI 0
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define ARFUSE_EARLY_NORM_EPI ARFUSE_EARLY_RESIDUAL
 #endif
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
@@ -238,10 +242,16 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
 #endif
 #endif
 
-// Whether the fused kernel loads its first row's residual and weight before the epoch read and
-// the row routine its first pack's weight before the sum (1: sm_90 and later, AMD).
+// What the fused kernel loads before its epoch read besides its input pack (kernels.cu `ahead`),
+// for the plain kernels and for the epilogue ones: its first row's residual pack, its weight pack
+// (and the row routine its first pack's weight before the sum). Both by default (sm_90, AMD).
+#define ARFUSE_EARLY_RESIDUAL 1
+#define ARFUSE_EARLY_WEIGHT 2
 #ifndef ARFUSE_EARLY_NORM
-#define ARFUSE_EARLY_NORM 1
+#define ARFUSE_EARLY_NORM (ARFUSE_EARLY_RESIDUAL | ARFUSE_EARLY_WEIGHT)
+#endif
+#ifndef ARFUSE_EARLY_NORM_EPI
+#define ARFUSE_EARLY_NORM_EPI (ARFUSE_EARLY_RESIDUAL | ARFUSE_EARLY_WEIGHT)
 #endif
 
 // Without hardware conversions (AMD, NVIDIA before sm_80) kernels.cu converts by hand.
@@ -359,10 +369,19 @@ __device__ __forceinline__ u32 fresh_tid_x() {
   asm volatile("" : "+v"(t));
   return t;
 }
+__device__ __forceinline__ u32 reread_tid_x() { return fresh_tid_x(); }
 #else
 #define ARFUSE_FRESH_PARAMS 0
 __device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams& p) { return p; }
 __device__ __forceinline__ u32 fresh_tid_x() { return tid_x(); }
+// The thread id read again (S2R) rather than kept in a register from an earlier read: what the
+// bf16/f16 epilogue kernels' row routine uses (kernels.cu `row_tid_x`), where keeping it (its
+// `t == 0` predicate) spilled on sm_90 and sm_100.
+__device__ __forceinline__ u32 reread_tid_x() {
+  u32 t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
 #endif
 
 #endif  // ARFUSE_H

@@ -340,6 +340,28 @@ __device__ __forceinline__ Pack<E> zero_pack() {
   return zero;
 }
 
+// What is loaded ahead (ARFUSE_EARLY_NORM, or ARFUSE_EARLY_NORM_EPI for the epilogue kernels:
+// arfuse.h): ARFUSE_EARLY_RESIDUAL, the fused kernel's first-row residual pack before the epoch
+// read; ARFUSE_EARLY_WEIGHT, its weight pack then too, and in the row routine the first pack's
+// weight before the sum (else at the output stage, like the others).
+template <class E>
+__device__ __forceinline__ constexpr bool ahead(int what) {
+  return ((HasEpilogue<E>::value ? ARFUSE_EARLY_NORM_EPI : ARFUSE_EARLY_NORM) & what) != 0;
+}
+
+// What a row routine's `checks` returns where the thread id is to be read again at the start of
+// the row on NVIDIA too (arfuse.h `reread_tid_x`): the fused bf16/f16 epilogue kernels, where
+// keeping it from the kernel's start (its `t == 0` predicate) spilled on sm_90 and sm_100. The
+// other kernels' `checks` return nothing, and their row routine is unchanged.
+struct RereadTid {};
+__device__ __forceinline__ constexpr bool rereads_tid(const RereadTid*) { return true; }
+__device__ __forceinline__ constexpr bool rereads_tid(const void*) { return false; }
+template <bool kReread>
+__device__ __forceinline__ u32 row_tid_x() {
+  if constexpr (kReread) return reread_tid_x();
+  return fresh_tid_x();
+}
+
 template <class E>
 struct Early {
   bool valid;  // this thread has a pack in the first row of its block (K = 1 rows only)
@@ -351,7 +373,7 @@ struct Early {
 // kernel before in the stream (launched as a programmatic dependent, this kernel may start while
 // that one runs; it may be what writes our input, residual or even weight). Nothing is read for a
 // refused call (its pointers are not the caller's tensors) or where a thread holds more than one
-// pack of a row. Without ARFUSE_EARLY_NORM (before sm_90) only the input pack (arfuse.h).
+// pack of a row. The residual and weight only as `ahead` says.
 template <class E>
 __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   Early<E> f = {};
@@ -361,10 +383,9 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   if (f.valid) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
-    if (ARFUSE_EARLY_NORM) {
-      if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
-      f.weight = load_pack<E>(p.weight, t);
-    }
+    // No residual tensor: nothing to load.
+    if (ahead<E>(ARFUSE_EARLY_RESIDUAL) && !no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);
+    if (ahead<E>(ARFUSE_EARLY_WEIGHT)) f.weight = load_pack<E>(p.weight, t);
   }
   return f;
 }
@@ -499,11 +520,11 @@ __device__ __forceinline__ void per_group_codes(const LaunchParams& p, u32 row, 
 // packs of x (the row before normalisation); it is overwritten with `out`'s packs, which the
 // dynamic scalings quantise once their scale is known: per group from the 128 / N lanes holding
 // the group (a butterfly inside 32-lane groups), per token from the whole block.
-template <class E, int K>
+template <class E, int K, bool kReread>
 __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32 n_packs, Pack<E> (&ro)[K],
                                              const Pack<E>& w0, float inv) {
   constexpr int N = Pack<E>::N;
-  const u32 t = fresh_tid_x();
+  const u32 t = row_tid_x<kReread>();
   const u64 row_pack = (u64)row * n_packs;
   const u32 bits = p.epilogue;
   const u32 scaling = bits & ARFUSE_EPILOGUE_SCALE_MASK;
@@ -517,7 +538,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
     float pack_max = 0.0f;
     if (j < n_packs) {
       if ((bits & ARFUSE_EPILOGUE_NO_RESIDUAL) == 0u) store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = ARFUSE_EARLY_NORM && k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
@@ -556,13 +577,14 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Su
   constexpr int N = Pack<E>::N;
   __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
   __shared__ float row_sum;
+  constexpr bool kReread = rereads_tid((decltype(checks())*)nullptr);
   const LaunchParams& p = fresh_params(params);  // per row (arfuse.h)
-  const u32 t = fresh_tid_x();
+  const u32 t = row_tid_x<kReread>();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   Pack<E> ro[K];
-  // The first pack's weight, loaded before the sum (more would spill at K > 1); without
-  // ARFUSE_EARLY_NORM at the output stage, like the others.
+  // The first pack's weight, loaded before the sum (more would spill at K > 1) where
+  // ahead<E>(ARFUSE_EARLY_WEIGHT), else at the output stage like the others.
   Pack<E> w0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -571,10 +593,11 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Su
     float sq = 0.0f;
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum waits for peers.
-      const bool pre = ARFUSE_EARLY_NORM && k == 0 && use_early;
-      const Pack<E> r =
-          no_residual<E>(p) ? zero_pack<E>() : pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
-      if (ARFUSE_EARLY_NORM && k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
+      const bool pre = k == 0 && use_early;
+      const Pack<E> r = no_residual<E>(p)                        ? zero_pack<E>()
+                        : ahead<E>(ARFUSE_EARLY_RESIDUAL) && pre ? early.residual
+                                                                 : load_pack<E>(p.residual, row_pack + j);
+      if (ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
       float f[N], g[N];
       sum(k, row_pack + j).widen(f);
       r.widen(g);
@@ -611,7 +634,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Su
   block_sync();
   const float inv = rcp_rn(sqrt_rn(mean_of(row_sum, p.hidden) + p.eps));
   if constexpr (HasEpilogue<E>::value) {
-    epilogue_out<E, K>(p, row, n_packs, ro, w0, inv);
+    epilogue_out<E, K, kReread>(p, row, n_packs, ro, w0, inv);
     return true;
   }
 #pragma unroll
@@ -619,7 +642,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Su
     const u32 j = t + k * bdim_x();
     if (j < n_packs) {
       store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = ARFUSE_EARLY_NORM && k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
@@ -773,6 +796,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
       // counts for the whole block, and a header checker (the spare warp) has seen only the
       // peers' block 0, not that their block of this row runs (8 ranks on one H200 hung so).
       if (row + gdim_x() >= p.rows && tid_x() < n_packs) release_dependent_grid();
+      if constexpr (HasEpilogue<E>::value && kLate) return RereadTid{};  // see RereadTid
     };
     if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
