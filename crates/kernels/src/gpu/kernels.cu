@@ -962,12 +962,17 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body b
   const bool one_block = gdim_x() == 1;
   if (device_epoch && one_block && t == 0) store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
   publish_header<E>(l);
-  if (!body(l) || !device_epoch || one_block) return;
+  // On AMD from the parameters, grid and thread id read afresh (arfuse.h): the masks of the
+  // kernel's start would otherwise stay live in SGPRs across the body.
+  if (!body(l) || (ARFUSE_FRESH_PARAMS ? fresh_params(p).barrier_base != 0 : !device_epoch) ||
+      (ARFUSE_FRESH_PARAMS ? fresh_gdim_x() == 1 : one_block))
+    return;
+  const LaunchParams& q = fresh_params(p);
   block_sync();
-  if (t == 0) {
-    if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
-      store_relaxed_sys(done_word(p.signals[p.rank]), 0);
-      store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
+  if ((ARFUSE_FRESH_PARAMS ? fresh_tid_x() : t) == 0) {
+    if (fetch_add_device(done_word(q.signals[q.rank]), 1) == gdim_x() - 1) {
+      store_relaxed_sys(done_word(q.signals[q.rank]), 0);
+      store_relaxed_sys(epoch_word(q.signals[q.rank]), epoch);
     }
   }
 }
