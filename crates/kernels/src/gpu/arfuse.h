@@ -370,16 +370,23 @@ __device__ __forceinline__ u32 fresh_tid_x() {
   return t;
 }
 __device__ __forceinline__ u32 reread_tid_x() { return fresh_tid_x(); }
-// The grid size read afresh from the dispatch packet (as gdim_x).
+// The block and grid sizes, opaque (their loads from the dispatch packet are shared with every
+// other use): what is derived from them is recomputed where used.
+__device__ __forceinline__ u32 fresh_bdim_x() {
+  u32 b = bdim_x();
+  asm volatile("" : "+s"(b));
+  return b;
+}
 __device__ __forceinline__ u32 fresh_gdim_x() {
-  auto d = (const __attribute__((address_space(4))) u8*)__builtin_amdgcn_dispatch_ptr();
-  asm volatile("" : "+s"(d));
-  return ((const __attribute__((address_space(4))) u32*)d)[3] / ((const __attribute__((address_space(4))) u16*)d)[2];
+  u32 g = gdim_x();
+  asm volatile("" : "+s"(g));
+  return g;
 }
 #else
 #define ARFUSE_FRESH_PARAMS 0
 __device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams& p) { return p; }
 __device__ __forceinline__ u32 fresh_tid_x() { return tid_x(); }
+__device__ __forceinline__ u32 fresh_bdim_x() { return bdim_x(); }
 __device__ __forceinline__ u32 fresh_gdim_x() { return gdim_x(); }
 // The thread id read again (S2R) rather than kept in a register from an earlier read: what the
 // bf16/f16 epilogue kernels' row routine uses (kernels.cu `row_tid_x`), where keeping it (its

@@ -444,7 +444,7 @@ __device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_G
   if ((t & 31u) == 0u) slots[t / 32u] = amax;
   block_sync();
   if (t < 32u) {
-    float a = t < (bdim_x() + 31u) / 32u ? slots[t] : 0.0f;
+    float a = t < (fresh_bdim_x() + 31u) / 32u ? slots[t] : 0.0f;
 #pragma unroll
     for (int offset = 16; offset >= 1; offset /= 2) {
       const float other = shfl_xor32(a, offset);
@@ -757,7 +757,10 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
   const LaunchParams& p = l.p;
   const u32 n_packs = p.hidden / Pack<E>::N;
   const bool sends = (p.flags & ARFUSE_FLAG_REFUSED) == 0;
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
+  // (On AMD `sends` is read afresh per row: arfuse.h.)
+  for (u32 row = bid_x();
+       row < p.rows && (ARFUSE_FRESH_PARAMS ? (fresh_params(p).flags & ARFUSE_FLAG_REFUSED) == 0 : sends);
+       row += gdim_x())
     for (u32 j = tid_x(); j < n_packs; j += bdim_x()) {
       const u64 k = (u64)row * n_packs + j;
       push_pack<E>(l, k, use_early && row == bid_x() ? early.input : load_pack<E>(p.input, k));
@@ -775,7 +778,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     return ARFUSE_FRESH_PARAMS ? K == 1 && bdim_x() >= q.hidden / Pack<E>::N + q.world_size : spare;
   };
   if (!kLate) check_headers<E>(l);
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x()) {
+  for (u32 row = bid_x(); row < fresh_params(p).rows && sends; row += gdim_x()) {  // (arfuse.h)
     const bool first = use_early && row == bid_x();
     const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.staging, l.copy, l.abort};  // per row (arfuse.h)
     auto sum = [&](int k, u64 index) {
