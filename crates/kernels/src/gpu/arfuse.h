@@ -214,6 +214,18 @@ __device__ __forceinline__ void release_dependent_grid() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// What the fused kernel loads early (ARFUSE_EARLY_NORM below), where it differs. Before sm_90 (no
+// programmatic launch: the kernel starts once the one before it has finished) only its input
+// pack, and every row's weight at the output stage: the early residual and weight, and the first
+// pack's weight held across the wait for the peers, made the bf16 kernels spill on sm_80 (24-40
+// bytes; f32 with the epilogue 20). On sm_100 the epilogue kernels load the residual early but
+// the weights at the output stage (the weight held across the wait spilled 16-48 bytes there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ARFUSE_EARLY_NORM 0
+#define ARFUSE_EARLY_NORM_EPI 0
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define ARFUSE_EARLY_NORM_EPI ARFUSE_EARLY_RESIDUAL
+#endif
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(ARFUSE_EXP_SOFT_CVT)
@@ -238,6 +250,18 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
   return f;
 }
 #endif
+#endif
+
+// What the fused kernel loads before its epoch read besides its input pack (kernels.cu `ahead`),
+// for the plain kernels and for the epilogue ones: its first row's residual pack, its weight pack
+// (and the row routine its first pack's weight before the sum). Both by default (sm_90, AMD).
+#define ARFUSE_EARLY_RESIDUAL 1
+#define ARFUSE_EARLY_WEIGHT 2
+#ifndef ARFUSE_EARLY_NORM
+#define ARFUSE_EARLY_NORM (ARFUSE_EARLY_RESIDUAL | ARFUSE_EARLY_WEIGHT)
+#endif
+#ifndef ARFUSE_EARLY_NORM_EPI
+#define ARFUSE_EARLY_NORM_EPI (ARFUSE_EARLY_RESIDUAL | ARFUSE_EARLY_WEIGHT)
 #endif
 
 // Without hardware conversions (AMD, NVIDIA before sm_80) kernels.cu converts by hand.
@@ -332,6 +356,56 @@ static_assert(__builtin_offsetof(LaunchParams, flags) == 348, "LaunchParams layo
 static_assert(__builtin_offsetof(LaunchParams, out_q) == 352, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, quant_scale) == 368, "LaunchParams layout differs from params.rs");
 static_assert(__builtin_offsetof(LaunchParams, epilogue) == 372, "LaunchParams layout differs from params.rs");
+#endif
+
+// Loop bodies that derive much from the parameters and the thread id (the row routine per row:
+// pointers, bounds, the epilogue's selections, per-pack lane masks) start from these. On AMD both
+// are opaque to the optimiser, so what the body derives is recomputed in it (scalar loads from the
+// kernarg segment, a few ALU instructions) instead of being hoisted out of the row loop and kept
+// live in SGPRs for the whole kernel: a wave has at most 102, and they spilled. NVIDIA: the
+// parameter and threadIdx.x themselves (the code is unchanged).
+#if defined(ARFUSE_HIP)
+#define ARFUSE_FRESH_PARAMS 1
+// The kernel's parameters read afresh. `p` must be the kernel's own parameter (kernels.cu passes
+// no other): LaunchParams is the only argument, at offset 0 of the kernarg segment. (Not `&p`:
+// taking its address copies the parameters to scratch.)
+__device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams&) {
+  auto k = (const __attribute__((address_space(4))) LaunchParams*)__builtin_amdgcn_kernarg_segment_ptr();
+  asm volatile("" : "+s"(k));
+  return *(const LaunchParams*)k;
+}
+__device__ __forceinline__ u32 fresh_tid_x() {
+  u32 t = tid_x();
+  asm volatile("" : "+v"(t));
+  return t;
+}
+__device__ __forceinline__ u32 reread_tid_x() { return fresh_tid_x(); }
+// The block and grid sizes, opaque (their loads from the dispatch packet are shared with every
+// other use): what is derived from them is recomputed where used.
+__device__ __forceinline__ u32 fresh_bdim_x() {
+  u32 b = bdim_x();
+  asm volatile("" : "+s"(b));
+  return b;
+}
+__device__ __forceinline__ u32 fresh_gdim_x() {
+  u32 g = gdim_x();
+  asm volatile("" : "+s"(g));
+  return g;
+}
+#else
+#define ARFUSE_FRESH_PARAMS 0
+__device__ __forceinline__ const LaunchParams& fresh_params(const LaunchParams& p) { return p; }
+__device__ __forceinline__ u32 fresh_tid_x() { return tid_x(); }
+__device__ __forceinline__ u32 fresh_bdim_x() { return bdim_x(); }
+__device__ __forceinline__ u32 fresh_gdim_x() { return gdim_x(); }
+// The thread id read again (S2R) rather than kept in a register from an earlier read: what the
+// bf16/f16 epilogue kernels' row routine uses (kernels.cu `row_tid_x`), where keeping it (its
+// `t == 0` predicate) spilled on sm_90 and sm_100.
+__device__ __forceinline__ u32 reread_tid_x() {
+  u32 t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
 #endif
 
 #endif  // ARFUSE_H

@@ -346,6 +346,28 @@ __device__ __forceinline__ Pack<E> zero_pack() {
   return zero;
 }
 
+// What is loaded ahead (ARFUSE_EARLY_NORM, or ARFUSE_EARLY_NORM_EPI for the epilogue kernels:
+// arfuse.h): ARFUSE_EARLY_RESIDUAL, the fused kernel's first-row residual pack before the epoch
+// read; ARFUSE_EARLY_WEIGHT, its weight pack then too, and in the row routine the first pack's
+// weight before the sum (else at the output stage, like the others).
+template <class E>
+__device__ __forceinline__ constexpr bool ahead(int what) {
+  return ((HasEpilogue<E>::value ? ARFUSE_EARLY_NORM_EPI : ARFUSE_EARLY_NORM) & what) != 0;
+}
+
+// What a row routine's `checks` returns where the thread id is to be read again at the start of
+// the row on NVIDIA too (arfuse.h `reread_tid_x`): the fused bf16/f16 epilogue kernels, where
+// keeping it from the kernel's start (its `t == 0` predicate) spilled on sm_90 and sm_100. The
+// other kernels' `checks` return nothing, and their row routine is unchanged.
+struct RereadTid {};
+__device__ __forceinline__ constexpr bool rereads_tid(const RereadTid*) { return true; }
+__device__ __forceinline__ constexpr bool rereads_tid(const void*) { return false; }
+template <bool kReread>
+__device__ __forceinline__ u32 row_tid_x() {
+  if constexpr (kReread) return reread_tid_x();
+  return fresh_tid_x();
+}
+
 template <class E>
 struct Early {
   bool valid;  // this thread has a pack in the first row of its block (K = 1 rows only)
@@ -357,7 +379,7 @@ struct Early {
 // kernel before in the stream (launched as a programmatic dependent, this kernel may start while
 // that one runs; it may be what writes our input, residual or even weight). Nothing is read for a
 // refused call (its pointers are not the caller's tensors) or where a thread holds more than one
-// pack of a row.
+// pack of a row. The residual and weight only as `ahead` says.
 template <class E>
 __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   Early<E> f = {};
@@ -367,8 +389,9 @@ __device__ __forceinline__ Early<E> load_early(const LaunchParams& p) {
   if (f.valid) {
     const u64 k = (u64)row * n_packs + t;
     f.input = load_pack<E>(p.input, k);
-    if (!no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);  // no residual tensor: none
-    f.weight = load_pack<E>(p.weight, t);
+    // No residual tensor: nothing to load.
+    if (ahead<E>(ARFUSE_EARLY_RESIDUAL) && !no_residual<E>(p)) f.residual = load_pack<E>(p.residual, k);
+    if (ahead<E>(ARFUSE_EARLY_WEIGHT)) f.weight = load_pack<E>(p.weight, t);
   }
   return f;
 }
@@ -418,7 +441,7 @@ __device__ __forceinline__ float pack_amax(const Pack<E>& v) {
 __device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_GLOBAL float* out) {
   __shared__ float slots[32];
   __shared__ float scale;
-  const u32 t = tid_x();
+  const u32 t = fresh_tid_x();
 #pragma unroll
   for (int offset = 16; offset >= 1; offset /= 2) {
     const float other = shfl_xor32(amax, offset);
@@ -427,7 +450,7 @@ __device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_G
   if ((t & 31u) == 0u) slots[t / 32u] = amax;
   block_sync();
   if (t < 32u) {
-    float a = t < (bdim_x() + 31u) / 32u ? slots[t] : 0.0f;
+    float a = t < (fresh_bdim_x() + 31u) / 32u ? slots[t] : 0.0f;
 #pragma unroll
     for (int offset = 16; offset >= 1; offset /= 2) {
       const float other = shfl_xor32(a, offset);
@@ -503,11 +526,11 @@ __device__ __forceinline__ void per_group_codes(const LaunchParams& p, u32 row, 
 // packs of x (the row before normalisation); it is overwritten with `out`'s packs, which the
 // dynamic scalings quantise once their scale is known: per group from the 128 / N lanes holding
 // the group (a butterfly inside 32-lane groups), per token from the whole block.
-template <class E, int K>
+template <class E, int K, bool kReread>
 __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32 n_packs, Pack<E> (&ro)[K],
                                              const Pack<E>& w0, float inv) {
   constexpr int N = Pack<E>::N;
-  const u32 t = tid_x();
+  const u32 t = row_tid_x<kReread>();
   const u64 row_pack = (u64)row * n_packs;
   const u32 bits = p.epilogue;
   const u32 scaling = bits & ARFUSE_EPILOGUE_SCALE_MASK;
@@ -521,7 +544,7 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
     float pack_max = 0.0f;
     if (j < n_packs) {
       if ((bits & ARFUSE_EPILOGUE_NO_RESIDUAL) == 0u) store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
@@ -555,16 +578,20 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
 }
 
 template <class E, int K, class Sum, class Checks>
-__device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum, volatile int* abort,
+__device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Sum sum, volatile int* abort,
                                          bool use_early, const Early<E>& early, Checks checks) {
   constexpr int N = Pack<E>::N;
   __shared__ float group_sums[ARFUSE_MAX_ROW_PACKS / 32];
   __shared__ float row_sum;
-  const u32 t = tid_x();
+  constexpr bool kReread = rereads_tid((decltype(checks())*)nullptr);
+  const LaunchParams& p = fresh_params(params);  // per row (arfuse.h)
+  const u32 t = row_tid_x<kReread>();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   Pack<E> ro[K];
-  Pack<E> w0;  // the first pack's weight, loaded before the sum (more would spill at K > 1)
+  // The first pack's weight, loaded before the sum (more would spill at K > 1) where
+  // ahead<E>(ARFUSE_EARLY_WEIGHT), else at the output stage like the others.
+  Pack<E> w0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     if ((u32)k * bdim_x() >= n_packs) break;  // the same in every thread
@@ -573,9 +600,10 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     if (j < n_packs) {
       // Residual and weight first: their loads travel while the sum waits for peers.
       const bool pre = k == 0 && use_early;
-      const Pack<E> r =
-          no_residual<E>(p) ? zero_pack<E>() : pre ? early.residual : load_pack<E>(p.residual, row_pack + j);
-      if (k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
+      const Pack<E> r = no_residual<E>(p)                        ? zero_pack<E>()
+                        : ahead<E>(ARFUSE_EARLY_RESIDUAL) && pre ? early.residual
+                                                                 : load_pack<E>(p.residual, row_pack + j);
+      if (ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0) w0 = pre ? early.weight : load_pack<E>(p.weight, j);
       float f[N], g[N];
       sum(k, row_pack + j).widen(f);
       r.widen(g);
@@ -612,7 +640,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
   block_sync();
   const float inv = rcp_rn(sqrt_rn(mean_of(row_sum, p.hidden) + p.eps));
   if constexpr (HasEpilogue<E>::value) {
-    epilogue_out<E, K>(p, row, n_packs, ro, w0, inv);
+    epilogue_out<E, K, kReread>(p, row, n_packs, ro, w0, inv);
     return true;
   }
 #pragma unroll
@@ -620,7 +648,7 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& p, u32 row, Sum sum
     const u32 j = t + k * bdim_x();
     if (j < n_packs) {
       store_pack<E>(p.residual_out, row_pack + j, ro[k]);
-      const Pack<E> w = k == 0 ? w0 : load_pack<E>(p.weight, j);
+      const Pack<E> w = ahead<E>(ARFUSE_EARLY_WEIGHT) && k == 0 ? w0 : load_pack<E>(p.weight, j);
       float x[N], y[N];
       ro[k].widen(x);
 #pragma unroll
@@ -737,7 +765,10 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
   const LaunchParams& p = l.p;
   const u32 n_packs = p.hidden / Pack<E>::N;
   const bool sends = (p.flags & ARFUSE_FLAG_REFUSED) == 0;
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x())
+  // (On AMD `sends` is read afresh per row: arfuse.h.)
+  for (u32 row = bid_x();
+       row < p.rows && (ARFUSE_FRESH_PARAMS ? (fresh_params(p).flags & ARFUSE_FLAG_REFUSED) == 0 : sends);
+       row += gdim_x())
     for (u32 j = tid_x(); j < n_packs; j += bdim_x()) {
       const u64 k = (u64)row * n_packs + j;
       push_pack<E>(l, k, use_early && row == bid_x() ? early.input : load_pack<E>(p.input, k));
@@ -749,11 +780,17 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
   // Threads past the row's last pack (at least the world size of them) check the headers while
   // the others wait for the data; else the first threads do, after their data (kLate).
   const bool spare = K == 1 && bdim_x() >= n_packs + p.world_size;
+  // On AMD from `q`, the parameters read afresh where it is used (not held across the rows:
+  // arfuse.h `fresh_params`).
+  auto spare_of = [&](const LaunchParams& q) {
+    return ARFUSE_FRESH_PARAMS ? K == 1 && bdim_x() >= q.hidden / Pack<E>::N + q.world_size : spare;
+  };
   if (!kLate) check_headers<E>(l);
-  for (u32 row = bid_x(); row < p.rows && sends; row += gdim_x()) {
+  for (u32 row = bid_x(); row < fresh_params(p).rows && sends; row += gdim_x()) {  // (arfuse.h)
     const bool first = use_early && row == bid_x();
+    const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.staging, l.copy, l.abort};  // per row (arfuse.h)
     auto sum = [&](int k, u64 index) {
-      return receive_sum<E, kLate>(l, index, first && k == 0 ? early.input : load_pack<E>(p.input, index));
+      return receive_sum<E, kLate>(lr, index, first && k == 0 ? early.input : load_pack<E>(lr.p.input, index));
     };
 #ifdef ARFUSE_EXP_NO_NORM  // measurement only: the sum goes to `out`, no row routine
     for (u32 j = tid_x(); j < n_packs; j += bdim_x())
@@ -762,7 +799,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     continue;
 #endif
     auto checks = [&] {
-      if (kLate && row == bid_x()) check_headers<E>(l, spare);
+      if (kLate && row == bid_x()) check_headers<E>(lr, spare_of(lr.p));
       // Every peer's data of the block's last row is in: the next kernel of the stream may start
       // (a programmatic dependent) while this block normalises. Not before: blocks of the next
       // call that spin while peers' blocks of this one wait for a multiprocessor could hang.
@@ -770,10 +807,14 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
       // counts for the whole block, and a header checker (the spare warp) has seen only the
       // peers' block 0, not that their block of this row runs (8 ranks on one H200 hung so).
       if (row + gdim_x() >= p.rows && tid_x() < n_packs) release_dependent_grid();
+      if constexpr (HasEpilogue<E>::value && kLate) return RereadTid{};  // see RereadTid
     };
     if (!norm_row<E, K>(p, row, sum, l.abort, first, early, checks)) return false;
   }
-  if (kLate && (!sends || bid_x() >= p.rows)) check_headers<E>(l, spare);  // no row: refused or empty
+  const LaunchParams& q = fresh_params(p);
+  const bool no_row =  // refused or empty
+      ARFUSE_FRESH_PARAMS ? (q.flags & ARFUSE_FLAG_REFUSED) != 0 || bid_x() >= q.rows : !sends || bid_x() >= p.rows;
+  if (kLate && no_row) check_headers<E>(l, spare_of(q));
   block_sync();
   return *l.abort == 0;
 }
@@ -1018,12 +1059,17 @@ __device__ __forceinline__ void cross_rank(const LaunchParams& p, u32 op, Body b
   const bool one_block = gdim_x() == 1;
   if (device_epoch && one_block && t == 0) store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
   publish_header<E>(l);
-  if (!body(l) || !device_epoch || one_block) return;
+  // On AMD from the parameters, grid and thread id read afresh (arfuse.h): the masks of the
+  // kernel's start would otherwise stay live in SGPRs across the body.
+  if (!body(l) || (ARFUSE_FRESH_PARAMS ? fresh_params(p).barrier_base != 0 : !device_epoch) ||
+      (ARFUSE_FRESH_PARAMS ? fresh_gdim_x() == 1 : one_block))
+    return;
+  const LaunchParams& q = fresh_params(p);
   block_sync();
-  if (t == 0) {
-    if (fetch_add_device(done_word(p.signals[p.rank]), 1) == gdim_x() - 1) {
-      store_relaxed_sys(done_word(p.signals[p.rank]), 0);
-      store_relaxed_sys(epoch_word(p.signals[p.rank]), epoch);
+  if ((ARFUSE_FRESH_PARAMS ? fresh_tid_x() : t) == 0) {
+    if (fetch_add_device(done_word(q.signals[q.rank]), 1) == gdim_x() - 1) {
+      store_relaxed_sys(done_word(q.signals[q.rank]), 0);
+      store_relaxed_sys(epoch_word(q.signals[q.rank]), epoch);
     }
   }
 }
@@ -1077,9 +1123,10 @@ __device__ __forceinline__ void allgather(const LaunchParams& p) {
 // are whole warps and hidden a multiple of 128) exchange their maxima by a butterfly; per token,
 // the block does (warps' maxima through shared memory).
 template <class E, int K>
-__device__ __forceinline__ void quantize_row(const LaunchParams& p, u32 row) {
+__device__ __forceinline__ void quantize_row(const LaunchParams& params, u32 row) {
   constexpr int N = Pack<E>::N;
-  const u32 t = tid_x();
+  const LaunchParams& p = fresh_params(params);  // per row (arfuse.h)
+  const u32 t = fresh_tid_x();
   const u32 n_packs = p.hidden / N;
   const u64 row_pack = (u64)row * n_packs;
   const u32 scaling = p.epilogue & ARFUSE_EPILOGUE_SCALE_MASK;
