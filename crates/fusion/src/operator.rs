@@ -11,7 +11,7 @@ use arfuse_ipc::{Rendezvous, SharedBuffers};
 use arfuse_kernels::collective::{CollectiveBackend, Communicator};
 use arfuse_kernels::contract::{Epilogue, Quant, Scaling, QUANT_GROUP};
 use arfuse_kernels::params::epilogue_bits;
-use arfuse_kernels::params::{FLAG_REFUSED, SIGNAL_ERROR_OFFSET, SIGNAL_MISMATCH_OFFSET, SIGNAL_REPORT_BYTES};
+use arfuse_kernels::params::{push_header_offset, FLAG_REFUSED, PUSH_ROTATIONS, SIGNAL_ERROR_OFFSET};
 use arfuse_kernels::{
     Backend, DevicePtr, DeviceSlice, DeviceSliceMut, Element, ErrorWord, KernelId, LaunchParams, Op, StreamOrder,
     StreamOrderMut, MAX_RANKS, PACK_BYTES,
@@ -605,14 +605,16 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             return Err(Error::Poisoned(why.clone()));
         }
         B::synchronize(stream)?;
-        let mut report = [0u8; SIGNAL_REPORT_BYTES];
+        let mut word = [0u8; 8];
         let at = DevicePtr(self.buffers.own_signal_ptr()).add(SIGNAL_ERROR_OFFSET);
-        // SAFETY: the error word and the mismatch record lie inside this rank's live signal area.
-        unsafe { B::read_back(stream, at, &mut report)? };
-        let word = |i: usize| u32::from_le_bytes([report[i], report[i + 1], report[i + 2], report[i + 3]]);
-        let error = ErrorWord(u64::from(word(0)) | u64::from(word(4)) << 32);
-        let mismatch = std::array::from_fn(|w| word(SIGNAL_MISMATCH_OFFSET - SIGNAL_ERROR_OFFSET + 4 * w));
-        if let Some(err) = error.to_error_with(self.rank() as u32, self.config.deadline, Some(mismatch)) {
+        // SAFETY: the error word lies inside this rank's live signal area.
+        unsafe { B::read_back(stream, at, &mut word)? };
+        let error = ErrorWord(u64::from_le_bytes(word));
+        let headers = match error.kind() {
+            ErrorWord::KIND_CALL_MISMATCH => self.mismatched_headers(stream, error),
+            _ => None,
+        };
+        if let Some(err) = error.to_error_with(self.rank() as u32, self.config.deadline, headers) {
             return Err(self.poison(err.into()));
         }
         if let Some(vendor) = &mut self.vendor {
@@ -621,6 +623,30 @@ impl<B: Backend> AllReduceRmsNorm<B> {
             }
         }
         Ok(())
+    }
+
+    /// The two headers of the call mismatch `error` reports, where they lie in the push regions
+    /// (nothing re-arms them once this rank has failed): `[what the peer sent us, what we sent
+    /// the peer]`, for the error's description; `None` where they cannot be read.
+    fn mismatched_headers(&self, stream: &B::Stream, error: ErrorWord) -> Option<[u32; 8]> {
+        let (rank, peer, world) = (self.rank(), error.peer() as usize, self.world_size());
+        if peer >= world || peer == rank {
+            return None;
+        }
+        let rotation = (error.barrier() / 2) as usize % PUSH_ROTATIONS;
+        let slot = self.buffers.push_slot_bytes();
+        let push = self.buffers.push_ptrs();
+        let mut words = [0u32; 8];
+        for (i, (region, sender)) in [(rank, peer), (peer, rank)].into_iter().enumerate() {
+            let mut bytes = [0u8; 16];
+            let at = DevicePtr(push[region]).add(push_header_offset(world, slot, rotation, sender));
+            // SAFETY: a header slot of a live push region (ours, or a peer's mapped one), 16 bytes.
+            unsafe { B::read_back(stream, at, &mut bytes) }.ok()?;
+            for (w, chunk) in bytes.chunks_exact(4).enumerate() {
+                words[4 * i + w] = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+        }
+        Some(words)
     }
 
     /// Checks everything about a call before anything is launched.

@@ -25,18 +25,9 @@ pub const SIGNAL_DONE_OFFSET: usize = SIGNAL_ERROR_OFFSET + 16;
 /// Byte offset of the CPU backend's doorbell (`u32`): a sender bumps a rank's doorbell after its
 /// stores into that rank's buffers and wakes the futex waiters on it (GPU kernels never touch it).
 pub const SIGNAL_DOORBELL_OFFSET: usize = SIGNAL_ERROR_OFFSET + 24;
-/// Byte offset of the mismatch record (GPU kernels): the [`CallHeader`] a kernel that reported
-/// [`ErrorWord::KIND_CALL_MISMATCH`] read from the peer (16 bytes), then the one it expected the
-/// peer to have sent (16 bytes); what [`ErrorWord::to_error_with`] describes. Unset (zeros) until
-/// a mismatch.
-pub const SIGNAL_MISMATCH_OFFSET: usize = SIGNAL_ERROR_OFFSET + 32;
-/// Bytes from [`SIGNAL_ERROR_OFFSET`] to the end of the mismatch record: what a host reads back to
-/// report a kernel's failure.
-pub const SIGNAL_REPORT_BYTES: usize = SIGNAL_MISMATCH_OFFSET + 32 - SIGNAL_ERROR_OFFSET;
 /// Total size of a signal area, rounded up to 64 KiB.
 pub const SIGNAL_BYTES: usize = 64 * 1024;
-const _: () = assert!(SIGNAL_DOORBELL_OFFSET + 8 <= SIGNAL_MISMATCH_OFFSET);
-const _: () = assert!(SIGNAL_ERROR_OFFSET + SIGNAL_REPORT_BYTES <= SIGNAL_BYTES);
+const _: () = assert!(SIGNAL_DOORBELL_OFFSET + 8 <= SIGNAL_BYTES);
 
 /// Rotations of the push region: call `e` uses rotation `e % PUSH_ROTATIONS`.
 pub const PUSH_ROTATIONS: usize = 3;
@@ -366,9 +357,9 @@ impl ErrorWord {
         self.to_error_with(rank, deadline, None)
     }
 
-    /// [`to_error`](Self::to_error) with the mismatch record of the signal area
-    /// ([`SIGNAL_MISMATCH_OFFSET`]: the header read, then the one expected), which a call mismatch
-    /// then describes on both sides ("ours" is the header the peer should have sent).
+    /// [`to_error`](Self::to_error) with the two headers of a call mismatch, which it then
+    /// describes on both sides: `[the header the peer sent, the header this rank sent]` (four words
+    /// each, read from the push regions where they lie; all zeros: not known).
     pub fn to_error_with(
         self,
         rank: u32,
@@ -376,7 +367,9 @@ impl ErrorWord {
         mismatch: Option<[u32; 8]>,
     ) -> Option<crate::Error> {
         let (peer, barrier) = (self.peer(), self.barrier());
-        let record = mismatch.filter(|r| r.iter().any(|&w| w != 0)).map(|r| {
+        // Headers re-armed since (a later call of this rank) or never written are not known.
+        let known = |w: &[u32]| w.iter().any(|&w| w != 0) && CallHeader::arrived([w[0], w[1], w[2], w[3]]);
+        let record = mismatch.filter(|r| known(&r[..4]) && known(&r[4..])).map(|r| {
             let header = |i: usize| CallHeader([r[i], r[i + 1], r[i + 2], r[i + 3]]);
             (header(4), header(0))
         });
@@ -528,10 +521,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            ErrorWord::call_mismatch(0, 12).to_error_with(1, deadline, Some([0; 8])),
-            Some(Error::CallMismatch { ref ours, .. }) if ours.contains("barrier 12")
-        ));
+        for unknown in [[0; 8], [PUSH_SENTINEL; 8]] {
+            assert!(matches!(
+                ErrorWord::call_mismatch(0, 12).to_error_with(1, deadline, Some(unknown)),
+                Some(Error::CallMismatch { ref ours, .. }) if ours == "the call at barrier 12"
+            ));
+        }
         assert!(ErrorWord(0).to_error(0, deadline).is_none());
         assert!(ErrorWord(0x7f).to_error(0, deadline).is_none(), "a kind this build does not know");
     }

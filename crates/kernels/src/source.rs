@@ -423,8 +423,6 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {value}ull\n")), "{name} != {value} in arfuse.h");
         }
         assert_eq!(crate::params::SIGNAL_ERROR_OFFSET, crate::MAX_BLOCKS * crate::MAX_RANKS * 8);
-        assert_eq!(crate::params::SIGNAL_MISMATCH_OFFSET, crate::params::SIGNAL_ERROR_OFFSET + 32);
-        assert!(src.contains("#define ARFUSE_SIGNAL_MISMATCH_OFFSET (ARFUSE_SIGNAL_ERROR_OFFSET + 32)\n"));
         assert!(src.contains(&format!("#define ARFUSE_PUSH_SENTINEL {:#x}u\n", crate::params::PUSH_SENTINEL)));
         assert!(src.contains(&format!("#define ARFUSE_FLAG_REFUSED {}u\n", crate::params::FLAG_REFUSED)));
         assert!(src.contains(&format!("#define ARFUSE_OP_CODE_REFUSED {}u\n", crate::params::OP_CODE_REFUSED)));

@@ -258,19 +258,15 @@ __device__ __forceinline__ void publish_header(const Launch& l) {
   store16_sys(header_at(p, t, l.rot, p.rank), call_header<E>(l, p.rank));
 }
 
-// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different
-// (both then go to the signal area's mismatch record, params.rs SIGNAL_MISMATCH_OFFSET, for the
-// host's description of the error).
+// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different.
+// (After a mismatch the host reads both headers where they lie to describe the two calls:
+// nothing re-arms them once the rank has failed.)
 template <class E>
 __device__ __forceinline__ int peer_header(const Launch& l, u32 peer) {
   const pack16 h = load16_sys(header_at(l.p, l.p.rank, l.rot, peer));
   if (!arrived(h)) return 0;
   const pack16 want = call_header<E>(l, peer);
-  if (h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w) return 1;
-  ARFUSE_GLOBAL pack16* record = (ARFUSE_GLOBAL pack16*)(l.p.signals[l.p.rank] + ARFUSE_SIGNAL_MISMATCH_OFFSET);
-  store16_sys(record, h);
-  store16_sys(record + 1, want);
-  return 2;
+  return h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w ? 1 : 2;
 }
 
 // Waits for `peer`'s header and checks it; a different call gives up with a call mismatch.
@@ -788,7 +784,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
   if (!kLate) check_headers<E>(l);
   for (u32 row = bid_x(); row < fresh_params(p).rows && sends; row += gdim_x()) {  // (arfuse.h)
     const bool first = use_early && row == bid_x();
-    const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.staging, l.copy, l.abort};  // per row (arfuse.h)
+    const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.abort};  // per row (arfuse.h)
     auto sum = [&](int k, u64 index) {
       return receive_sum<E, kLate>(lr, index, first && k == 0 ? early.input : load_pack<E>(lr.p.input, index));
     };
