@@ -57,8 +57,8 @@ pub struct Config {
 }
 
 /// A fault injected on purpose at a point no test can reach from outside a call: between the
-/// two stages of a 2-stage call (after the reduce-scatter and its closing barrier, before the
-/// local add+RMSNorm kernel). It fires once, at the first 2-stage call of the operator.
+/// two stages of a 2-stage call (after the first kernel and its closing barrier, before the
+/// local kernel that normalises the rows the other ranks own). It fires once, at the first 2-stage call of the operator.
 ///
 /// Only with the `test-hooks` feature (tests of how peers fail; docs/reliability.md).
 #[cfg(feature = "test-hooks")]
