@@ -6,7 +6,7 @@
 //! 2. A world size above [`MAX_RANKS`], no peer access, or ranks on several hosts: the vendor
 //!    collective library's all-reduce, then our add+RMSNorm ([`Path::Unfused`] with
 //!    [`AllReduce::Vendor`]).
-//! 3. Fusion disabled, or `bytes > max_size / 2`: the unfused path (our custom all-reduce — in row chunks that fit the staging area when the
+//! 3. Fusion disabled, or `bytes > max_size / 2`: the unfused path (our custom all-reduce — in row chunks of at most `max_size / 2` when the
 //!    tensor is larger — or the vendor library for sizes beyond the buffers where one is available).
 //! 4. Otherwise fused: 1-stage iff `bytes <= one_stage_max_bytes` (inclusive; the measured
 //!    threshold of the world size where a tune table gives one, see [`crate::tune`]), unless the
@@ -59,7 +59,8 @@ impl Request {
 pub struct Policy {
     /// Fusion enabled at all.
     pub enabled: bool,
-    /// Size of the staging area per rank; fused iff `bytes <= max_size / 2`.
+    /// Bytes of the 2-stage buffers per rank (a receive area and a scratch of `max_size / 2` each);
+    /// fused iff `bytes <= max_size / 2`.
     pub max_size: usize,
     /// 1-stage iff `bytes <= one_stage_max_bytes` (unless a measured threshold for the world
     /// size replaces it, below). 0 (the default): [`default_one_stage_max_bytes`] of the world size.
@@ -84,7 +85,7 @@ pub struct Policy {
     pub vendor_available: bool,
 }
 
-/// Default size of the staging area per rank: 128 MiB (AITER's `max_size`).
+/// Default `max_size`: 128 MiB (AITER's `max_size`), calls up to 64 MiB on our kernels.
 pub const DEFAULT_MAX_SIZE: usize = 128 << 20;
 /// AITER's 1-stage threshold, 128 KiB: what [`Policy::one_stage_max_bytes`] was by default before
 /// the push protocol.
@@ -127,7 +128,7 @@ impl Policy {
         self
     }
 
-    /// `self` with a staging area of `max_size` bytes per rank ([`Policy::max_size`]).
+    /// `self` with 2-stage buffers of `max_size` bytes per rank ([`Policy::max_size`]).
     #[must_use]
     pub fn with_max_size(mut self, max_size: usize) -> Self {
         self.max_size = max_size;

@@ -129,7 +129,7 @@ pub enum Error {
     /// behind. Every rank of a group needs its own buffer in the same filesystem.
     #[error(
         "shared memory too small: this rank's buffer of {requested} bytes does not fit in {path} ({} free); \
-         each rank of the group needs 64 KiB + 1.5 x max_size there: lower the staging size \
+         each rank of the group needs 64 KiB + max_size and its push region there: lower max_size \
          (Config::policy.max_size, env ARFUSE_MAX_SIZE; default 128 MiB) or give {path} more room \
          (e.g. docker run --shm-size)",
         free(*.available)

@@ -218,6 +218,24 @@ pub struct Variant<'a, B: Backend> {
     pub quant: Option<QuantOut<'a, B>>,
 }
 
+impl<B: Backend> Variant<'_, B> {
+    /// Orders the call's stream after every pending use of the FP8 scales, where their owner
+    /// tracks them (cudarc's slices), as [`Args`]' tensors are; the codes are raw bytes.
+    fn order_before(&mut self, stream: &B::Stream) -> Result<()> {
+        if let Some(order) = self.quant.as_mut().and_then(|q| q.scales.as_mut()).and_then(|s| s.order.as_deref_mut()) {
+            order.before_write(stream)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the scales' tracking owner that the call's stream writes them up to its current end.
+    fn order_after(&mut self, stream: &B::Stream) {
+        if let Some(order) = self.quant.as_mut().and_then(|q| q.scales.as_mut()).and_then(|s| s.order.as_deref_mut()) {
+            order.after_write(stream);
+        }
+    }
+}
+
 impl<B: Backend> Default for Variant<'_, B> {
     fn default() -> Self {
         Variant { no_residual: false, quant: None }
@@ -478,17 +496,19 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         &mut self,
         stream: &B::Stream,
         mut args: Args<'_, B, T>,
-        variant: Variant<'_, B>,
+        mut variant: Variant<'_, B>,
     ) -> Result<Path> {
         let admitted = self.validate(&args, &variant).map(|call| {
             let path = choose_path(&call.request, &self.config.policy);
             (call, path)
         });
         let admitted = admitted.and_then(|admitted| args.order_before(stream).map(|()| admitted));
+        let admitted = admitted.and_then(|admitted| variant.order_before(stream).map(|()| admitted));
         let (call, path) = admitted.inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.trace_path::<T>(path, &call, false);
         let ran = self.run(stream, path, call, &args);
         args.order_after(stream);
+        variant.order_after(stream);
         ran?;
         self.last_path = Some(path);
         Ok(path)
@@ -511,16 +531,18 @@ impl<B: Backend> AllReduceRmsNorm<B> {
         stream: &B::Stream,
         path: Path,
         mut args: Args<'_, B, T>,
-        variant: Variant<'_, B>,
+        mut variant: Variant<'_, B>,
     ) -> Result<Path> {
         let call = self
             .validate(&args, &variant)
             .and_then(|call| self.check_forced(path, &call).map(|()| call))
             .and_then(|call| args.order_before(stream).map(|()| call))
+            .and_then(|call| variant.order_before(stream).map(|()| call))
             .inspect_err(|err| self.refuse::<T>(stream, &args, err))?;
         self.trace_path::<T>(path, &call, true);
         let ran = self.run(stream, path, call, &args);
         args.order_after(stream);
+        variant.order_after(stream);
         ran?;
         self.last_path = Some(path);
         Ok(path)

@@ -10,7 +10,7 @@
 //! [`Error::VendorUnavailable`].
 //!
 //! When the dispatcher picks the vendor library:
-//! - `bytes > max_size / 2` (too large for the staging area) **and** a communicator exists —
+//! - `bytes > max_size / 2` (too large for our kernels' buffers) **and** a communicator exists —
 //!   otherwise our custom all-reduce in row chunks;
 //! - no peer access between some ranks, ranks on several hosts, or a world size beyond the
 //!   kernels (9 or more) — always, since our kernels cannot run there (without a communicator

@@ -92,7 +92,7 @@ fn hidden_2880_and_every_llm_size_fuse() {
         }
     }
     // Beyond the kernels' limit the operator refuses the call before dispatch
-    // (it/refusals.rs::hidden_sizes_beyond_the_kernels_or_the_staging_half_are_refused).
+    // (it/refusals.rs::hidden_sizes_beyond_the_kernels_or_half_of_max_size_are_refused).
     assert_eq!(arfuse_kernels::max_hidden(DType::Bf16), 32768);
 }
 
@@ -141,7 +141,7 @@ fn too_large_goes_to_the_vendor_only_where_one_is_available() {
     );
     // At the boundary, fused with or without the vendor library.
     assert_eq!(choose_path(&req(8192, 4096), &with), Path::TwoStage);
-    // A smaller staging area moves the boundary with it.
+    // A smaller max_size moves the boundary with it.
     let small = Policy { max_size: 1 << 20, ..with };
     // 512 KiB = max_size / 2: fused, 1-stage (the threshold, 1 MiB at world 4, is above it).
     assert_eq!(choose_path(&req(64, 4096), &small), Path::OneStage);

@@ -6,10 +6,11 @@
 //! refuses the call, which its peers see as a mismatch, not data.
 
 use super::{call, run_group, test_config, PATHS};
-use arfuse_fusion::{Args, Error, TensorMut, TensorRef};
+use arfuse_fusion::{Args, BytesMut, Error, QuantOut, TensorMut, TensorRef, Variant};
 use arfuse_kernels::api::Cpu;
+use arfuse_kernels::contract::{Fp8Format, Quant, Scaling};
 use arfuse_kernels::cpu::CpuStream;
-use arfuse_kernels::{DType, DevicePtr, DeviceSlice, DeviceSliceMut, StreamOrder, StreamOrderMut};
+use arfuse_kernels::{DType, DevicePtr, DeviceSlice, DeviceSliceMut, Element, StreamOrder, StreamOrderMut};
 use arfuse_testkit::{assert_all_written, is_poison, poisoned, Fixture, Problem, Reference, TestSeed};
 use half::bf16;
 use std::sync::Mutex;
@@ -53,15 +54,15 @@ fn args_in_place_needs_no_unsafe_and_gives_the_out_of_place_bits_on_every_path()
 
 /// A host tensor whose owner tracks its uses, as cudarc's slices do on the cuda backend: it logs
 /// every hook with what its memory held then, and can refuse to order.
-struct Tracked<'a> {
+struct Tracked<'a, T = bf16> {
     name: &'static str,
-    data: Vec<bf16>,
+    data: Vec<T>,
     log: &'a Mutex<Vec<String>>,
     refuse: bool,
 }
 
-impl<'a> Tracked<'a> {
-    fn new(name: &'static str, data: Vec<bf16>, log: &'a Mutex<Vec<String>>) -> Self {
+impl<'a, T: Element> Tracked<'a, T> {
+    fn new(name: &'static str, data: Vec<T>, log: &'a Mutex<Vec<String>>) -> Self {
         Tracked { name, data, log, refuse: false }
     }
 
@@ -79,8 +80,8 @@ impl<'a> Tracked<'a> {
 
 // SAFETY: the vector owns `len()` initialised elements at this host address (the cpu backend's
 // memory) for as long as the tracked tensor is borrowed.
-unsafe impl DeviceSlice<Cpu> for Tracked<'_> {
-    type Elem = bf16;
+unsafe impl<T: Element> DeviceSlice<Cpu> for Tracked<'_, T> {
+    type Elem = T;
     fn device_ptr(&self) -> DevicePtr {
         DevicePtr(self.data.as_ptr() as u64)
     }
@@ -93,13 +94,13 @@ unsafe impl DeviceSlice<Cpu> for Tracked<'_> {
 }
 
 // SAFETY: a `&mut Tracked` is the only handle on its vector.
-unsafe impl DeviceSliceMut<Cpu> for Tracked<'_> {
+unsafe impl<T: Element> DeviceSliceMut<Cpu> for Tracked<'_, T> {
     fn stream_order_mut(&mut self) -> Option<&mut dyn StreamOrderMut<Cpu>> {
         Some(self)
     }
 }
 
-impl StreamOrder<Cpu> for Tracked<'_> {
+impl<T: Element> StreamOrder<Cpu> for Tracked<'_, T> {
     fn before_read(&self, _stream: &CpuStream) -> arfuse_kernels::Result<()> {
         self.note("before_read");
         if self.refuse {
@@ -115,7 +116,7 @@ impl StreamOrder<Cpu> for Tracked<'_> {
     }
 }
 
-impl StreamOrderMut<Cpu> for Tracked<'_> {
+impl<T: Element> StreamOrderMut<Cpu> for Tracked<'_, T> {
     fn before_write(&mut self, _stream: &CpuStream) -> arfuse_kernels::Result<()> {
         self.note("before_write");
         Ok(())
@@ -224,4 +225,71 @@ fn a_hook_that_cannot_order_refuses_the_call_and_its_peer_sees_a_mismatch() {
     assert!(matches!(mismatch, Err(Error::CallMismatch { .. })), "rank 1 sees the refusal: {mismatch:?}");
     assert_eq!(hooks, &["before_read input written", "after_read input written"], "rank 1's call ran its hooks");
     assert!(out.iter().chain(residual_out).all(|v| is_poison(*v)), "rank 1: the mismatched call wrote an output");
+}
+
+/// The FP8 output's scales are a tracked tensor like the others (issue 17: `forward_with` ordered
+/// only `Args`' tensors): on every path, `before_write` runs after the other tensors' hooks and
+/// before anything is written, `after_write` once the scales are written; the codes are raw bytes.
+#[test]
+fn fp8_scales_are_ordered_like_the_other_tracked_tensors_on_every_path() {
+    let f = fixture(2, 3, 2048, "ordering::fp8_scales");
+    let results = run_group(2, test_config(1 << 20), |op, stream| {
+        PATHS
+            .iter()
+            .map(|&path| {
+                let log = Mutex::new(Vec::new());
+                let rank = op.rank();
+                let input = Tracked::new("input", f.inputs[rank].clone(), &log);
+                let residual = Tracked::new("residual", f.residual.clone(), &log);
+                let weight = Tracked::new("weight", f.weight.clone(), &log);
+                let mut out = Tracked::new("out", poisoned(f.residual.len()), &log);
+                let mut residual_out = Tracked::new("residual_out", poisoned(f.residual.len()), &log);
+                let mut scales = Tracked::new("scales", poisoned::<f32>(3), &log);
+                let mut codes = vec![0u8; f.residual.len()];
+                op.forward_on_with(
+                    stream,
+                    path,
+                    Args {
+                        input: TensorRef::new(&input),
+                        residual: TensorRef::new(&residual),
+                        weight: TensorRef::new(&weight),
+                        out: TensorMut::new(&mut out),
+                        residual_out: TensorMut::new(&mut residual_out),
+                        eps: f.problem.eps,
+                    },
+                    Variant {
+                        no_residual: false,
+                        quant: Some(QuantOut {
+                            quant: Quant { format: Fp8Format::E4m3Fn, scaling: Scaling::PerToken },
+                            codes: BytesMut::host(&mut codes[..]),
+                            scales: Some(TensorMut::new(&mut scales)),
+                        }),
+                    },
+                )
+                .expect("forward_on_with");
+                let called = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
+                (path, called, scales.data.clone())
+            })
+            .collect::<Vec<_>>()
+    });
+    let expected = [
+        "before_read input written",
+        "before_read residual written",
+        "before_read weight written",
+        "before_write out poisoned",
+        "before_write residual_out poisoned",
+        "before_write scales poisoned",
+        "after_read input written",
+        "after_read residual written",
+        "after_read weight written",
+        "after_write out written",
+        "after_write residual_out written",
+        "after_write scales written",
+    ];
+    for (rank, runs) in results.iter().enumerate() {
+        for (path, called, scales) in runs {
+            assert_eq!(called, &expected, "rank {rank} {path}: the hooks in order, the scales among them");
+            assert!(scales.iter().all(|s| s.is_finite() && *s > 0.0), "rank {rank} {path}: scales {scales:?}");
+        }
+    }
 }
