@@ -218,11 +218,18 @@ pub struct Variant<'a, B: Backend> {
     pub quant: Option<QuantOut<'a, B>>,
 }
 
+impl<'a, B: Backend> QuantOut<'a, B> {
+    /// The stream-order hook of the scales, where their owner tracks them (cudarc's slices; the
+    /// codes are raw bytes): what a fused FP8 call and [`crate::quantize_fp8`] order.
+    pub(crate) fn scales_order(&mut self) -> Option<&mut (dyn StreamOrderMut<B> + 'a)> {
+        self.scales.as_mut().and_then(|s| s.order.as_deref_mut())
+    }
+}
+
 impl<B: Backend> Variant<'_, B> {
-    /// Orders the call's stream after every pending use of the FP8 scales, where their owner
-    /// tracks them (cudarc's slices), as [`Args`]' tensors are; the codes are raw bytes.
+    /// Orders the call's stream after every pending use of the FP8 scales, as [`Args`]' tensors are.
     fn order_before(&mut self, stream: &B::Stream) -> Result<()> {
-        if let Some(order) = self.quant.as_mut().and_then(|q| q.scales.as_mut()).and_then(|s| s.order.as_deref_mut()) {
+        if let Some(order) = self.quant.as_mut().and_then(QuantOut::scales_order) {
             order.before_write(stream)?;
         }
         Ok(())
@@ -230,7 +237,7 @@ impl<B: Backend> Variant<'_, B> {
 
     /// Tells the scales' tracking owner that the call's stream writes them up to its current end.
     fn order_after(&mut self, stream: &B::Stream) {
-        if let Some(order) = self.quant.as_mut().and_then(|q| q.scales.as_mut()).and_then(|s| s.order.as_deref_mut()) {
+        if let Some(order) = self.quant.as_mut().and_then(QuantOut::scales_order) {
             order.after_write(stream);
         }
     }

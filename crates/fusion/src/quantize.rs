@@ -43,7 +43,7 @@ pub fn quantize_fp8<B: Backend, T: Element>(
     if let Some(order) = input.order {
         order.before_read(stream)?;
     }
-    if let Some(order) = out.scales.as_mut().and_then(|s| s.order.as_deref_mut()) {
+    if let Some(order) = out.scales_order() {
         order.before_write(stream)?;
     }
     let launched = if params.rows == 0 {
@@ -57,7 +57,7 @@ pub fn quantize_fp8<B: Backend, T: Element>(
     if let Some(order) = input.order {
         order.after_read(stream);
     }
-    if let Some(order) = out.scales.as_mut().and_then(|s| s.order.as_deref_mut()) {
+    if let Some(order) = out.scales_order() {
         order.after_write(stream);
     }
     launched.map_err(Error::from)

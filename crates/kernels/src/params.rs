@@ -206,30 +206,26 @@ pub fn epilogue_of(p: &LaunchParams) -> Epilogue {
     }
 }
 
-/// Packs of the chunk each rank reduces in the unfused path's 2-stage all-reduce of `packs`
-/// 16-byte packs over `world` ranks (the last chunks may be shorter or empty): `ceil(packs / world)`.
-pub const fn chunk_packs(packs: usize, world: usize) -> usize {
-    packs.div_ceil(world)
+/// Items of the chunk each rank owns in a 2-stage call of `items` items over `world` ranks — packs
+/// in the unfused path's all-reduce, rows in the fused call (kernels.cu `chunk_of`): `ceil(items /
+/// world)`, the last chunks shorter or empty.
+pub const fn chunk_len(items: usize, world: usize) -> usize {
+    items.div_ceil(world)
+}
+
+/// The items rank `rank` owns of a 2-stage call of `items` items over `world` ranks (chunks of
+/// [`chunk_len`]).
+pub fn chunk_range(rank: usize, world: usize, items: usize) -> std::ops::Range<usize> {
+    let per_rank = chunk_len(items, world);
+    (rank * per_rank).min(items)..((rank + 1) * per_rank).min(items)
 }
 
 /// Byte offset, in the owner's receive area, of the slot `sender` pushes its part of the owner's
-/// chunk into, for the unfused path's 2-stage all-reduce of `packs` packs over `world` ranks:
-/// `sender x chunk_packs x PACK_BYTES` (pack `k` of the chunk at `+ 16 k`).
-pub const fn receive_slot_offset(packs: usize, world: usize, sender: usize) -> usize {
-    sender * chunk_packs(packs, world) * PACK_BYTES
-}
-
-/// Rows of the chunk each rank reduces and normalises in a fused 2-stage call of `rows` rows over
-/// `world` ranks (the last chunks may be shorter or empty): `ceil(rows / world)`.
-pub const fn chunk_rows(rows: usize, world: usize) -> usize {
-    rows.div_ceil(world)
-}
-
-/// Byte offset, in the owner's receive area, of the slot `sender` pushes its rows of the owner's
-/// chunk into, for a fused 2-stage call of `rows` rows of `row_bytes` over `world` ranks:
-/// `sender x chunk_rows x row_bytes` (row `i` of the chunk at `+ i row_bytes`).
-pub const fn receive_rows_offset(rows: usize, row_bytes: usize, world: usize, sender: usize) -> usize {
-    sender * chunk_rows(rows, world) * row_bytes
+/// chunk into, for a 2-stage call of `items` items of `item_bytes` (packs of `PACK_BYTES` in the
+/// unfused path's all-reduce, rows in the fused call) over `world` ranks: `sender x chunk_len x
+/// item_bytes` (item `i` of the chunk at `+ i item_bytes`).
+pub const fn receive_slot_offset(items: usize, item_bytes: usize, world: usize, sender: usize) -> usize {
+    sender * chunk_len(items, world) * item_bytes
 }
 
 /// The largest row the kernels take, in bytes (`source::MAX_ROW_PACKS` packs).

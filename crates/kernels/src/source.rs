@@ -206,18 +206,17 @@ pub fn launch_config(kernel: KernelId, params: &LaunchParams, sm_count: u32, war
         }
         Op::AddRmsNorm | Op::AddRmsNormEpilogue => (rows.min(65_535), local_row_threads),
         Op::ScratchAddRmsNorm | Op::ScratchAddRmsNormEpilogue => {
-            // The rows the other ranks own (kernels.cu `row_chunk_of`); none: nothing to launch.
+            // The rows the other ranks own (kernels.cu `chunk_of`); none: nothing to launch.
             // Where rows have more than 1024 packs, the first kernel normalised none (kernels.cu
             // `owner_normalises`): every row.
-            let (world, rank) = (params.world_size.max(1) as usize, params.rank as usize);
-            let per_rank = crate::params::chunk_rows(rows as usize, world);
-            let owned = (rows as usize).min((rank + 1) * per_rank).saturating_sub(rank * per_rank);
+            let world = params.world_size.max(1) as usize;
+            let owned = crate::params::chunk_range(params.rank as usize, world, rows as usize).len();
             let ours = if row_packs <= 1024 { owned } else { 0 };
             ((rows as usize - ours).min(65_535) as u32, local_row_threads)
         }
         Op::FusedTwoStage | Op::FusedTwoStageEpilogue => {
             // A block per row of the largest chunk, at most as many as stay resident.
-            let chunk = crate::params::chunk_rows(rows as usize, params.world_size.max(1) as usize) as u32;
+            let chunk = crate::params::chunk_len(rows as usize, params.world_size.max(1) as usize) as u32;
             (chunk.min(resident_blocks(sm_count, row_threads)).max(1), row_threads)
         }
         Op::AllReduceOneStage => {

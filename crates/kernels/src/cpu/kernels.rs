@@ -20,7 +20,7 @@ use crate::params::{epilogue_of, LaunchParams};
 use crate::{DType, Element, KernelId, Op, Result};
 
 use super::signal::{barrier, begin_epoch, check_headers, end_epoch, publish_header, push, receive};
-use crate::params::{receive_rows_offset, receive_slot_offset, FLAG_REFUSED, PUSH_SENTINEL};
+use crate::params::{chunk_range, receive_slot_offset, FLAG_REFUSED, PACK_BYTES, PUSH_SENTINEL};
 use std::time::Instant;
 
 /// A shared view of `len` elements at `addr`.
@@ -47,19 +47,11 @@ unsafe fn view_mut<'a, T>(addr: u64, len: usize) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
 }
 
-/// The pack-aligned range of elements rank `rank` reduces in the two-stage algorithms.
+/// The pack-aligned range of elements rank `rank` reduces in the unfused path's 2-stage all-reduce
+/// (its [`chunk_range`] of the call's packs).
 pub fn chunk_of(rank: usize, world: usize, elems: usize, pack: usize) -> std::ops::Range<usize> {
-    let packs = elems.div_ceil(pack);
-    let per_rank = packs.div_ceil(world);
-    let start = (rank * per_rank * pack).min(elems);
-    let end = ((rank + 1) * per_rank * pack).min(elems);
-    start..end
-}
-
-/// The rows rank `rank` owns in a fused 2-stage call of `rows` rows (`params::chunk_rows` each).
-pub fn row_chunk_of(rank: usize, world: usize, rows: usize) -> std::ops::Range<usize> {
-    let per_rank = crate::params::chunk_rows(rows, world);
-    (rank * per_rank).min(rows)..((rank + 1) * per_rank).min(rows)
+    let packs = chunk_range(rank, world, elems.div_ceil(pack));
+    (packs.start * pack).min(elems)..(packs.end * pack).min(elems)
 }
 
 /// Runs `kernel` with `params` on the calling thread.
@@ -194,7 +186,8 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                     if chunk.is_empty() {
                         continue;
                     }
-                    let slot = (p.receive[owner] as usize + receive_slot_offset(packs, world, rank)) as *mut T;
+                    let slot =
+                        (p.receive[owner] as usize + receive_slot_offset(packs, PACK_BYTES, world, rank)) as *mut T;
                     std::ptr::copy_nonoverlapping(input[chunk.clone()].as_ptr(), slot, chunk.len());
                 }
                 check_headers(p, op.code(), T::DTYPE, start)?;
@@ -204,7 +197,9 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 let parts: Vec<&[T]> = (0..world)
                     .map(|r| match r == rank {
                         true => &input[chunk.clone()],
-                        false => view(p.receive[rank] + receive_slot_offset(packs, world, r) as u64, chunk.len()),
+                        false => {
+                            view(p.receive[rank] + receive_slot_offset(packs, PACK_BYTES, world, r) as u64, chunk.len())
+                        }
                     })
                     .collect();
                 // Every rank's scratch receives this rank's chunk ("cross-device stores").
@@ -224,11 +219,11 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 let row_bytes = hidden * std::mem::size_of::<T>();
                 for i in 1..world {
                     let owner = (rank + i) % world;
-                    let chunk = row_chunk_of(owner, world, rows);
+                    let chunk = chunk_range(owner, world, rows);
                     if chunk.is_empty() {
                         continue;
                     }
-                    let at = p.receive[owner] as usize + receive_rows_offset(rows, row_bytes, world, rank);
+                    let at = p.receive[owner] as usize + receive_slot_offset(rows, row_bytes, world, rank);
                     let ours = &input[chunk.start * hidden..chunk.end * hidden];
                     std::ptr::copy_nonoverlapping(ours.as_ptr(), at as *mut T, ours.len());
                 }
@@ -236,12 +231,12 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 barrier(p, 0)?;
                 // Our rows: summed in rank order (ours where it is, the peers' as they pushed
                 // them), each sum pushed into every peer's scratch and normalised here.
-                let chunk = row_chunk_of(rank, world, rows);
+                let chunk = chunk_range(rank, world, rows);
                 let parts: Vec<&[T]> = (0..world)
                     .map(|r| match r == rank {
                         true => &input[chunk.start * hidden..chunk.end * hidden],
                         false => view(
-                            p.receive[rank] + receive_rows_offset(rows, row_bytes, world, r) as u64,
+                            p.receive[rank] + receive_slot_offset(rows, row_bytes, world, r) as u64,
                             chunk.len() * hidden,
                         ),
                     })
@@ -264,7 +259,7 @@ unsafe fn run_typed<T: Element>(op: Op, p: &LaunchParams) -> Result<()> {
                 // The rows the other ranks own and normalised nothing of here: from the sums
                 // they pushed into our scratch.
                 let sum = view::<T>(p.scratch[rank], elems);
-                let ours = row_chunk_of(rank, world, rows);
+                let ours = chunk_range(rank, world, rows);
                 let mut rows_out = RowOutputs::new(p, op, elems);
                 for row in (0..rows).filter(|row| !ours.contains(row)) {
                     rows_out.row(row, &sum[row * hidden..(row + 1) * hidden]);

@@ -5,7 +5,7 @@
 use super::Cpu;
 use crate::contract::sum_ranks;
 use crate::params::{
-    push_region_bytes, receive_area_bytes, receive_rows_offset, receive_slot_offset, LaunchParams, PUSH_SENTINEL,
+    chunk_range, push_region_bytes, receive_area_bytes, receive_slot_offset, LaunchParams, PACK_BYTES, PUSH_SENTINEL,
     SIGNAL_BYTES,
 };
 use crate::{Backend, DevicePtr, Element, KernelId, Op};
@@ -150,7 +150,7 @@ fn the_reduce_scatter_pushes_each_chunk_into_its_owner() {
         for owner in 0..world {
             let chunk = super::kernels::chunk_of(owner, world, elems, pack);
             for (sender, input) in inputs.iter().enumerate().filter(|&(s, _)| s != owner) {
-                let at = SIGNAL_BYTES + receive_slot_offset(elems / pack, world, sender);
+                let at = SIGNAL_BYTES + receive_slot_offset(elems / pack, PACK_BYTES, world, sender);
                 assert_eq!(
                     bits(&group.read(owner, at, chunk.len())),
                     bits(&input[chunk.clone()]),
@@ -194,10 +194,10 @@ fn the_fused_two_stage_call_pushes_each_rows_chunk_into_its_owner() {
         });
         let row_bytes = hidden * 2;
         for (owner, local) in locals.iter().enumerate() {
-            let chunk = super::kernels::row_chunk_of(owner, world, rows);
+            let chunk = chunk_range(owner, world, rows);
             let elems = chunk.start * hidden..chunk.end * hidden;
             for (sender, input) in inputs.iter().enumerate().filter(|&(s, _)| s != owner) {
-                let at = SIGNAL_BYTES + receive_rows_offset(rows, row_bytes, world, sender);
+                let at = SIGNAL_BYTES + receive_slot_offset(rows, row_bytes, world, sender);
                 assert_eq!(
                     bits(&group.read(owner, at, elems.len())),
                     bits(&input[elems.clone()]),

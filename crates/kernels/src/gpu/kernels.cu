@@ -862,11 +862,13 @@ __device__ __forceinline__ bool allreduce_1stage(const Launch& l) {
 // into our scratch only after the next call's barrier 2e' (our second kernel has run by then:
 // stream order).
 
-// The pack range rank `r` reduces (cpu::kernels::chunk_of, in packs; params.rs `chunk_packs`).
-__device__ __forceinline__ void chunk_of(u32 r, u32 world, u64 packs, u64* start, u64* end) {
-  const u64 per_rank = (packs + world - 1) / world;
-  *start = r * per_rank < packs ? r * per_rank : packs;
-  *end = (r + 1) * per_rank < packs ? (r + 1) * per_rank : packs;
+// The items rank `r` owns of `items` (params.rs `chunk_range`): packs in the unfused path's
+// reduce-scatter (u64), rows in the fused 2-stage call (u32).
+template <class T>
+__device__ __forceinline__ void chunk_of(u32 r, u32 world, T items, T* start, T* end) {
+  const T per_rank = (items + world - 1) / world;
+  *start = r * per_rank < items ? r * per_rank : items;
+  *end = (r + 1) * per_rank < items ? (r + 1) * per_rank : items;
 }
 
 // Sums over ranks of packs `first + i * stride` (i < U, those below `end`) of our chunk (which
@@ -947,8 +949,8 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
 
 // ---- The fused 2-stage path: a pushed reduce-scatter by rows, the owner's row routine, and a
 // local second kernel for the other rows. ----
-// Rank r owns rows [r c, (r + 1) c) of the call, c = ceil(rows / P) (params.rs `chunk_rows`). Each
-// rank pushes its rows of chunk o into its slot of rank o's receive area (`receive_rows_offset`);
+// Rank r owns rows [r c, (r + 1) c) of the call, c = ceil(rows / P) (params.rs `chunk_len`). Each
+// rank pushes its rows of chunk o into its slot of rank o's receive area (`receive_slot_offset`);
 // after barrier 2e, each rank sums its own rows in rank order (its own input where it is), pushes
 // every rounded sum into each peer's scratch and runs the row routine on the row (residual add,
 // RMSNorm, epilogue: the outputs of its rows); barrier 2e + 1 closes the call, and the second
@@ -956,13 +958,6 @@ __device__ __forceinline__ bool reduce_scatter(const Launch& l) {
 // rank's scratch. Per block: block b pushes, sums and forwards the chunk rows b, b + G, ... of
 // every owner, so each barrier pairs a block with its namesakes only. The areas are reused at
 // once for the reasons of the packed reduce-scatter above.
-
-// The rows rank `r` owns (cpu::kernels::row_chunk_of).
-__device__ __forceinline__ void row_chunk_of(u32 r, u32 world, u32 rows, u32* start, u32* end) {
-  const u32 per_rank = (rows + world - 1) / world;
-  *start = r * per_rank < rows ? r * per_rank : rows;
-  *end = (r + 1) * per_rank < rows ? (r + 1) * per_rank : rows;
-}
 
 // Whether the fused 2-stage path's first kernel runs the row routine on its own rows (one pack a
 // thread, a block of up to 1024 threads: source.rs launches it so), or leaves every row to the
@@ -978,12 +973,12 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
   // Several rows per step, so that a thread has as many pushes in flight.
   constexpr u32 kRows = 4;
   // Sender s's rows of an owner's chunk are s chunks into its receive area (params.rs
-  // `receive_rows_offset`).
+  // `receive_slot_offset`).
   const u64 slot_bytes = (u64)((rows + p.world_size - 1) / p.world_size) * n_packs * 16u;
   for (u32 i = 1; i < p.world_size; ++i) {
     const u32 owner = (p.rank + i) % p.world_size;
     u32 start, end;
-    row_chunk_of(owner, p.world_size, rows, &start, &end);
+    chunk_of(owner, p.world_size, rows, &start, &end);
     const u64 slot = p.receive[owner] + p.rank * slot_bytes;
     for (u32 row = start + bid_x(); row < end; row += kRows * g)
       for (u32 j = t; j < n_packs; j += bdim_x()) {
@@ -998,7 +993,7 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
   }
   if (!barrier<E>(l, 2 * l.epoch, true)) return false;
   u32 start, end;
-  row_chunk_of(p.rank, p.world_size, rows, &start, &end);
+  chunk_of(p.rank, p.world_size, rows, &start, &end);
   // Pack `index` of the call summed in rank order (ours from our input, every peer's from its
   // slot of our receive area), rounded, and pushed into every peer's scratch. `received` is where
   // pack 0 of the call would be in sender 0's slot (modulo 2^64), so that `index` needs no offset.
@@ -1086,7 +1081,7 @@ __device__ __forceinline__ void scratch_add_rmsnorm(const LaunchParams& p) {
   if (first_stage_failed(p)) return;
   const u64 scratch = p.scratch[p.rank];
   u32 start, end;
-  row_chunk_of(p.rank, p.world_size, p.rows, &start, &end);
+  chunk_of(p.rank, p.world_size, p.rows, &start, &end);
   const u32 ours = owner_normalises(p.hidden / Pack<E>::N) ? end - start : 0;
   norm_rows<E>(p, p.rows - ours, [&](u32 i) { return i < start ? i : i + ours; },
                [&](int, u64 k) { return load_pack<E>(scratch, k); });
