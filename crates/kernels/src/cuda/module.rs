@@ -11,7 +11,9 @@
 //! - One module per process and device (the ranks that share a GPU share its primary context, so
 //!   they share the module): every function is resolved and finished loading (`cuFuncLoad`) and its
 //!   dynamic shared memory limit raised to the device's opt-in maximum when the module loads, so a
-//!   launch never makes a call that could wait for another rank's spinning kernel.
+//!   launch never makes a call that could wait for another rank's spinning kernel; every function
+//!   prefers the same shared memory carveout, so that a block of one never waits for blocks of
+//!   another to leave a multiprocessor ([`SHARED_CARVEOUT_PERCENT`]).
 
 use super::device::CudaDevice;
 use super::result::{self, nvrtc, CallExt};
@@ -32,6 +34,16 @@ const PROGRAM_NAME: &str = "arfuse.cu";
 const MODULE_NAME: &str = "arfuse.cu (all kernels)";
 /// Dynamic shared memory every function may use without opting in.
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+/// The shared memory carveout every function prefers (`CU_SHAREDMEM_CARVEOUT_MAX_SHARED`, in
+/// percent of the most an SM has): one and the same for all our kernels. A multiprocessor runs
+/// blocks of one L1/shared split at a time; left to the driver, a kernel with 4 bytes of shared
+/// memory (the 1-stage all-reduce) and one with 1 KiB (a local row kernel) get different splits,
+/// and a block of the second then waits until every block of the first has left its
+/// multiprocessor. Where ranks share a GPU, a lagging rank's local kernel so waited for peers'
+/// spinning cross-rank blocks that covered every SM, until they timed out (measured on an H200:
+/// docs/reliability.md). No kernel of ours needs more than the largest split, so none gets
+/// another; the L1 that remains (28 KiB of 256 on sm_90) is more than a streaming kernel uses.
+const SHARED_CARVEOUT_PERCENT: i32 = 100;
 
 /// The kernel source and its compile options (from `crate::source`).
 mod kernel_source {
@@ -162,6 +174,8 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
     // cuFuncLoad exists from CUDA 12.4 on; older drivers load eagerly unless told otherwise.
     let can_finish_loading = device.driver_version() >= 12040;
     let optin = device.max_shared_bytes_per_block();
+    // (A measurement switch leaves the driver's choice: docs/reliability.md.)
+    let pin_carveout = !crate::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_DEFAULT_CARVEOUT");
     let functions = FunctionTable::resolve(|kernel| {
         let function = match module.load_function(&kernel.symbol()) {
             Ok(function) => function,
@@ -183,6 +197,14 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
                     raw,
                     F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     limit as i32,
+                )
+                .call("cuFuncSetAttribute")?;
+            }
+            if pin_carveout {
+                cu::function::set_function_attribute(
+                    raw,
+                    F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    SHARED_CARVEOUT_PERCENT,
                 )
                 .call("cuFuncSetAttribute")?;
             }

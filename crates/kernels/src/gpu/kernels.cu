@@ -258,15 +258,18 @@ __device__ __forceinline__ void publish_header(const Launch& l) {
   store16_sys(header_at(p, t, l.rot, p.rank), call_header<E>(l, p.rank));
 }
 
-// Compares peer's header with the one it must have sent: 0 not arrived, 1 same call, 2 different.
-// (After a mismatch the host reads both headers where they lie to describe the two calls:
-// nothing re-arms them once the rank has failed.)
+// Compares header `h`, as read from peer's slot, with the one it must have sent: 0 not arrived,
+// 1 same call, 2 different. (After a mismatch the host reads both headers where they lie to
+// describe the two calls: nothing re-arms them once the rank has failed.)
 template <class E>
-__device__ __forceinline__ int peer_header(const Launch& l, u32 peer) {
-  const pack16 h = load16_sys(header_at(l.p, l.p.rank, l.rot, peer));
+__device__ __forceinline__ int header_state(const Launch& l, u32 peer, const pack16& h) {
   if (!arrived(h)) return 0;
   const pack16 want = call_header<E>(l, peer);
   return h.x == want.x && h.y == want.y && h.z == want.z && h.w == want.w ? 1 : 2;
+}
+template <class E>
+__device__ __forceinline__ int peer_header(const Launch& l, u32 peer) {
+  return header_state<E>(l, peer, load16_sys(header_at(l.p, l.p.rank, l.rot, peer)));
 }
 
 // Waits for `peer`'s header and checks it; a different call gives up with a call mismatch.
@@ -743,14 +746,23 @@ __device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k, const Pac
 // outputs only after the checks of its own threads). With `checkers_last`, the block's last
 // world-size threads do instead: a block with threads to spare past its row's packs (the fused
 // kernel's extra warp, source.rs `launch_config`) checks there, beside the waits for the data.
+// `seen` (shared memory, one slot per first thread): what the first threads already read of
+// their peer's header (fused_rows; 0 where it had not arrived): a header already seen to match
+// needs no second read, one seen to differ is a mismatch at once.
 template <class E>
-__device__ __forceinline__ void check_headers(const Launch& l, bool checkers_last = false) {
+__device__ __forceinline__ void check_headers(const Launch& l, bool checkers_last = false, const int* seen = nullptr) {
 #ifdef ARFUSE_EXP_NO_HEADER
   return;
 #endif
   const u32 base = checkers_last ? bdim_x() - l.p.world_size : 0;
   const u32 t = tid_x();
-  if (t >= base && t - base < l.p.world_size && t - base != l.p.rank) check_peer_header<E>(l, t - base);
+  if (t < base || t - base >= l.p.world_size || t - base == l.p.rank) return;
+  const int state = checkers_last || seen == nullptr ? 0 : seen[t];
+  if (state == 2) {
+    give_up(l, ARFUSE_ERROR_CALL_MISMATCH, t);
+  } else if (state != 1) {
+    check_peer_header<E>(l, t - base);
+  }
 }
 
 // The rows of this block: every pack goes out first, so that the peers' waits end early; then
@@ -782,6 +794,15 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     return ARFUSE_FRESH_PARAMS ? K == 1 && bdim_x() >= q.hidden / Pack<E>::N + q.world_size : spare;
   };
   if (!kLate) check_headers<E>(l);
+  // Where the first threads check the headers (no spare threads), each reads its peer's header
+  // once before it waits for the data: the read's round trip overlaps the data's travel, and a
+  // header seen to match needs no read after the data (check_headers `seen`). What it saw waits
+  // in shared memory, not in a register across the row routine.
+  __shared__ int seen[ARFUSE_MAX_RANKS];
+  if (kLate && !spare) {
+    const u32 t = tid_x();
+    if (t < p.world_size) seen[t] = t != p.rank && bid_x() < p.rows && sends ? peer_header<E>(l, t) : 0;
+  }
   for (u32 row = bid_x(); row < fresh_params(p).rows && sends; row += gdim_x()) {  // (arfuse.h)
     const bool first = use_early && row == bid_x();
     const Launch lr = {fresh_params(p), l.epoch, l.rot, l.op, l.abort};  // per row (arfuse.h)
@@ -795,7 +816,7 @@ __device__ __forceinline__ bool fused_rows(const Launch& l, bool use_early, cons
     continue;
 #endif
     auto checks = [&] {
-      if (kLate && row == bid_x()) check_headers<E>(lr, spare_of(lr.p));
+      if (kLate && row == bid_x()) check_headers<E>(lr, spare_of(lr.p), seen);
       // Every peer's data of the block's last row is in: the next kernel of the stream may start
       // (a programmatic dependent) while this block normalises. Not before: blocks of the next
       // call that spin while peers' blocks of this one wait for a multiprocessor could hang.

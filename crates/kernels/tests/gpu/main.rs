@@ -73,9 +73,11 @@ macro_rules! suite {
             device_memory_handles_and_events,
             kernels_match_the_cpu_backend,
             thousand_back_to_back_calls_stay_exact,
+            a_lagging_rank_s_local_kernel_runs_while_its_peers_spin,
             every_call_with_the_device_epoch_advances_it_once,
             graph_replay_matches_eager,
             stalled_peer_times_out,
+            a_peer_in_another_call_is_a_mismatch_and_nothing_is_written,
             ipc_two_processes,
             ipc_two_processes_exchange_data,
         );

@@ -173,6 +173,28 @@ impl<B: GpuBackend> Rank<B> {
         ErrorWord(u64::from_le_bytes(bytes))
     }
 
+    /// What lies in the header slots of this rank's push region, per rotation and sender: the
+    /// epoch of the last call header the sender wrote there, or `None` where the slot is armed
+    /// (the sentinel). Where a failed batch leaves them, they tell which call each peer reached.
+    pub(crate) fn headers(&self) -> Vec<Vec<Option<u32>>> {
+        let (world, slot) = (self.world, self.layout.half);
+        (0..arfuse_kernels::params::PUSH_ROTATIONS)
+            .map(|rotation| {
+                (0..world)
+                    .map(|sender| {
+                        let at = self.layout.push(self.bases[self.rank])
+                            + arfuse_kernels::params::push_header_offset(world, slot, rotation, sender) as u64;
+                        let mut bytes = [0u8; 16];
+                        // SAFETY: the header slot lies inside this rank's shared buffer.
+                        unsafe { B::read_back(&self.stream, DevicePtr(at), &mut bytes) }.expect("read header");
+                        let epoch = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                        (epoch != PUSH_SENTINEL).then_some(epoch)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// This rank's epoch word: the cross-rank launches with `barrier_base` 0 it completed.
     pub(crate) fn epoch_word(&self) -> u64 {
         let mut bytes = [0u8; 8];

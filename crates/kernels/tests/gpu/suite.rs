@@ -265,8 +265,12 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
                         let word = r.error_word();
                         if word.kind() != 0 {
                             return Err(format!(
-                                "rank {}: error word {:#x} in the batch from call {batch_start}",
-                                r.rank, word.0
+                                "rank {}: error word {:#x} (kind {}, peer {}, epoch {}) in the batch from call {batch_start}",
+                                r.rank,
+                                word.0,
+                                word.kind(),
+                                word.peer(),
+                                word.barrier() / 2
                             ));
                         }
                         Ok(batch
@@ -289,10 +293,24 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
                 .collect();
             threads.into_iter().map(|t| t.join().expect("rank thread")).collect()
         });
-        let gpu: Vec<Vec<Outputs<half::bf16>>> = match gpu.into_iter().collect() {
-            Ok(gpu) => gpu,
-            Err(protocol) => panic!("{protocol}"),
-        };
+        // Every rank's failure, and what each rank's header slots hold (which call every peer
+        // reached), not only the first rank's error.
+        let errors: Vec<String> = gpu.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        if !errors.is_empty() {
+            let headers: Vec<String> = ranks
+                .iter()
+                .map(|r| format!("rank {} header epochs [rotation][sender]: {:?}", r.rank, r.headers()))
+                .collect();
+            let calls: Vec<String> =
+                batch.iter().map(|&(index, call, rows, hidden)| format!("{index}: {call:?} {rows}x{hidden}")).collect();
+            panic!(
+                "{}\n{}\nbatch (call: kind shape; epoch = call + 1): {}",
+                errors.join("\n"),
+                headers.join("\n"),
+                calls.join(", ")
+            );
+        }
+        let gpu: Vec<Vec<Outputs<half::bf16>>> = gpu.into_iter().filter_map(Result::ok).collect();
         for (slot, &(index, call, rows, hidden)) in batch.iter().enumerate() {
             let per_rank: Vec<Vec<Outputs<half::bf16>>> = gpu.iter().map(|r| vec![r[slot].clone()]).collect();
             let label = format!("call {index} ({rows}x{hidden})");
@@ -301,6 +319,88 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
         assert!(failures.is_empty(), "{}", failures.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
     }
     println!("{}: {CALLS} back-to-back calls at world size {WORLD}, bf16, exact ({:.1?})", B::KIND, started.elapsed());
+}
+
+/// (3a) A rank that lags behind its peers runs a local kernel (the unfused path's add+RMSNorm, or
+/// 2-stage's second kernel) while the peers' blocks of the next cross-rank call already spin on
+/// every multiprocessor: the local kernel must still find room, so that the lagging rank reaches
+/// the call. (It did not while the kernels' shared memory carveouts differed: a multiprocessor
+/// runs blocks of one L1/shared split at a time, and the peers timed out; docs/reliability.md.)
+/// World 4, the peers' 1-stage all-reduce of 128x4096 (3 x 66 blocks: at least one on every SM),
+/// launched first; the lagging rank then launches its local kernel and the same call.
+pub(crate) fn a_lagging_rank_s_local_kernel_runs_while_its_peers_spin<B: Specific>(test: &str) {
+    let Some(_gpu) = gpu::<B>(test, true) else { return };
+    const WORLD: usize = 4;
+    const ROUNDS: usize = 12;
+    let (rows, hidden) = (128usize, 4096usize);
+    let elems = rows * hidden;
+    let slot_bytes = elems * 2;
+    let ranks = open_group::<B>(WORLD, Layout { half: slot_bytes }, 2 * slot_bytes);
+    let late = &ranks[WORLD - 1];
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let seed = 93_000 + round as u64 * 10;
+        let all_reduce = random_inputs::<half::bf16>(WORLD, rows, hidden, seed);
+        let local = random_inputs::<half::bf16>(WORLD, rows, hidden, seed + 1);
+        for r in &ranks {
+            r.load(&all_reduce, 0);
+        }
+        late.load(&local, slot_bytes as u64);
+        for r in &ranks {
+            r.wait("the uploads");
+        }
+        // The peers first, then the lagging rank's local kernel (slot 1) and its call (slot 0).
+        let mut params: Vec<_> = ranks.iter().map(|r| r.params(rows, hidden, 0, round as u64)).collect();
+        for p in &mut params {
+            p.deadline_ns = Duration::from_secs(2).as_nanos() as u64;
+        }
+        for (r, p) in ranks.iter().zip(&params).take(WORLD - 1) {
+            r.launch(Call::AllReduceOneStage, DType::Bf16, p).expect("launch a peer's all-reduce");
+        }
+        let local_params = late.params(rows, hidden, slot_bytes, round as u64);
+        late.launch(Call::AddRmsNorm, DType::Bf16, &local_params).expect("launch the local kernel");
+        late.launch(Call::AllReduceOneStage, DType::Bf16, &params[WORLD - 1]).expect("launch the late all-reduce");
+        let mut failures = Vec::new();
+        for r in &ranks {
+            r.wait("the round");
+            let word = r.error_word();
+            if word.kind() != 0 {
+                failures.push(format!(
+                    "round {round}: rank {} gave up: kind {}, peer {}",
+                    r.rank,
+                    word.kind(),
+                    word.peer()
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let sums = cpu_reference(&all_reduce, Call::AllReduceOneStage);
+        let normed = cpu_reference(&local, Call::AddRmsNorm);
+        for r in &ranks {
+            let out = r.download(Rank::<B>::addr(&r.local.out), elems);
+            if let Err(e) =
+                compare(&format!("round {round} rank {} all-reduce", r.rank), &out, &sums[r.rank].out, hidden)
+            {
+                failures.push(e);
+            }
+        }
+        let base = slot_bytes as u64;
+        let out = late.download(Rank::<B>::addr(&late.local.out) + base, elems);
+        let residual_out = late.download(Rank::<B>::addr(&late.local.residual_out) + base, elems);
+        for (what, got, want) in
+            [("out", &out, &normed[late.rank].out), ("residual_out", &residual_out, &normed[late.rank].residual_out)]
+        {
+            if let Err(e) = compare(&format!("round {round} local add+rmsnorm {what}"), got, want, hidden) {
+                failures.push(e);
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    println!(
+        "{}: {ROUNDS} rounds of a lagging rank's local kernel under 3 peers' spinning 128x4096 all-reduce: exact ({:.1?})",
+        B::KIND,
+        started.elapsed()
+    );
 }
 
 /// (3b) With the epoch taken from device memory (`barrier_base` 0, as the operator launches and a
@@ -461,6 +561,51 @@ pub(crate) fn graph_replay_matches_eager<B: Specific>(test: &str) {
         "{}: graph capture + replay of FusedOneStage {rows}x{hidden} bf16 at world size {WORLD}: same bits as eager",
         B::KIND
     );
+}
+
+/// (4b) Two ranks in different calls of the fused 1-stage kernel (other row counts): each gives
+/// up with a call mismatch naming the other, and neither writes an output element. With rows of
+/// 8192 (no spare warp: the first threads check the headers, reading them before the data) and of
+/// 4096 (a spare warp checks them), and one rank with fewer rows than the other has blocks.
+pub(crate) fn a_peer_in_another_call_is_a_mismatch_and_nothing_is_written<B: Specific>(test: &str) {
+    let Some(_gpu) = gpu::<B>(test, true) else { return };
+    const WORLD: usize = 2;
+    for (hidden, rows) in [(8192usize, [16usize, 8]), (4096, [16, 8]), (8192, [1, 2])] {
+        let most = rows[0].max(rows[1]);
+        let ranks = open_group::<B>(WORLD, Layout { half: most * hidden * 2 }, most * hidden * 2);
+        let inputs: Vec<Inputs<half::bf16>> =
+            rows.iter().map(|&n| random_inputs(WORLD, n, hidden, 95_000 + (hidden * n) as u64)).collect();
+        for (r, input) in ranks.iter().zip(&inputs) {
+            r.load(input, 0);
+            r.wait("the uploads");
+        }
+        for (r, &n) in ranks.iter().zip(&rows) {
+            r.launch(Call::FusedOneStage, DType::Bf16, &r.params(n, hidden, 0, 0)).expect("launch");
+        }
+        let mut failures = Vec::new();
+        for (r, &n) in ranks.iter().zip(&rows) {
+            r.wait("the mismatched call");
+            let word = r.error_word();
+            let label = format!("{hidden} wide, rows {rows:?}, rank {}", r.rank);
+            if word.kind() != ErrorWord::KIND_CALL_MISMATCH || word.peer() as usize != 1 - r.rank {
+                failures.push(format!(
+                    "{label}: error word {:#x} (kind {}, peer {})",
+                    word.0,
+                    word.kind(),
+                    word.peer()
+                ));
+            }
+            for (what, buffer) in [("out", &r.local.out), ("residual_out", &r.local.residual_out)] {
+                let got: Vec<half::bf16> = r.download(Rank::<B>::addr(buffer), n * hidden);
+                let written = got.len() - arfuse_testkit::unwritten(&got).len();
+                if written != 0 {
+                    failures.push(format!("{label}: {written} of {} {what} elements written", got.len()));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+    println!("{}: fused 1-stage calls of other row counts: a call mismatch on both ranks, nothing written", B::KIND);
 }
 
 /// (5) World size 2, rank 1 never launches: rank 0's kernel gives up by itself after its deadline,
