@@ -11,9 +11,9 @@
 //! - One module per process and device (the ranks that share a GPU share its primary context, so
 //!   they share the module): every function is resolved and finished loading (`cuFuncLoad`) and its
 //!   dynamic shared memory limit raised to the device's opt-in maximum when the module loads, so a
-//!   launch never makes a call that could wait for another rank's spinning kernel; every function
-//!   prefers the same shared memory carveout, so that a block of one never waits for blocks of
-//!   another to leave a multiprocessor ([`SHARED_CARVEOUT_PERCENT`]).
+//!   launch never makes a call that could wait for another rank's spinning kernel; where ranks
+//!   share the GPU, every function prefers the same shared memory carveout, so that a block of one
+//!   never waits for blocks of another to leave a multiprocessor ([`SHARED_CARVEOUT_PERCENT`]).
 
 use super::device::CudaDevice;
 use super::result::{self, nvrtc, CallExt};
@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// The program name NVRTC reports in its log.
@@ -34,15 +35,17 @@ const PROGRAM_NAME: &str = "arfuse.cu";
 const MODULE_NAME: &str = "arfuse.cu (all kernels)";
 /// Dynamic shared memory every function may use without opting in.
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
-/// The shared memory carveout every function prefers (`CU_SHAREDMEM_CARVEOUT_MAX_SHARED`, in
-/// percent of the most an SM has): one and the same for all our kernels. A multiprocessor runs
-/// blocks of one L1/shared split at a time; left to the driver, a kernel with 4 bytes of shared
-/// memory (the 1-stage all-reduce) and one with 1 KiB (a local row kernel) get different splits,
-/// and a block of the second then waits until every block of the first has left its
-/// multiprocessor. Where ranks share a GPU, a lagging rank's local kernel so waited for peers'
-/// spinning cross-rank blocks that covered every SM, until they timed out (measured on an H200:
-/// docs/reliability.md). No kernel of ours needs more than the largest split, so none gets
-/// another; the L1 that remains (28 KiB of 256 on sm_90) is more than a streaming kernel uses.
+/// The shared memory carveout every function prefers where ranks share the GPU
+/// (`CU_SHAREDMEM_CARVEOUT_MAX_SHARED`, in percent of the most an SM has): one and the same for
+/// all our kernels. A multiprocessor runs blocks of one L1/shared split at a time; left to the
+/// driver, a kernel with 4 bytes of shared memory (the 1-stage all-reduce) and one with 1 KiB (a
+/// local row kernel) get different splits, and a block of the second then waits until every block
+/// of the first has left its multiprocessor. With ranks sharing a GPU, a lagging rank's local
+/// kernel so waited for peers' spinning cross-rank blocks that covered every SM, until they timed
+/// out (measured on an H200: docs/reliability.md). No kernel of ours needs more than the largest
+/// split, so none gets another. It costs the bandwidth-bound 2-stage call about 7% (the L1 left
+/// is 28 KiB of 256 on sm_90; docs/performance.md), so a rank alone on its GPU, which no peer's
+/// kernel can keep off a multiprocessor, keeps the driver's choice.
 const SHARED_CARVEOUT_PERCENT: i32 = 100;
 
 /// The kernel source and its compile options (from `crate::source`).
@@ -130,11 +133,40 @@ pub(crate) struct LoadedModule {
     functions: FunctionTable<LoadedFunction>,
     kind: ImageKind,
     target: Target,
+    /// Whether every function prefers [`SHARED_CARVEOUT_PERCENT`] (set once ranks share the GPU).
+    carveout_pinned: AtomicBool,
     /// Unloaded (`cuModuleUnload`) when the last device using it drops it; after the functions.
     _module: Arc<CudaModule>,
 }
 
 impl LoadedModule {
+    /// Makes every function prefer [`SHARED_CARVEOUT_PERCENT`], once: what ranks sharing the GPU
+    /// need (a device opened with `co_resident_ranks > 1` asks for it when it loads the kernels,
+    /// before any rank spins). `-DARFUSE_EXP_DEFAULT_CARVEOUT` in `ARFUSE_KERNEL_DEFINES` leaves
+    /// the driver's choice, to measure what the pin changes.
+    fn pin_carveout(&self) -> Result<()> {
+        if crate::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_DEFAULT_CARVEOUT")
+            || self.carveout_pinned.swap(true, Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        let pinned = self.functions.iter().try_for_each(|function| {
+            // SAFETY: the function belongs to this module, which is loaded while `self` lives.
+            unsafe {
+                cu::function::set_function_attribute(
+                    function.raw(),
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    SHARED_CARVEOUT_PERCENT,
+                )
+            }
+            .call("cuFuncSetAttribute")
+        });
+        if pinned.is_err() {
+            self.carveout_pinned.store(false, Ordering::Release);
+        }
+        pinned
+    }
+
     /// The function of `kernel`, or a clear error if the source does not define it.
     pub(crate) fn function(&self, kernel: KernelId) -> Result<&LoadedFunction> {
         self.functions.get(kernel, &self.target.name, || self.describe())
@@ -150,6 +182,10 @@ impl LoadedModule {
 pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
     let mut modules = MODULES.lock();
     if let Some(module) = modules.get(&device.ordinal()).and_then(Weak::upgrade) {
+        drop(modules);
+        if device.co_resident_ranks() > 1 {
+            module.pin_carveout()?;
+        }
         return Ok(module);
     }
     let cached = image(device.compute_capability(), false)?;
@@ -164,6 +200,10 @@ pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
     };
     modules.retain(|_, module| module.strong_count() > 0);
     modules.insert(device.ordinal(), Arc::downgrade(&module));
+    drop(modules);
+    if device.co_resident_ranks() > 1 {
+        module.pin_carveout()?;
+    }
     Ok(module)
 }
 
@@ -174,8 +214,6 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
     // cuFuncLoad exists from CUDA 12.4 on; older drivers load eagerly unless told otherwise.
     let can_finish_loading = device.driver_version() >= 12040;
     let optin = device.max_shared_bytes_per_block();
-    // (A measurement switch leaves the driver's choice: docs/reliability.md.)
-    let pin_carveout = !crate::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_DEFAULT_CARVEOUT");
     let functions = FunctionTable::resolve(|kernel| {
         let function = match module.load_function(&kernel.symbol()) {
             Ok(function) => function,
@@ -200,19 +238,17 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
                 )
                 .call("cuFuncSetAttribute")?;
             }
-            if pin_carveout {
-                cu::function::set_function_attribute(
-                    raw,
-                    F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                    SHARED_CARVEOUT_PERCENT,
-                )
-                .call("cuFuncSetAttribute")?;
-            }
             limit
         };
         Ok(Some(LoadedFunction { function, max_dynamic_shared }))
     })?;
-    Ok(Arc::new(LoadedModule { functions, kind: image.kind, target: image.target.clone(), _module: module }))
+    Ok(Arc::new(LoadedModule {
+        functions,
+        kind: image.kind,
+        target: image.target.clone(),
+        carveout_pinned: AtomicBool::new(false),
+        _module: module,
+    }))
 }
 
 /// The image for a device of compute capability `cc`: from this process's cache, the disk cache,

@@ -37,6 +37,12 @@ impl<F> FunctionTable<F> {
         Ok(FunctionTable { functions })
     }
 
+    /// Every function the module has.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &F> {
+        self.functions.iter().flatten()
+    }
+
     /// The function of `kernel`, or [`Error::Compile`] naming its symbol, the architecture and
     /// `module` (what was loaded, e.g. `sm_90 cubin`) if the module does not define it.
     pub(crate) fn get(&self, kernel: KernelId, arch: &str, module: impl FnOnce() -> String) -> Result<&F> {
