@@ -26,7 +26,6 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// The program name NVRTC reports in its log.
@@ -133,8 +132,9 @@ pub(crate) struct LoadedModule {
     functions: FunctionTable<LoadedFunction>,
     kind: ImageKind,
     target: Target,
-    /// Whether every function prefers [`SHARED_CARVEOUT_PERCENT`] (set once ranks share the GPU).
-    carveout_pinned: AtomicBool,
+    /// Whether every function prefers [`SHARED_CARVEOUT_PERCENT`] (set once ranks share the GPU;
+    /// held while it is set, so that no rank launches before every function has it).
+    carveout_pinned: Mutex<bool>,
     /// Unloaded (`cuModuleUnload`) when the last device using it drops it; after the functions.
     _module: Arc<CudaModule>,
 }
@@ -145,12 +145,11 @@ impl LoadedModule {
     /// before any rank spins). `-DARFUSE_EXP_DEFAULT_CARVEOUT` in `ARFUSE_KERNEL_DEFINES` leaves
     /// the driver's choice, to measure what the pin changes.
     fn pin_carveout(&self) -> Result<()> {
-        if crate::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_DEFAULT_CARVEOUT")
-            || self.carveout_pinned.swap(true, Ordering::AcqRel)
-        {
+        let mut pinned = self.carveout_pinned.lock();
+        if *pinned || crate::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_DEFAULT_CARVEOUT") {
             return Ok(());
         }
-        let pinned = self.functions.iter().try_for_each(|function| {
+        self.functions.iter().try_for_each(|function| {
             // SAFETY: the function belongs to this module, which is loaded while `self` lives.
             unsafe {
                 cu::function::set_function_attribute(
@@ -160,11 +159,9 @@ impl LoadedModule {
                 )
             }
             .call("cuFuncSetAttribute")
-        });
-        if pinned.is_err() {
-            self.carveout_pinned.store(false, Ordering::Release);
-        }
-        pinned
+        })?;
+        *pinned = true;
+        Ok(())
     }
 
     /// The function of `kernel`, or a clear error if the source does not define it.
@@ -246,7 +243,7 @@ fn load_image(device: &CudaDevice, image: &Image) -> Result<Arc<LoadedModule>> {
         functions,
         kind: image.kind,
         target: image.target.clone(),
-        carveout_pinned: AtomicBool::new(false),
+        carveout_pinned: Mutex::new(false),
         _module: module,
     }))
 }
