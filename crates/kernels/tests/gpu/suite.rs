@@ -1,7 +1,7 @@
 //! The tests, each a function generic over the backend and given its own libtest path (for skip
 //! messages and for re-running itself as a child process); `main.rs` instantiates them.
 
-use crate::calls::{check_case, compare, cpu_reference, gpu_calls, random_inputs, Call, Inputs, Outputs};
+use crate::calls::{check_case, compare, cpu_reference, gave_up, gpu_calls, random_inputs, Call, Inputs, Outputs};
 use crate::ranks::{open_group, Layout, Rank};
 use crate::{gpu, Specific};
 use arfuse_kernels::gpu::DeviceBuffer;
@@ -262,17 +262,7 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
                                 .map_err(|e| format!("rank {} call {index}: {e}", r.rank))?;
                         }
                         r.wait("a batch of calls");
-                        let word = r.error_word();
-                        if word.kind() != 0 {
-                            return Err(format!(
-                                "rank {}: error word {:#x} (kind {}, peer {}, epoch {}) in the batch from call {batch_start}",
-                                r.rank,
-                                word.0,
-                                word.kind(),
-                                word.peer(),
-                                word.barrier() / 2
-                            ));
-                        }
+                        gave_up(r, &format!("the batch from call {batch_start}"))?;
                         Ok(batch
                             .iter()
                             .enumerate()
@@ -304,7 +294,7 @@ pub(crate) fn thousand_back_to_back_calls_stay_exact<B: Specific>(test: &str) {
             let calls: Vec<String> =
                 batch.iter().map(|&(index, call, rows, hidden)| format!("{index}: {call:?} {rows}x{hidden}")).collect();
             panic!(
-                "{}\n{}\nbatch (call: kind shape; epoch = call + 1): {}",
+                "{}\n{}\nbatch (call: kind shape; a call's epoch is call + 1, its barriers 2 epoch and 2 epoch + 1): {}",
                 errors.join("\n"),
                 headers.join("\n"),
                 calls.join(", ")
@@ -361,14 +351,8 @@ pub(crate) fn a_lagging_rank_s_local_kernel_runs_while_its_peers_spin<B: Specifi
         let mut failures = Vec::new();
         for r in &ranks {
             r.wait("the round");
-            let word = r.error_word();
-            if word.kind() != 0 {
-                failures.push(format!(
-                    "round {round}: rank {} gave up: kind {}, peer {}",
-                    r.rank,
-                    word.kind(),
-                    word.peer()
-                ));
+            if let Err(e) = gave_up(r, &format!("round {round}")) {
+                failures.push(e);
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
