@@ -176,13 +176,18 @@ impl LoadedModule {
 }
 
 /// The module for `device`, shared with every other open of the same device in this process.
+/// Where ranks share the device, its functions prefer the shared carveout first.
 pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
+    let module = shared_module(device)?;
+    if device.co_resident_ranks() > 1 {
+        module.pin_carveout()?;
+    }
+    Ok(module)
+}
+
+fn shared_module(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
     let mut modules = MODULES.lock();
     if let Some(module) = modules.get(&device.ordinal()).and_then(Weak::upgrade) {
-        drop(modules);
-        if device.co_resident_ranks() > 1 {
-            module.pin_carveout()?;
-        }
         return Ok(module);
     }
     let cached = image(device.compute_capability(), false)?;
@@ -197,10 +202,6 @@ pub(crate) fn load(device: &CudaDevice) -> Result<Arc<LoadedModule>> {
     };
     modules.retain(|_, module| module.strong_count() > 0);
     modules.insert(device.ordinal(), Arc::downgrade(&module));
-    drop(modules);
-    if device.co_resident_ranks() > 1 {
-        module.pin_carveout()?;
-    }
     Ok(module)
 }
 
