@@ -41,6 +41,14 @@ pub fn buffer_bytes(max_size: usize, world: usize, push_slot_bytes: usize) -> us
     push_offset(max_size, world) + push_region_bytes(world, push_slot_bytes)
 }
 
+/// Whether the GPU kernels are built with the measurement variant of the fused 2-stage path
+/// that polls its receive area for data instead of passing a barrier first
+/// (`ARFUSE_KERNEL_DEFINES=-DARFUSE_EXP_SENTINEL_SCATTER`, docs/performance.md): that area must
+/// then start armed with `PUSH_SENTINEL` too. The default kernels overwrite it, unarmed.
+fn sentinel_scatter() -> bool {
+    std::env::var("ARFUSE_KERNEL_DEFINES").is_ok_and(|d| d.contains("ARFUSE_EXP_SENTINEL_SCATTER"))
+}
+
 /// What every rank announces about itself (the handle follows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
@@ -123,6 +131,9 @@ impl<B: Backend> SharedBuffers<B> {
             push_region_bytes(world, push_slot_bytes),
             PUSH_SENTINEL,
         )?;
+        if sentinel_scatter() {
+            B::fill_shared(device, &own, receive_offset(), receive_area_bytes(max_size / 2, world), PUSH_SENTINEL)?;
+        }
         let handle = B::export_handle(&own)?;
         let ours = Announce {
             rank: rank as u64,

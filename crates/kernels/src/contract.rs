@@ -462,6 +462,63 @@ mod tests {
     use super::*;
     use half::bf16;
 
+    /// kernels.cu `quotient_route`, replayed: `y / scale` from the rounded reciprocal and an FMA
+    /// correction, or `q0 = y * inv` itself where |q0| is outside [2^-13, 2^10).
+    fn quotient_route(y: f32, scale: f32) -> f32 {
+        let inv = 1.0 / scale;
+        let q0 = y * inv;
+        let q = (-q0).mul_add(scale, y).mul_add(inv, q0);
+        let a = q0.to_bits() & 0x7fff_ffff;
+        if a.wrapping_sub(0x3900_0000) < 0x4480_0000 - 0x3900_0000 {
+            q
+        } else {
+            q0
+        }
+    }
+
+    /// The GPU kernels' FP8 codes without a division (kernels.cu `store_codes`): for bf16 and
+    /// f16 values and scales in [2^-60, 2^60] the route gives the IEEE quotient's code in both
+    /// formats, and the quotient itself wherever it returns the corrected one. Every bf16 and f16
+    /// significand (the route was checked against every scale significand too, 2^30 and 2^33
+    /// pairs, outside the test suite) against a seeded sample of scale significands, at random
+    /// exponents of both (so that |q0| falls on both sides of the route's range), both signs.
+    #[test]
+    fn quotient_without_division() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_0fd1_u64);
+        let mut checked = 0u64;
+        for (bits, samples) in [(7u32, 4096), (10, 512)] {
+            for significand in 0..1u32 << bits {
+                for _ in 0..samples {
+                    let scale = f32::from_bits((rng.gen_range(67u32..=187) << 23) | rng.gen_range(0..1u32 << 23));
+                    // A bf16 / f16 value as f32: its significand, any normal exponent, either sign.
+                    let y_bits = (rng.gen_range(0u32..2) << 31)
+                        | (rng.gen_range(1u32..=254) << 23)
+                        | (significand << (23 - bits));
+                    let y = f32::from_bits(y_bits);
+                    let (route, exact) = (quotient_route(y, scale), y / scale);
+                    let a = (y * (1.0 / scale)).to_bits() & 0x7fff_ffff;
+                    if (0x3900_0000..0x4480_0000).contains(&a) {
+                        assert_eq!(route.to_bits(), exact.to_bits(), "{y:e} / {scale:e}");
+                    }
+                    for format in Fp8Format::ALL {
+                        assert_eq!(format.encode(route), format.encode(exact), "{format:?} {y:e} / {scale:e}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        // Infinities, NaN and zeros keep their codes too.
+        for y in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0] {
+            for scale in [f32::from_bits(0x2180_0000), 1.0, f32::from_bits(0x5d80_0000)] {
+                for format in Fp8Format::ALL {
+                    assert_eq!(format.encode(quotient_route(y, scale)), format.encode(y / scale), "{y} / {scale}");
+                }
+            }
+        }
+        assert!(checked > 500_000);
+    }
+
     #[test]
     fn tree_matches_hand_computed_order() {
         // 3 packs of 1 element in one group of 32 slots (the rest +0.0): s = 2 gives a0 + a2,

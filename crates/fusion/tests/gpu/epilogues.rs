@@ -247,3 +247,50 @@ pub(crate) fn the_separate_quantisation_kernel_is_exact<B: GpuBackend>(test: &st
     check_quantize_dtype::<B, f16>(&seed, &shapes);
     check_quantize_dtype::<B, f32>(&seed, &[(1, 4096), (7, 2048), (33, 8192), (3, 2880)]);
 }
+
+/// Every bf16 and f16 value: the 2^16 bit patterns as 16 rows of 4096 (one row holds the
+/// infinities and NaNs: its dynamic scale is +inf), through the separate kernel, whose codes are
+/// the epilogue kernels' (the same `store_codes`), per token, per group and per tensor at scales
+/// on both sides of the quotient route's edges (kernels.cu `quotient_route_applies`: 2^-60 and
+/// 2^60) and at seeded random ones; both formats. Bit-exact against testkit: the route (a product
+/// with the reciprocal and an FMA correction, no division) and, on sm_89+, the hardware's e4m3fn
+/// conversion give the contract's codes for every 16-bit value.
+pub(crate) fn every_16_bit_value_quantises_exactly<B: GpuBackend>(test: &str) {
+    if !gpu_available::<B>(test) {
+        return;
+    }
+    let seed = TestSeed::new(&format!("{0}::every_16_bit_value_on_{0}", B::KIND));
+    check_every_16_bit_value::<B, bf16>(&seed);
+    check_every_16_bit_value::<B, f16>(&seed);
+}
+
+fn check_every_16_bit_value<B: GpuBackend, T: Element>(seed: &TestSeed) {
+    use arfuse_fusion::{Quant, Scaling};
+    use arfuse_testkit::quant::quantize_exact;
+    use rand::{Rng, SeedableRng};
+    let device = B::open_device(0, 1).expect("device");
+    let stream = B::create_stream(&device).expect("stream");
+    let values: Vec<T> = (0..=u16::MAX).map(|b| T::from_bits_u32(b as u32)).collect();
+    let hidden = 4096;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.derive_named(&format!("scales-{}", T::DTYPE)));
+    // The route's edges (2^-60 and 2^60 on it, the next f32 past each and 2^-61, 2^61 off it),
+    // then scales of random significand and exponent in [2^-70, 2^70].
+    let mut scales: Vec<f32> = [0x2180_0000u32, 0x217f_ffff, 0x2100_0000, 0x5d80_0000, 0x5d80_0001, 0x5e00_0000]
+        .into_iter()
+        .map(f32::from_bits)
+        .collect();
+    scales.extend([1.0, 0.01, 1.0 / 448.0, 1.0 / 240.0]);
+    scales.extend((0..24).map(|_| f32::from_bits(((rng.gen_range(57u32..=197)) << 23) | rng.gen_range(0..1u32 << 23))));
+    for format in Fp8Format::ALL {
+        let quants = [Scaling::PerToken, Scaling::PerGroup]
+            .into_iter()
+            .chain(scales.iter().map(|&s| Scaling::PerTensor(s)))
+            .map(|scaling| Quant { format, scaling });
+        for quant in quants {
+            let what = format!("{} quantize every {} value {quant:?}", B::KIND, T::DTYPE);
+            let (codes, want_scales) = quantize_exact(&values, hidden, quant);
+            check_quantize::<B, T>(&stream, &device, &what, &values, hidden, quant, (&codes, &want_scales));
+        }
+    }
+    println!("{} every {} value: 2 formats x {} quantisations: exact", B::KIND, T::DTYPE, scales.len() + 2);
+}

@@ -62,6 +62,7 @@ macro_rules! suite {
             paths::operator_every_path_matches_the_reference: read,
             epilogues::every_epilogue_on_every_path_is_exact: read,
             epilogues::the_separate_quantisation_kernel_is_exact: read,
+            epilogues::every_16_bit_value_quantises_exactly: read,
             graphs::one_captured_graph_replayed_many_times_stays_exact: read,
             graphs::graphs_of_every_path_replay_with_nothing_registered: read,
             graphs::graphs_of_every_path_replay_with_nothing_registered_over_ipc: read,

@@ -93,6 +93,7 @@ __device__ __forceinline__ u32 bits_from_f32(float f) { return __builtin_bit_cas
 __device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
 __device__ __forceinline__ float sqrt_rn(float a) { return __builtin_sqrtf(a); }
 __device__ __forceinline__ float rcp_rn(float a) { return 1.0f / a; }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 struct alignas(16) pack16 { u32 x, y, z, w; };
 // 16-byte loads and stores of the push protocol, at system scope and relaxed: what a peer GPU
 // writes behind this one's back is seen by a polling load, and what this GPU writes leaves for
@@ -181,6 +182,7 @@ __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, 
 __device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
 // 1 / a with IEEE rounding, the same bits as div_rn(1.0f, a) (rcp.rn.f32: no general-numerator path).
 __device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 typedef uint4 pack16;
 // 16-byte loads and stores of the push protocol: .volatile is relaxed at system scope and never
 // served from L1, so a polling load sees what a peer writes and a store leaves for the peer. A
@@ -225,6 +227,10 @@ __device__ __forceinline__ void release_dependent_grid() {
 #define ARFUSE_EARLY_NORM_EPI 0
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
 #define ARFUSE_EARLY_NORM_EPI ARFUSE_EARLY_RESIDUAL
+// On sm_100, rows of more packs than the block has threads (K > 1, kernels.cu `wide_route`)
+// quantise per tensor and per group by division (the contract's sequence as written): with the
+// quotient route beside the K packs held, the f16 epilogue kernel spilled 40 bytes.
+#define ARFUSE_FP8_ROUTE_WIDE 0
 #endif
 // Butterfly exchange inside groups of 32 lanes (a whole warp here).
 __device__ __forceinline__ float shfl_xor32(float v, int offset) { return __shfl_xor_sync(0xffffffffu, v, offset); }
@@ -250,6 +256,23 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
   return f;
 }
 #endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(ARFUSE_EXP_SOFT_FP8)
+// The e4m3fn codes of two f32 (sm_89+), `lo`'s in the low byte: round to nearest even, subnormals
+// kept, a zero keeps its sign, |v| >= 448 (infinities included) saturates to +-448 (.satfinite).
+// A NaN is a NaN code: on sm_90 0x7f for every NaN, the contract's (the same bits as the hand
+// encoder, fp8_encode, for every f32: docs/bench/h200-2026-12-03c/fp8_probe.cu on the H200,
+// 2026-12-03). Elsewhere (sm_89, sm_100+: not checked) kernels.cu `e4m3fn_codes2` makes any NaN's
+// code 0x7f itself (ARFUSE_HW_FP8_NAN_FIX), which cost 0.1-0.3 us a call on the H200.
+#define ARFUSE_HW_FP8 1
+#if __CUDA_ARCH__ != 900
+#define ARFUSE_HW_FP8_NAN_FIX 1
+#endif
+__device__ __forceinline__ u32 e4m3fn_x2_rn_satfinite(float lo, float hi) {
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+#endif
 #endif
 
 // What the fused kernel loads before its epoch read besides its input pack (kernels.cu `ahead`),
@@ -267,6 +290,15 @@ __device__ __forceinline__ float f32_from_f16(u32 h) {
 // Without hardware conversions (AMD, NVIDIA before sm_80) kernels.cu converts by hand.
 #ifndef ARFUSE_HW_CVT
 #define ARFUSE_HW_CVT 0
+#endif
+// Without the FP8 conversion (AMD, e4m3fnuz everywhere, NVIDIA before sm_89) fp8_encode below.
+#ifndef ARFUSE_HW_FP8
+#define ARFUSE_HW_FP8 0
+#endif
+// The FP8 quotient route also where a thread holds several packs of a row (kernels.cu
+// `wide_route`): everywhere but sm_100 (above).
+#ifndef ARFUSE_FP8_ROUTE_WIDE
+#define ARFUSE_FP8_ROUTE_WIDE 1
 #endif
 
 // ---- FP8 (e4m3fn, e4m3fnuz) by hand: contract.rs `Fp8Format::encode`, the same integer sequence

@@ -464,15 +464,62 @@ __device__ __forceinline__ float per_token_scale(float amax, bool fnuz, ARFUSE_G
   return scale;
 }
 
+// y / scale with IEEE rounding, for y a bf16 or f16 value, without a division: q0 = y * (1 / scale)
+// (the reciprocal rounded once), the remainder y - q0 * scale (exact, by an FMA), and
+// q0 + remainder / scale by a second FMA with the reciprocal. This is the correctly rounded
+// quotient wherever nothing under- or overflows: checked for every significand of y (8 and 11
+// bits) against every significand of the scale (2^23), 2026-12-03 (contract.rs
+// `quotient_without_division` replays it on sampled scales in CI). Applies where the scale lies in
+// [2^-60, 2^60] (`quotient_route_applies`) and |q0| in [2^-13, 2^10); for other |q0| it returns
+// q0, whose FP8 code is the quotient's: both saturate (above 448) or both round to a zero of the
+// same sign (below half the least FP8 subnormal, 2^-11), and a NaN or infinite y stays so.
+__device__ __forceinline__ bool quotient_route_applies(float scale) {
+  return scale >= f32_from_bits(0x21800000u) && scale <= f32_from_bits(0x5d800000u);  // 2^-60, 2^60; NaN: no
+}
+__device__ __forceinline__ float quotient_route(float y, float scale, float inv) {
+  const float q0 = y * inv;
+  const float q = fma_rn(fma_rn(-q0, scale, y), inv, q0);
+  const u32 a = bits_from_f32(q0) & 0x7fffffffu;
+  return a - 0x39000000u < 0x44800000u - 0x39000000u ? q : q0;  // 2^-13 <= |q0| < 2^10
+}
+
+#if ARFUSE_HW_FP8
+// The e4m3fn codes of two quotients (`lo` in the low byte) by the hardware conversion, a NaN's
+// code the contract's 0x7f whatever its sign (made so where the hardware is not known to:
+// arfuse.h ARFUSE_HW_FP8_NAN_FIX): fp8_encode's bits for every f32.
+__device__ __forceinline__ u32 e4m3fn_codes2(float lo, float hi) {
+  u32 c = e4m3fn_x2_rn_satfinite(lo, hi);
+#ifdef ARFUSE_HW_FP8_NAN_FIX
+  c = (bits_from_f32(lo) & 0x7fffffffu) > 0x7f800000u ? (c & 0xff00u) | 0x7fu : c;
+  c = (bits_from_f32(hi) & 0x7fffffffu) > 0x7f800000u ? (c & 0x00ffu) | 0x7f00u : c;
+#endif
+  return c;
+}
+#endif
+
+// The codes of `v` by fp8_encode, each quotient by `quot`, widened a word at a time (few
+// registers live), ORed into `words` (element e at byte e % 4 of word e / 4).
+template <class E, class Quot>
+__device__ __forceinline__ void codes_by_hand(u32 (&words)[Pack<E>::N / 4], const Pack<E>& v, bool fnuz, Quot quot) {
+  constexpr int W = Pack<E>::PerWord;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[W];
+    E::widen(v.w[w], f);
+#pragma unroll
+    for (int i = 0; i < W; ++i) words[(w * W + i) / 4] |= fp8_encode(quot(f[i]), fnuz) << (8 * ((w * W + i) % 4));
+  }
+}
+
 // The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
-// element order, as N / 4 32-bit words. Each quotient by the reciprocal route where that gives the
-// contract's code (fp8_code_of_quotient), else, for the whole pack, by IEEE division: the eight
-// codes stay independent of each other (no branch per element), the division is rare.
-// The FP8 codes of pack `index` (encode(f32(v) / scale) per element) into `out_q`: N bytes in
-// element order, as N / 4 32-bit words. (A product with the reciprocal and one correction step,
-// dividing only near FP8 ties, gives the same codes but measured slower on the H200: its
-// registers spilled, 2026-12-02, docs/performance.md.)
-template <class E>
+// element order, as N / 4 32-bit words. bf16/f16 take the quotient route above where it applies
+// (one choice per pack: the same in every lane of a row or group); where the hardware converts
+// to e4m3fn (sm_89+), the route is taken for e4m3fn only, and its codes come from the hardware.
+// Else, and for f32, the IEEE division and fp8_encode. (Two variants per call site, not three:
+// three spilled on sm_100.)
+// (Before 2026-12-03 every element divided and encoded by hand: about 32 instructions an element
+// on sm_90, issue-bound at one block a row, docs/performance.md.)
+template <class E, bool kRoute = true>
 __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>& v, float scale, bool fnuz) {
 #ifdef ARFUSE_EXP_FP8_NO_CODES  // measurement only: no code computed or written
   return;
@@ -482,21 +529,26 @@ __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>&
   u32 words[N / 4];
 #pragma unroll
   for (int o = 0; o < N / 4; ++o) words[o] = 0u;
+  const bool route = kRoute && W == 2 && quotient_route_applies(scale);
+#if ARFUSE_HW_FP8
+  if (route && !fnuz) {
+    const float inv = rcp_rn(scale);
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {  // widened a word at a time: few registers live
-    float f[W];
-    E::widen(v.w[w], f);
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      const int e = w * W + i;
-#if defined(ARFUSE_EXP_FP8_NO_DIV)  // measurement only: a product, not the contract's quotient
-      const float q = f[i] * scale;
-#else
-      const float q = div_rn(f[i], scale);
-#endif
-      words[e / 4] |= fp8_encode(q, fnuz) << (8 * (e % 4));
+    for (int w = 0; w < 4; ++w) {  // two elements a word: two codes, 16 bits of the output
+      float f[2];
+      E::widen(v.w[w], f);
+      words[w / 2] |= e4m3fn_codes2(quotient_route(f[0], scale, inv), quotient_route(f[1], scale, inv)) << (16 * (w % 2));
     }
+  } else {  // e4m3fnuz (AMD's format) and the scales off the route: as the contract writes it
+    codes_by_hand<E>(words, v, fnuz, [&](float y) { return div_rn(y, scale); });
   }
+#else
+  const float inv = rcp_rn(scale);
+  if (route)
+    codes_by_hand<E>(words, v, fnuz, [&](float y) { return quotient_route(y, scale, inv); });
+  else
+    codes_by_hand<E>(words, v, fnuz, [&](float y) { return div_rn(y, scale); });
+#endif
 #pragma unroll
   for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
 }
@@ -505,7 +557,7 @@ __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>&
 // group's first lane, its scale. The 128 / N lanes holding a group exchange their maxima by a
 // butterfly; every lane of the warp takes part (a group's lanes are all in the row or all past it:
 // hidden is a multiple of 128, blocks a multiple of 32 threads).
-template <class E>
+template <class E, bool kRoute = true>
 __device__ __forceinline__ void per_group_codes(const LaunchParams& p, u32 row, u32 j, u32 n_packs, const Pack<E>& v,
                                                 float pack_max, bool fnuz) {
   constexpr u32 kGroupLanes = 128 / Pack<E>::N;  // 16 (bf16, f16), 32 (f32)
@@ -517,8 +569,14 @@ __device__ __forceinline__ void per_group_codes(const LaunchParams& p, u32 row, 
   if (j >= n_packs) return;
   const float scale = fp8_dynamic_scale(pack_max, fnuz);
   if (j % kGroupLanes == 0u) ((ARFUSE_GLOBAL float*)p.scales)[(u64)row * (p.hidden / 128u) + j / kGroupLanes] = scale;
-  store_codes<E>(p.out_q, (u64)row * n_packs + j, v, scale, fnuz);
+  store_codes<E, kRoute>(p.out_q, (u64)row * n_packs + j, v, scale, fnuz);
 }
+
+// Whether the row routine's output stage quantises by store_codes' route (kRoute) where a thread
+// holds K packs of the row, all of them live across it: at K = 1 always; at K > 1 as
+// ARFUSE_FP8_ROUTE_WIDE says (arfuse.h: not on sm_100, where it spilled).
+template <int K>
+__device__ __forceinline__ constexpr bool wide_route() { return K == 1 || ARFUSE_FP8_ROUTE_WIDE; }
 
 // The output stage of the row routine with the epilogue: residual_out (unless no residual),
 // out by the selected norm, and the FP8 codes and scales if asked for. `ro` holds the thread's
@@ -559,10 +617,10 @@ __device__ __forceinline__ void epilogue_out(const LaunchParams& p, u32 row, u32
       }
       ro[k] = Pack<E>::narrow(y);
       store_pack<E>(p.out, row_pack + j, ro[k]);
-      if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR) store_codes<E>(p.out_q, row_pack + j, ro[k], p.quant_scale, fnuz);
+      if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TENSOR) store_codes<E, wide_route<K>()>(p.out_q, row_pack + j, ro[k], p.quant_scale, fnuz);
       if (dynamic) pack_max = pack_amax<E>(ro[k]);
     }
-    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) per_group_codes<E>(p, row, j, n_packs, ro[k], pack_max, fnuz);
+    if (scaling == ARFUSE_EPILOGUE_SCALE_PER_GROUP) per_group_codes<E, wide_route<K>()>(p, row, j, n_packs, ro[k], pack_max, fnuz);
     if (scaling == ARFUSE_EPILOGUE_SCALE_PER_TOKEN) amax = pack_max > amax ? pack_max : amax;
   }
   if (scaling != ARFUSE_EPILOGUE_SCALE_PER_TOKEN) return;
@@ -910,6 +968,12 @@ __device__ __forceinline__ void sum_received(const Launch& l, u64 slot_bytes, u6
 #pragma unroll
     for (u32 i = 0; i < U; ++i)
       if (first + i * stride < end) x[i] = load_pack<E>(base, first + i * stride - offset);
+#ifdef ARFUSE_EXP_SENTINEL_SCATTER  // measurement only: the receive area stays armed (fused_2stage)
+#pragma unroll
+    for (u32 i = 0; i < U; ++i)
+      if (r != p.rank && first + i * stride < end)
+        store16_sys((ARFUSE_GLOBAL pack16*)base + (first + i * stride - offset), sentinel_pack());
+#endif
 #pragma unroll
     for (u32 i = 0; i < U; ++i) {
       float f[N];
@@ -1009,10 +1073,25 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
           if (row + u * g < end) v[u] = load_pack<E>(p.input, (u64)(row + u * g) * n_packs + j);
 #pragma unroll
         for (u32 u = 0; u < kRows; ++u)
-          if (row + u * g < end) store_pack<E>(slot, (u64)(row + u * g - start) * n_packs + j, v[u]);
+          if (row + u * g < end) {
+#ifdef ARFUSE_EXP_SENTINEL_SCATTER
+            store16_sys((ARFUSE_GLOBAL pack16*)slot + (u64)(row + u * g - start) * n_packs + j, sendable(v[u]));
+#else
+            store_pack<E>(slot, (u64)(row + u * g - start) * n_packs + j, v[u]);
+#endif
+          }
       }
   }
+#ifdef ARFUSE_EXP_SENTINEL_SCATTER
+  // Measurement only (issue 13 item 3): no barrier 2e. The data is its own arrival flag (the
+  // receive area is armed at allocation and re-armed by its reader); the call headers are
+  // checked first, so that no sum goes to a peer in another call.
+  check_headers<E>(l);
+  block_sync();
+  if (*l.abort) return false;
+#else
   if (!barrier<E>(l, 2 * l.epoch, true)) return false;
+#endif
   u32 start, end;
   chunk_of(p.rank, p.world_size, rows, &start, &end);
   // Pack `index` of the call summed in rank order (ours from our input, every peer's from its
@@ -1023,7 +1102,21 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
     constexpr int N = Pack<E>::N;
     float acc[N];
     for (u32 r = 0; r < p.world_size; ++r) {
+#ifdef ARFUSE_EXP_SENTINEL_SCATTER
+      Pack<E> x;
+      if (r == p.rank) {
+        x = load_pack<E>(p.input, index);
+      } else {
+        ARFUSE_GLOBAL pack16* at = (ARFUSE_GLOBAL pack16*)(received + r * slot_bytes) + index;
+        spin(l, r, [&] {
+          x.v = load16_sys(at);
+          return arrived(x.v);
+        });
+        store16_sys(at, sentinel_pack());
+      }
+#else
       const Pack<E> x = load_pack<E>(r == p.rank ? p.input : received + r * slot_bytes, index);
+#endif
       float f[N];
       x.widen(f);
 #pragma unroll
