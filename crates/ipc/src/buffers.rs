@@ -46,7 +46,7 @@ pub fn buffer_bytes(max_size: usize, world: usize, push_slot_bytes: usize) -> us
 /// (`ARFUSE_KERNEL_DEFINES=-DARFUSE_EXP_SENTINEL_SCATTER`, docs/performance.md): that area must
 /// then start armed with `PUSH_SENTINEL` too. The default kernels overwrite it, unarmed.
 fn sentinel_scatter() -> bool {
-    std::env::var("ARFUSE_KERNEL_DEFINES").is_ok_and(|d| d.contains("ARFUSE_EXP_SENTINEL_SCATTER"))
+    arfuse_kernels::source::experiment_defines().iter().any(|d| d == "-DARFUSE_EXP_SENTINEL_SCATTER")
 }
 
 /// What every rank announces about itself (the handle follows it).

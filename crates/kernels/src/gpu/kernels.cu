@@ -543,11 +543,12 @@ __device__ __forceinline__ void store_codes(u64 out_q, u64 index, const Pack<E>&
     codes_by_hand<E>(words, v, fnuz, [&](float y) { return div_rn(y, scale); });
   }
 #else
-  const float inv = rcp_rn(scale);
-  if (route)
+  if (route) {
+    const float inv = rcp_rn(scale);
     codes_by_hand<E>(words, v, fnuz, [&](float y) { return quotient_route(y, scale, inv); });
-  else
+  } else {
     codes_by_hand<E>(words, v, fnuz, [&](float y) { return div_rn(y, scale); });
+  }
 #endif
 #pragma unroll
   for (int o = 0; o < N / 4; ++o) ((ARFUSE_GLOBAL u32*)out_q)[index * (N / 4) + o] = words[o];
@@ -762,6 +763,25 @@ __device__ __forceinline__ void push_pack(const Launch& l, u64 k, const Pack<E>&
     if (r != p.rank) store16_sys(slot_at(p, r, l.rot, p.rank) + k, v);
 }
 
+// The pack `peer` pushes to `at` (a slot of our own memory), into `v`: waited for until no word
+// is the sentinel, then re-armed. With `kLate`, the peer's call header is read now and then while we
+// wait: a peer in another call may never send it (receive_sum). After a give-up the pack is
+// whatever the slot held; the caller writes nothing then (the block's abort flag).
+template <class E, bool kLate>
+__device__ __forceinline__ void take_pushed(const Launch& l, ARFUSE_GLOBAL pack16* at, u32 peer, pack16& v) {
+  u32 polls = 0;
+  spin(l, peer, [&] {
+    v = load16_sys(at);
+    if (arrived(v)) return true;
+    if (kLate && (++polls & 255) == 0 && peer_header<E>(l, peer) == 2) {
+      give_up(l, ARFUSE_ERROR_CALL_MISMATCH, peer);
+      return true;
+    }
+    return false;
+  });
+  store16_sys(at, sentinel_pack());
+}
+
 // Pack `k` summed over ranks in rank order (ours is `own`), rounded to storage; peers' packs
 // waited for and re-armed.
 //
@@ -777,18 +797,7 @@ __device__ __forceinline__ Pack<E> receive_sum(const Launch& l, u64 k, const Pac
     if (r == p.rank || ARFUSE_EXP_LOCAL_ONLY) {
       x = own;
     } else {
-      ARFUSE_GLOBAL pack16* at = slot_at(p, p.rank, l.rot, r) + k;
-      u32 polls = 0;
-      spin(l, r, [&] {
-        x.v = load16_sys(at);
-        if (arrived(x.v)) return true;
-        if (kLate && (++polls & 255) == 0 && peer_header<E>(l, r) == 2) {
-          give_up(l, ARFUSE_ERROR_CALL_MISMATCH, r);
-          return true;
-        }
-        return false;
-      });
-      store16_sys(at, sentinel_pack());
+      take_pushed<E, kLate>(l, slot_at(p, p.rank, l.rot, r) + k, r, x.v);
     }
     float f[N];
     x.widen(f);
@@ -1107,12 +1116,7 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
       if (r == p.rank) {
         x = load_pack<E>(p.input, index);
       } else {
-        ARFUSE_GLOBAL pack16* at = (ARFUSE_GLOBAL pack16*)(received + r * slot_bytes) + index;
-        spin(l, r, [&] {
-          x.v = load16_sys(at);
-          return arrived(x.v);
-        });
-        store16_sys(at, sentinel_pack());
+        take_pushed<E, false>(l, (ARFUSE_GLOBAL pack16*)(received + r * slot_bytes) + index, r, x.v);
       }
 #else
       const Pack<E> x = load_pack<E>(r == p.rank ? p.input : received + r * slot_bytes, index);
