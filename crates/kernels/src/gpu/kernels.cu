@@ -697,10 +697,12 @@ __device__ __forceinline__ bool norm_row(const LaunchParams& params, u32 row, Su
   }
   block_sync();
   const float inv = rcp_rn(sqrt_rn(mean_of(row_sum, p.hidden) + p.eps));
+#ifndef ARFUSE_EXP_EPI_PLAIN_OUT  // measurement only: the epilogue kernels' output stage is the plain one
   if constexpr (HasEpilogue<E>::value) {
     epilogue_out<E, K, kReread>(p, row, n_packs, ro, w0, inv);
     return true;
   }
+#endif
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const u32 j = t + k * bdim_x();
@@ -1098,7 +1100,7 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
   check_headers<E>(l);
   block_sync();
   if (*l.abort) return false;
-#else
+#elif !defined(ARFUSE_EXP_NO_2STAGE_BARRIERS)
   if (!barrier<E>(l, 2 * l.epoch, true)) return false;
 #endif
   u32 start, end;
@@ -1147,7 +1149,15 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
         store_pack<E>(p.scratch[p.rank], index, sum(0, index));
       }
   }
+#if defined(ARFUSE_EXP_NO_CLOSING_BARRIER) || defined(ARFUSE_EXP_NO_2STAGE_BARRIERS)
+  // Measurement only (issue 13 item 3): what a barrier-free 2-stage call could save at most. No
+  // barrier 2e + 1 (and with NO_2STAGE_BARRIERS no barrier 2e either, nor the header check): the
+  // second kernel may read sums not yet pushed and a fast peer may push the next call's rows
+  // into our receive area while we read it, so the outputs are wrong; nothing waits, nothing hangs.
+  return true;
+#else
   return barrier<E>(l, 2 * l.epoch + 1, false);
+#endif
 }
 
 // Runs a cross-rank kernel body. With barrier_base 0 the epoch e comes from the rank's epoch word
