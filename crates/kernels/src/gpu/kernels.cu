@@ -1153,7 +1153,9 @@ __device__ __forceinline__ bool fused_2stage(const Launch& l) {
   // Measurement only (issue 13 item 3): what a barrier-free 2-stage call could save at most. No
   // barrier 2e + 1 (and with NO_2STAGE_BARRIERS no barrier 2e either, nor the header check): the
   // second kernel may read sums not yet pushed and a fast peer may push the next call's rows
-  // into our receive area while we read it, so the outputs are wrong; nothing waits, nothing hangs.
+  // into our receive area while we read it, so the outputs are wrong. This call never waits, but
+  // a rank may run calls ahead of its peer past the header rotations, and a later 1-stage call
+  // then waits to its deadline (a graph of 100 such calls did, 2026-12-08).
   return true;
 #else
   return barrier<E>(l, 2 * l.epoch + 1, false);
